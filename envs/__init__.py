@@ -1,0 +1,1 @@
+"""Gymnasium environments of backtrack-aware token generation (installed as ``halluc_rl.envs``)."""

@@ -1,0 +1,3 @@
+from halluc_rl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""What `<|BACKTRACK|>` means: the one home of the backtrack semantics.
+
+A response is built from a stream of actions. A normal token appends itself; the backtrack token deletes the last
+visible *response* token, like a backspace. It never deletes into the prompt: a backtrack on an empty response is a
+no-op, counted as a failed backtrack. Backtrack tokens never appear in the visible text, and trailing backtracks
+apply.
+
+| action stream          | visible response | backtracks | deleted | failed |
+|------------------------|------------------|------------|---------|--------|
+| `a b c`                | `a b c`          | 0          | 0       | 0      |
+| `a b <BT> c`           | `a c`            | 1          | 1       | 0      |
+| `a <BT> <BT> b`        | `b`              | 2          | 1       | 1      |
+| `a b <BT> <BT>`        | (empty)          | 2          | 2       | 0      |
+
+Three views of the same rule live here, and the tests hold them equal:
+
+* :func:`apply_actions` - a pure function over a whole action list;
+* :class:`BacktrackState` - an incremental state (push/pop) for one sequence (the env uses it);
+* :class:`BatchedBacktrackState` - the same rule on a batch of rows as tensor operations (generation and rollouts
+  use it, so a step costs no Python loop over rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+BACKTRACK_TOKEN = "<|BACKTRACK|>"
+"""The special token that deletes the previous response token."""
+
+
+class ActionKind(IntEnum):
+    """What one action did. Stored in generation traces as small integers."""
+
+    INACTIVE = -1  # the row had already finished; the action was ignored
+    APPEND = 0  # a normal token was appended
+    DELETE = 1  # a backtrack deleted the last visible response token
+    FAILED = 2  # a backtrack on an empty response: a no-op
+
+
+def backtrack_token_id(tokenizer, token: str = BACKTRACK_TOKEN) -> int:
+    """Return the id of the backtrack token, looked up as a token (never ``encode(token)[0]``, which is BOS on Llama).
+
+    Raises a ``ValueError`` that says how to add the token when the tokenizer does not know it.
+    """
+    if token == BACKTRACK_TOKEN:  # a reserved special token may play the role (see modeling.add_backtrack_token)
+        recorded = (getattr(tokenizer, "init_kwargs", None) or {}).get("backtrack_token")
+        recorded = recorded or getattr(tokenizer, "backtrack_token", None)  # as reloaded from tokenizer_config.json
+        token = recorded if isinstance(recorded, str) else token
+    vocab = tokenizer.get_vocab()
+    if token in vocab:
+        return int(vocab[token])
+    added = getattr(tokenizer, "added_tokens_encoder", {}) or {}
+    if token in added:
+        return int(added[token])
+    raise ValueError(
+        f"The tokenizer has no backtrack token {token!r}. Add it (and resize the model's embeddings) with "
+        "`halluc_rl.modeling.add_backtrack_token(model, tokenizer)` before building backtrack data or generating."
+    )
+
+
+@dataclass
+class BacktrackResult:
+    """The outcome of applying a whole action stream to an empty response."""
+
+    visible_ids: list[int]
+    num_backtracks: int = 0
+    num_deleted: int = 0
+    num_failed: int = 0
+    deleted_ids: list[int] = field(default_factory=list)
+
+
+def apply_actions(actions: Iterable[int], backtrack_id: int) -> BacktrackResult:
+    """Apply an action stream to an empty response (the pure-function view of the semantics)."""
+    visible: list[int] = []
+    deleted: list[int] = []
+    backtracks = failed = 0
+    for action in actions:
+        if action == backtrack_id:
+            backtracks += 1
+            if visible:
+                deleted.append(visible.pop())
+            else:
+                failed += 1
+        else:
+            visible.append(int(action))
+    return BacktrackResult(visible, backtracks, len(deleted), failed, deleted)
+
+
+@dataclass
+class StepOutcome:
+    """What a single action did to a :class:`BacktrackState`."""
+
+    kind: ActionKind
+    token: int  # the action itself
+    deleted: int | None  # the token removed by a DELETE, else None
+    position: int  # response index the action wrote to or deleted from (length after a failed backtrack)
+
+
+class BacktrackState:
+    """Incremental backtrack state of one response: push actions one at a time and read the visible ids."""
+
+    def __init__(self, backtrack_id: int, max_length: int | None = None) -> None:
+        self.backtrack_id = int(backtrack_id)
+        self.max_length = max_length
+        self._visible: list[int] = []
+        self.num_backtracks = 0
+        self.num_deleted = 0
+        self.num_failed = 0
+        self.num_actions = 0
+
+    @property
+    def visible_ids(self) -> list[int]:
+        """The visible response token ids (a copy)."""
+        return list(self._visible)
+
+    def __len__(self) -> int:
+        return len(self._visible)
+
+    def push(self, action: int) -> StepOutcome:
+        """Apply one action (a token id or the backtrack id)."""
+        action = int(action)
+        self.num_actions += 1
+        if action == self.backtrack_id:
+            self.num_backtracks += 1
+            if not self._visible:
+                self.num_failed += 1
+                return StepOutcome(ActionKind.FAILED, action, None, 0)
+            return self.pop()
+        if self.max_length is not None and len(self._visible) >= self.max_length:
+            raise ValueError(f"response is full ({self.max_length} tokens); raise max_length or stop earlier")
+        self._visible.append(action)
+        return StepOutcome(ActionKind.APPEND, action, None, len(self._visible) - 1)
+
+    def pop(self) -> StepOutcome:
+        """Delete the last visible token (what a backtrack does on a non-empty response)."""
+        if not self._visible:
+            raise IndexError("cannot pop from an empty response: backtracks never delete into the prompt")
+        token = self._visible.pop()
+        self.num_deleted += 1
+        return StepOutcome(ActionKind.DELETE, self.backtrack_id, token, len(self._visible))
+
+    def result(self) -> BacktrackResult:
+        return BacktrackResult(self.visible_ids, self.num_backtracks, self.num_deleted, self.num_failed)
+
+
+def correction_actions(
+    prefix: Sequence[int], error: Sequence[int], correction: Sequence[int], backtrack_id: int
+) -> list[int]:
+    """The action stream that writes ``prefix``, then ``error``, deletes it, then writes ``correction``.
+
+    Its visible result is ``prefix + correction``: the shape of every backtrack training example.
+    """
+    return [*prefix, *error, *([backtrack_id] * len(error)), *correction]
+
+
+class BatchedBacktrackState:
+    """The backtrack rule on ``B`` rows at once, as tensor operations (no Python loop over rows).
+
+    ``ids[b, :lengths[b]]`` is row ``b``'s visible response. ``step(actions, active)`` applies one action per row and
+    returns its :class:`ActionKind` codes and the deleted tokens (``-1`` where nothing was deleted).
+    """
+
+    def __init__(self, batch_size: int, capacity: int, backtrack_id: int, device: torch.device | str = "cpu"):
+        self.backtrack_id = int(backtrack_id)
+        self.capacity = int(capacity)
+        self.ids = torch.zeros(batch_size, max(capacity, 1), dtype=torch.long, device=device)  # [B, cap]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.num_backtracks = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.num_deleted = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self.num_failed = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+
+    def step(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply ``actions`` [B] to the rows where ``active`` [B] is true. Returns (kinds [B], deleted [B])."""
+        if active is None:
+            active = torch.ones_like(actions, dtype=torch.bool)
+        is_bt = active & (actions == self.backtrack_id)  # [B]
+        has_tokens = self.lengths > 0  # [B]
+        delete = is_bt & has_tokens  # [B]
+        failed = is_bt & ~has_tokens  # [B]
+        append = active & ~is_bt  # [B]
+        if bool((append & (self.lengths >= self.capacity)).any()):
+            raise ValueError(f"a response is full ({self.capacity} tokens); raise the capacity")
+
+        last = (self.lengths - 1).clamp(min=0).unsqueeze(1)  # [B, 1]
+        deleted = torch.where(delete, self.ids.gather(1, last).squeeze(1), torch.full_like(actions, -1))  # [B]
+        write_at = self.lengths.clamp(max=self.capacity - 1).unsqueeze(1)  # [B, 1]
+        current = self.ids.gather(1, write_at).squeeze(1)  # [B]
+        self.ids.scatter_(1, write_at, torch.where(append, actions, current).unsqueeze(1))
+        self.lengths += append.long() - delete.long()
+        self.num_backtracks += is_bt.long()
+        self.num_deleted += delete.long()
+        self.num_failed += failed.long()
+
+        kinds = torch.full_like(actions, int(ActionKind.INACTIVE))  # [B]
+        kinds[append] = int(ActionKind.APPEND)
+        kinds[delete] = int(ActionKind.DELETE)
+        kinds[failed] = int(ActionKind.FAILED)
+        return kinds, deleted
+
+    def visible(self, row: int) -> list[int]:
+        """Row ``row``'s visible response ids."""
+        return self.ids[row, : int(self.lengths[row])].tolist()
+
+    def last_tokens(self, fallback: torch.Tensor) -> torch.Tensor:
+        """Each row's last visible token, or ``fallback`` [B] where the response is empty."""
+        last = (self.lengths - 1).clamp(min=0).unsqueeze(1)  # [B, 1]
+        return torch.where(self.lengths > 0, self.ids.gather(1, last).squeeze(1), fallback)  # [B]

@@ -1,0 +1,31 @@
+"""The ``halluc-rl`` command line: one subcommand per stage; each lives in its own module and loads lazily."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module with a `main(argv)` function, one-line help)
+    "generate": ("halluc_rl.agents.generate", "generate with backtracking from a saved policy"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``halluc-rl <subcommand> [args]`` to the subcommand's ``main``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, SUBCOMMANDS))
+        lines = [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+        print("usage: halluc-rl <subcommand> [options]\n\nsubcommands:\n" + "\n".join(lines))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"halluc-rl: unknown subcommand {name!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,310 @@
+"""Backtrack-aware batched generation.
+
+Every action costs one batched one-token forward pass: an appended token is fed; a backtrack rewinds the row's
+cache by two tokens (the deleted one and the new last one) and feeds the new last token again, so its logits are
+exact without re-encoding the prefix. A row whose response becomes empty reuses the logits saved after the prompt.
+With no backtrack fired the loop is a plain cached decode and greedy output equals ``model.generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Protocol
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, backtrack_token_id
+from halluc_rl.cache import RewindableCache
+
+
+@dataclass
+class BacktrackGenerationConfig:
+    """Decoding options. ``max_new_tokens`` counts actions (backtracks included), not visible tokens."""
+
+    max_new_tokens: int = 128
+    """Actions per sequence, backtracks included."""
+    do_sample: bool = False
+    """Sample (True) or take the argmax (False)."""
+    temperature: float = 1.0
+    """Softmax temperature when sampling."""
+    top_k: int = 0
+    """Keep the k most likely tokens when sampling (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: off)."""
+    backtrack_bias: float = 0.0
+    """Added to the backtrack logit: negative to backtrack less, ``-inf`` never."""
+    backtrack_budget: int | None = None
+    """Backtracks allowed per sequence; once spent, the backtrack token is masked (None: unlimited)."""
+    loop_guard: int | None = 3
+    """After a token is deleted this many times at the same position, it may not be typed there again (None: off)."""
+    stop_strings: tuple[str, ...] = ()
+    """Stop a sequence once its visible text ends with one of these."""
+    eos_token_id: int | list[int] | None = None
+    """Stop tokens (default: the tokenizer's EOS). The stop token is kept in the visible ids, as generate does."""
+    return_logprobs: bool = False
+    """Also return the log-prob of each action under ``softmax(logits / temperature)`` (what trainers recompute)."""
+    compact_min_holes: int = 32
+    """Compact the cache once this many dead slots (and a quarter of its length) pile up."""
+
+
+@dataclass
+class StepEvent:
+    """What one decoding step did, for followers that mirror the policy (an incremental reward model, say)."""
+
+    step: int
+    actions: torch.Tensor  # [B] action per row (pad where inactive)
+    kinds: torch.Tensor  # [B] ActionKind codes
+    deleted: torch.Tensor  # [B] deleted token, -1 where none
+    rewind: torch.Tensor  # [B] tokens the policy cache was rewound by
+    feed: torch.Tensor  # [B] token fed next (meaningful where write)
+    write: torch.Tensor  # [B] whether the row fed a live token
+    state: BatchedBacktrackState
+
+
+class StepCallback(Protocol):
+    def on_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None: ...
+    def on_step(self, event: StepEvent) -> None: ...
+
+
+@dataclass
+class TraceEvent:
+    """One action of one sequence."""
+
+    step: int
+    action: int
+    kind: ActionKind
+    deleted: int | None
+    position: int
+
+
+@dataclass
+class BacktrackGenerationOutput:
+    """Visible results plus the per-step trace ([B, S] tensors, S = steps run; padding where a row was done)."""
+
+    sequences: list[list[int]]
+    texts: list[str]
+    actions: torch.Tensor  # [B, S] action ids, -1 after the row finished
+    kinds: torch.Tensor  # [B, S] ActionKind codes, -1 after the row finished
+    deleted: torch.Tensor  # [B, S] deleted token id, -1 where none
+    positions: torch.Tensor  # [B, S] response index written or deleted
+    num_backtracks: torch.Tensor  # [B]
+    num_deleted: torch.Tensor  # [B]
+    num_failed: torch.Tensor  # [B]
+    finished: torch.Tensor  # [B] stopped by EOS or a stop string (False: ran out of actions)
+    logprobs: torch.Tensor | None = None  # [B, S]
+    prompt_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def action_mask(self) -> torch.Tensor:
+        """[B, S] true where the row took an action."""
+        return self.kinds >= 0
+
+    def trace(self, row: int) -> list[TraceEvent]:
+        """Row ``row``'s actions in order."""
+        out = []
+        for s in range(self.kinds.shape[1]):
+            kind = int(self.kinds[row, s])
+            if kind < 0:
+                break
+            deleted = int(self.deleted[row, s])
+            out.append(TraceEvent(s, int(self.actions[row, s]), ActionKind(kind), deleted if deleted >= 0 else None,
+                                  int(self.positions[row, s])))
+        return out
+
+
+def _encode_prompts(tokenizer, prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded [B, P] ids and mask from strings, id lists, or a ready BatchEncoding/dict."""
+    if isinstance(prompts, dict) or hasattr(prompts, "input_ids"):
+        ids, mask = prompts["input_ids"], prompts["attention_mask"]
+        return ids.to(device), mask.to(device)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if isinstance(prompts[0], str):
+        lists = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    else:
+        lists = [list(map(int, p)) for p in prompts]
+    if any(len(x) == 0 for x in lists):
+        raise ValueError("every prompt needs at least one token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(map(len, lists))
+    ids = torch.full((len(lists), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(lists), width), dtype=torch.long)
+    for b, x in enumerate(lists):
+        ids[b, width - len(x) :] = torch.tensor(x)
+        mask[b, width - len(x) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class _LoopGuard:
+    """Bans re-typing a token at a position after it was deleted there ``limit`` times."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.counts: dict[tuple[int, int, int], int] = {}
+        self.bans: dict[int, dict[int, list[int]]] = {}
+
+    def record(self, kinds: torch.Tensor, deleted: torch.Tensor, lengths: torch.Tensor) -> None:
+        rows = torch.nonzero(kinds == int(ActionKind.DELETE)).flatten().tolist()
+        for b in rows:
+            key = (b, int(lengths[b]), int(deleted[b]))
+            self.counts[key] = self.counts.get(key, 0) + 1
+            if self.counts[key] == self.limit:
+                self.bans.setdefault(b, {}).setdefault(key[1], []).append(key[2])
+
+    def apply(self, scores: torch.Tensor, lengths: torch.Tensor) -> None:
+        if not self.bans:
+            return
+        for b, by_pos in self.bans.items():
+            tokens = by_pos.get(int(lengths[b]))
+            if tokens:
+                scores[b, tokens] = float("-inf")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str] | Sequence[Sequence[int]] | dict,
+    config: BacktrackGenerationConfig | None = None,
+    *,
+    backtrack_id: int | None = None,
+    forced_actions: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    callbacks: Sequence[StepCallback] = (),
+    **overrides,
+) -> BacktrackGenerationOutput:
+    """Generate from a batch of prompts with ``<|BACKTRACK|>`` applied on the fly.
+
+    ``forced_actions`` [B, S] (-1 = let the model choose) replaces the model's choice where set: teacher forcing,
+    replaying an episode, or benchmarking a fixed backtrack pattern. Keyword ``overrides`` update ``config``.
+    """
+    unknown = set(overrides) - {f.name for f in fields(BacktrackGenerationConfig)}
+    if unknown:
+        raise TypeError(f"unknown generation option(s): {sorted(unknown)}; see BacktrackGenerationConfig")
+    config = replace(config or BacktrackGenerationConfig(), **overrides)
+    bt = backtrack_token_id(tokenizer) if backtrack_id is None else int(backtrack_id)
+    vocab_rows = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    if vocab_rows is not None and bt >= vocab_rows:
+        raise ValueError(
+            f"backtrack id {bt} is outside the model's vocabulary ({vocab_rows} rows); call "
+            "halluc_rl.modeling.add_backtrack_token(model, tokenizer) to resize the embeddings"
+        )
+    device = next(model.parameters()).device
+    input_ids, attention_mask = _encode_prompts(tokenizer, prompts, device)
+    batch, steps = input_ids.shape[0], int(config.max_new_tokens)
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long, device=device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if forced_actions is not None:
+        forced_actions = forced_actions.to(device)
+        if forced_actions.shape[0] != batch:
+            raise ValueError(f"forced_actions has {forced_actions.shape[0]} rows for {batch} prompts")
+
+    warpers = LogitsProcessorList()
+    if config.do_sample:
+        if config.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+        if config.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            warpers.append(TopKLogitsWarper(config.top_k))
+        if config.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(config.top_p))
+    guard = _LoopGuard(config.loop_guard) if config.loop_guard else None
+    max_stop = max((len(s) for s in config.stop_strings), default=0)
+
+    was_training = model.training
+    model.eval()
+    rc = RewindableCache(model, compact_min_holes=config.compact_min_holes)
+    logits = rc.prefill(input_ids, attention_mask)  # [B, V]
+    for cb in callbacks:
+        cb.on_prefill(input_ids, attention_mask)
+    prompt_logits = logits.clone()  # [B, V] next-token logits of an empty response
+    state = BatchedBacktrackState(batch, steps, bt, device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+    trace = {k: torch.full((batch, steps), -1, dtype=torch.long, device=device)
+             for k in ("actions", "kinds", "deleted", "positions")}
+    logprobs = torch.zeros(batch, steps, device=device) if config.return_logprobs else None
+    fill = torch.full((batch,), pad, dtype=torch.long, device=device)
+    ran = 0
+    for step in range(steps):
+        ran = step + 1
+        scores = logits.float()  # [B, V]
+        if config.backtrack_bias:
+            scores[:, bt] += config.backtrack_bias
+        if config.backtrack_budget is not None:
+            spent = state.num_backtracks >= config.backtrack_budget  # [B]
+            scores[:, bt] = torch.where(spent, float("-inf"), scores[:, bt])
+        if guard is not None:
+            guard.apply(scores, state.lengths)
+        if config.do_sample:
+            probs = torch.softmax(warpers(state.ids, scores.clone()), dim=-1)  # [B, V]
+            action = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
+        else:
+            action = scores.argmax(-1)  # [B]
+        if forced_actions is not None and step < forced_actions.shape[1]:
+            action = torch.where(forced_actions[:, step] >= 0, forced_actions[:, step], action)
+        if logprobs is not None:
+            logp = torch.log_softmax(scores / (config.temperature if config.do_sample else 1.0), dim=-1)
+            logprobs[:, step] = logp.gather(1, action.unsqueeze(1)).squeeze(1)
+        action = torch.where(active, action, fill)
+        old_len = state.lengths.clone()
+        kinds, deleted = state.step(action, active)
+        trace["actions"][:, step] = torch.where(active, action, -1)
+        trace["kinds"][:, step] = kinds
+        trace["deleted"][:, step] = deleted
+        trace["positions"][:, step] = torch.where(kinds == int(ActionKind.DELETE), state.lengths,
+                                                  torch.where(kinds == int(ActionKind.APPEND), old_len, 0))
+        if guard is not None:
+            guard.record(kinds, deleted, state.lengths)
+
+        appended = kinds == int(ActionKind.APPEND)  # [B]
+        done = appended & torch.isin(action, eos_ids)  # [B]
+        if max_stop:
+            for b in torch.nonzero(appended & ~done).flatten().tolist():
+                n = int(state.lengths[b])
+                tail = tokenizer.decode(state.ids[b, max(0, n - max_stop - 8) : n].tolist())
+                done[b] = any(tail.endswith(s) for s in config.stop_strings)
+        finished |= done
+        active &= ~done
+
+        # Cache: keep prompt + response[:-1], feed response[-1]. Empty responses use the prompt's logits.
+        length = state.lengths  # [B]
+        target = rc.floor + (length - 1).clamp(min=0)  # [B]
+        rewind = torch.where(active, rc.live_len - target, 0)  # [B]
+        write = active & (length > 0)  # [B]
+        feed = torch.where(write, state.last_tokens(fill), fill)  # [B]
+        for cb in callbacks:
+            cb.on_step(StepEvent(step, action, kinds, deleted, rewind, feed, write, state))
+        if not bool(active.any()) or step == steps - 1:
+            break
+        rc.rewind(rewind)
+        if bool(write.any()):
+            logits = rc.step(feed, write)
+            if not bool(write.all()):
+                logits = torch.where(write.unsqueeze(1), logits, prompt_logits)
+        else:
+            logits = prompt_logits
+    if was_training:
+        model.train()
+
+    sequences = [state.visible(b) for b in range(batch)]
+    texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    prompt_ids = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(batch)]
+    return BacktrackGenerationOutput(
+        sequences=sequences,
+        texts=texts,
+        actions=trace["actions"][:, :ran],
+        kinds=trace["kinds"][:, :ran],
+        deleted=trace["deleted"][:, :ran],
+        positions=trace["positions"][:, :ran],
+        num_backtracks=state.num_backtracks,
+        num_deleted=state.num_deleted,
+        num_failed=state.num_failed,
+        finished=finished,
+        logprobs=None if logprobs is None else logprobs[:, :ran],
+        prompt_ids=prompt_ids,
+    )

@@ -1,0 +1,232 @@
+"""Model, tokenizer and backtrack-token loading: the one place that touches weights.
+
+Nothing remote is trusted by default: ``trust_remote_code`` is off and weights load as safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+from halluc_rl.backtrack import BACKTRACK_TOKEN
+
+INIT_WORDS: tuple[str, ...] = ("delete", "remove", "undo", "erase", "back", "cancel", "backspace", "wrong", "oops")
+"""Words whose embeddings seed the backtrack row: it starts out meaning 'take that back'."""
+
+RESERVED_TOKENS: tuple[str, ...] = ("<|reserved_special_token_0|>",)
+"""Reserved special tokens a backtrack token may reuse (Llama-3), so the vocabulary does not grow."""
+
+_MARKER = "backtrack_token"  # tokenizer init kwarg recording which token string plays the backtrack role
+
+TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
+"""The embedded default policy (a small Llama trained on the offline task by ``halluc-rl pretrain``)."""
+
+
+def _single_token_ids(tokenizer, words: Iterable[str]) -> list[int]:
+    """Ids of the words (with or without a leading space) that the tokenizer keeps as one non-special token."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids: set[int] = set()
+    for word in words:
+        for variant in (word, " " + word, word.capitalize(), " " + word.capitalize()):
+            enc = tokenizer(variant, add_special_tokens=False)["input_ids"]
+            if len(enc) == 1 and enc[0] not in special:
+                ids.add(int(enc[0]))
+    return sorted(ids)
+
+
+def _tied(model) -> bool:
+    out = model.get_output_embeddings()
+    return out is None or out.weight is model.get_input_embeddings().weight
+
+
+def add_backtrack_token(
+    model,
+    tokenizer,
+    token: str = BACKTRACK_TOKEN,
+    init_words: Sequence[str] = INIT_WORDS,
+    reuse_reserved: bool = True,
+) -> int:
+    """Give ``tokenizer`` and ``model`` a backtrack token and return its id.
+
+    The token is added as a special token (or a reserved special token such as Llama-3's
+    ``<|reserved_special_token_0|>`` is reused), the embeddings are resized, and the new input row - and output row
+    when the head is untied - is initialised to the mean of the rows of words like delete/remove/undo (the mean of all
+    rows when the tokenizer has none of them).
+
+    Idempotent: when the tokenizer already has the token and the model's embeddings cover it, nothing changes, so a
+    trained backtrack row is never re-initialised.
+    """
+    from halluc_rl.backtrack import backtrack_token_id
+
+    try:
+        bt_id = backtrack_token_id(tokenizer, token)
+        known = True
+    except ValueError:
+        known = False
+    if known:
+        if model.get_input_embeddings().weight.shape[0] > bt_id:
+            return bt_id  # already set up (and perhaps trained): change nothing
+    else:
+        vocab = tokenizer.get_vocab()
+        reserved = next((t for t in RESERVED_TOKENS if reuse_reserved and t in vocab), None)
+        if reserved is not None:
+            tokenizer.init_kwargs[_MARKER] = reserved
+            bt_id = int(vocab[reserved])
+        else:
+            tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+            bt_id = backtrack_token_id(tokenizer, token)
+
+    seed_ids = _single_token_ids(tokenizer, init_words)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for emb in [model.get_input_embeddings()] + ([] if _tied(model) else [model.get_output_embeddings()]):
+            weight = emb.weight  # [V, H]
+            if seed_ids:
+                rows = weight[seed_ids]  # [n_words, H]
+            else:  # no init word is a single token: the mean of every other row
+                keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+                keep[bt_id] = False
+                rows = weight[keep]  # [V - 1, H]
+            weight[bt_id] = rows.float().mean(0).to(weight.dtype)
+            if getattr(emb, "bias", None) is not None:
+                emb.bias[bt_id] = emb.bias[seed_ids].mean() if seed_ids else emb.bias.mean()
+    model.config.backtrack_token_id = bt_id
+    return bt_id
+
+
+def _offline_hint(name: str) -> str:
+    return (
+        f"could not load {name!r}. It is neither a local directory nor reachable on the Hugging Face Hub "
+        f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Give a local path, or use the embedded "
+        f"tiny model: model_name_or_path: {TINY_MODEL_DIR} (or the shortcut 'tiny')."
+    )
+
+
+def resolve_model_path(name: str) -> str:
+    """Map the shortcut ``tiny`` to the embedded model; leave anything else as given."""
+    if name in ("tiny", "halluc-rl/tiny"):
+        if not (TINY_MODEL_DIR / "config.json").exists():
+            raise FileNotFoundError(
+                f"the embedded tiny model is missing from {TINY_MODEL_DIR}; run `halluc-rl pretrain` to rebuild it"
+            )
+        return str(TINY_MODEL_DIR)
+    return name
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """Load a tokenizer (safe defaults); left padding for batched generation."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as err:
+        raise OSError(_offline_hint(name_or_path)) from err
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    device_map: str | None = None,
+):
+    """Load a causal LM from safetensors only (``use_safetensors=True``), without remote code unless asked."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            revision=revision,
+            device_map=device_map,
+        )
+    except OSError as err:
+        raise OSError(_offline_hint(name_or_path)) from err
+
+
+def load_model_and_tokenizer(name_or_path: str, add_backtrack: bool = True, **kwargs):
+    """Load both, and give them the backtrack token (idempotent). Returns (model, tokenizer, backtrack_id)."""
+    tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "revision") if k in kwargs}
+    tokenizer = load_tokenizer(name_or_path, **tok_kwargs)
+    model = load_model(name_or_path, **kwargs)
+    bt_id = add_backtrack_token(model, tokenizer) if add_backtrack else None
+    return model, tokenizer, bt_id
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one tiny-model recipe (tests, benchmarks and `halluc-rl pretrain` all build from here)
+# ----------------------------------------------------------------------------------------------------------------
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", BACKTRACK_TOKEN)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, special_tokens: Sequence[str] = SPECIAL_TOKENS):
+    """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
+
+    Digits are split one per token, which keeps arithmetic learnable for a tiny model.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    extra = [t for t in special_tokens if t not in ("<pad>", "<s>", "</s>", "<unk>")]
+    if extra:
+        fast.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 512, **overrides):
+    """Config of a tiny causal LM. ``arch`` is one of llama, qwen2, gpt2 (about 3M parameters at the defaults)."""
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    hidden, layers, heads = overrides.pop("hidden_size", 192), overrides.pop("num_layers", 4), overrides.pop("heads", 4)
+    if arch == "gpt2":
+        kw = dict(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=1024,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        kw.update(overrides)
+        return GPT2Config(**kw)
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(arch)
+    if cls is None:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use llama, qwen2 or gpt2")
+    kw = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+              num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=1024,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=arch == "qwen2")
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def build_tiny_model(arch: str = "llama", vocab_size: int = 512, seed: int = 0, **overrides):
+    """A randomly initialised tiny causal LM, reproducible from ``seed``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **overrides))
+    return model.eval()

@@ -1,0 +1,50 @@
+"""Shared fixtures: the one tiny-model recipe for tests (a tokenizer trained on the spot, models from configs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from halluc_rl.modeling import add_backtrack_token, build_tiny_model, train_tokenizer
+
+FULL = os.environ.get("HALLUC_RL_FULL") == "1"
+"""Run the full versions of slow end-to-end tests (CI runs their short versions)."""
+
+GSM8K_DIR = Path(os.environ.get("HALLUC_RL_GSM8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
+"""Real GSM8K (MIT, openai/grade-school-math) as jsonl, beside the checkout: ../shared/data/gsm8k/{train,test}.jsonl."""
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    if not (GSM8K_DIR / "test.jsonl").exists():
+        pytest.skip(f"GSM8K files not found in {GSM8K_DIR} (set HALLUC_RL_GSM8K_DIR)")
+    return GSM8K_DIR
+
+
+CORPUS = [
+    "Tom has 3 apples and buys 4 more. 3 + 4 = 7 apples.\n#### 7",
+    "A box holds 12 pens. 5 boxes hold 5 * 12 = 60 pens.\n#### 60",
+    "She had 20 dollars and spent 8, so 20 - 8 = 12 dollars are left.\n#### 12",
+    "delete remove undo erase back cancel",
+    "The answer is 42. Question: How many cats are there?\nAnswer:",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE tokenizer trained on a few lines, with <|BACKTRACK|> as a special token."""
+    return train_tokenizer(CORPUS * 4, vocab_size=320)
+
+
+def make_model(arch: str, tokenizer, seed: int = 0, **overrides):
+    """A tiny model of ``arch`` whose vocabulary matches ``tokenizer``, with the backtrack row set up."""
+    overrides.setdefault("hidden_size", 64)
+    overrides.setdefault("num_layers", 2)
+    model = build_tiny_model(arch, vocab_size=len(tokenizer), seed=seed, **overrides)
+    add_backtrack_token(model, tokenizer)
+    return model
+
+
+ARCHS = ["llama", "qwen2", "gpt2"]

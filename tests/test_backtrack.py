@@ -1,0 +1,105 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from halluc_rl.backtrack import (
+    BACKTRACK_TOKEN,
+    ActionKind,
+    BacktrackState,
+    BatchedBacktrackState,
+    apply_actions,
+    backtrack_token_id,
+    correction_actions,
+)
+
+BT = 0
+actions_st = st.lists(st.integers(min_value=0, max_value=5), max_size=60)  # 0 is the backtrack id
+
+
+@pytest.mark.parametrize(
+    "actions, visible, backtracks, deleted, failed",
+    [
+        ([1, 2, 3], [1, 2, 3], 0, 0, 0),
+        ([1, 2, BT, 3], [1, 3], 1, 1, 0),
+        ([1, BT, BT, 2], [2], 2, 1, 1),
+        ([1, 2, BT, BT], [], 2, 2, 0),
+        ([BT, BT], [], 2, 0, 2),
+    ],
+)
+def test_readme_table(actions, visible, backtracks, deleted, failed):
+    res = apply_actions(actions, BT)
+    assert (res.visible_ids, res.num_backtracks, res.num_deleted, res.num_failed) == (
+        visible, backtracks, deleted, failed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(actions_st)
+def test_incremental_equals_pure(actions):
+    state = BacktrackState(BT)
+    for a in actions:
+        state.push(a)
+    pure = apply_actions(actions, BT)
+    assert state.visible_ids == pure.visible_ids
+    assert (state.num_backtracks, state.num_deleted, state.num_failed) == (
+        pure.num_backtracks, pure.num_deleted, pure.num_failed)
+    assert BT not in state.visible_ids
+
+
+@settings(max_examples=200, deadline=None)
+@given(actions_st, st.lists(st.integers(min_value=1, max_value=5), max_size=20))
+def test_delete_then_retype_is_identity(prefix, tokens):
+    before = apply_actions(prefix, BT).visible_ids
+    after = apply_actions([*prefix, *tokens, *([BT] * len(tokens)), *tokens], BT).visible_ids
+    assert after == before + tokens
+    assert apply_actions([*prefix, *tokens, *([BT] * len(tokens))], BT).visible_ids == before
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(actions_st, min_size=1, max_size=5))
+def test_batched_equals_pure(rows):
+    steps = max(map(len, rows)) or 1
+    state = BatchedBacktrackState(len(rows), steps, BT)
+    for s in range(steps):
+        acts = torch.tensor([r[s] if s < len(r) else 1 for r in rows])
+        active = torch.tensor([s < len(r) for r in rows])
+        state.step(acts, active)
+    for b, r in enumerate(rows):
+        pure = apply_actions(r, BT)
+        assert state.visible(b) == pure.visible_ids
+        assert int(state.num_deleted[b]) == pure.num_deleted
+        assert int(state.num_failed[b]) == pure.num_failed
+
+
+def test_step_outcomes_and_pop_into_prompt():
+    state = BacktrackState(BT)
+    assert state.push(BT).kind is ActionKind.FAILED
+    assert state.push(7).kind is ActionKind.APPEND
+    out = state.push(BT)
+    assert (out.kind, out.deleted, out.position) == (ActionKind.DELETE, 7, 0)
+    with pytest.raises(IndexError, match="prompt"):
+        state.pop()
+
+
+def test_correction_actions_resolve_to_prefix_plus_correction():
+    acts = correction_actions([1, 2], [3, 4, 5], [6], BT)
+    assert acts == [1, 2, 3, 4, 5, BT, BT, BT, 6]
+    assert apply_actions(acts, BT).visible_ids == [1, 2, 6]
+
+
+def test_token_id_is_looked_up_as_a_token(tokenizer):
+    bt = backtrack_token_id(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(bt) == BACKTRACK_TOKEN
+    assert tokenizer.decode([5, bt, 6], skip_special_tokens=True) == tokenizer.decode([5, 6])
+
+
+def test_unknown_backtrack_token_says_how_to_add_it(tokenizer):
+    with pytest.raises(ValueError, match="add_backtrack_token"):
+        backtrack_token_id(tokenizer, "<|NOT_THERE|>")
+
+
+def test_batched_capacity_is_checked():
+    state = BatchedBacktrackState(1, 1, BT)
+    state.step(torch.tensor([3]))
+    with pytest.raises(ValueError, match="full"):
+        state.step(torch.tensor([4]))

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from halluc_rl.backtrack import ActionKind, apply_actions, backtrack_token_id
+from halluc_rl.generation import BacktrackGenerationConfig, generate
+from tests.conftest import ARCHS, make_model
+
+PROMPTS = ["Tom has 3 apples", "3 + 4 =", "A box"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_without_backtracks_equals_generate(arch, tokenizer):
+    model = make_model(arch, tokenizer)
+    bt = backtrack_token_id(tokenizer)
+    out = generate(model, tokenizer, PROMPTS, max_new_tokens=24, backtrack_budget=0, eos_token_id=[])
+    enc = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    ref = model.generate(**enc, max_new_tokens=24, do_sample=False, suppress_tokens=[bt],
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    for b in range(len(PROMPTS)):
+        assert out.sequences[b] == ref[b, enc.input_ids.shape[1]:].tolist()
+    assert int(out.num_backtracks.sum()) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logprobs_under_backtracks_equal_fresh_forward(arch, tokenizer):
+    """Each action's log-prob equals a fresh forward over prompt + visible prefix at that moment."""
+    model = make_model(arch, tokenizer, seed=1)
+    bt = backtrack_token_id(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    forced = torch.where(torch.rand(3, 40, generator=g) < 0.3, bt, -1)  # rows backtrack differently
+    out = generate(model, tokenizer, PROMPTS, max_new_tokens=40, do_sample=True, forced_actions=forced,
+                   generator=g, return_logprobs=True, eos_token_id=[], compact_min_holes=4, loop_guard=None)
+    assert int(out.num_deleted.sum()) > 10
+    for b in range(len(PROMPTS)):
+        actions = out.actions[b].tolist()
+        for s, a in enumerate(actions):
+            visible = apply_actions(actions[:s], bt).visible_ids
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([out.prompt_ids[b] + visible])).logits[0, -1]
+            expected = torch.log_softmax(logits.float(), -1)[a]
+            torch.testing.assert_close(out.logprobs[b, s], expected, atol=1e-4, rtol=0)
+        assert out.sequences[b] == apply_actions(actions, bt).visible_ids
+
+
+def test_trace_records_every_action(tokenizer):
+    model = make_model("llama", tokenizer)
+    bt = backtrack_token_id(tokenizer)
+    forced = torch.tensor([[bt, 7, 8, bt, 9, -1]])
+    out = generate(model, tokenizer, ["A box"], max_new_tokens=5, forced_actions=forced, eos_token_id=[])
+    kinds = [e.kind for e in out.trace(0)]
+    assert kinds == [ActionKind.FAILED, ActionKind.APPEND, ActionKind.APPEND, ActionKind.DELETE, ActionKind.APPEND]
+    assert out.trace(0)[3].deleted == 8 and out.trace(0)[3].position == 1
+    assert out.sequences[0] == [7, 9]
+    assert (int(out.num_backtracks[0]), int(out.num_deleted[0]), int(out.num_failed[0])) == (2, 1, 1)
+
+
+def test_budget_bias_and_loop_guard(tokenizer):
+    model = make_model("llama", tokenizer)
+    bt = backtrack_token_id(tokenizer)
+    # a huge bias makes the model backtrack at every step; the budget caps it
+    out = generate(model, tokenizer, PROMPTS, max_new_tokens=12, backtrack_bias=1e4, backtrack_budget=3)
+    assert out.num_backtracks.tolist() == [3, 3, 3]
+    never = generate(model, tokenizer, PROMPTS, max_new_tokens=12, backtrack_bias=float("-inf"))
+    assert int(never.num_backtracks.sum()) == 0
+    # type 7, delete it, over and over: after 2 deletions 7 is banned at position 0
+    forced = torch.tensor([[7, bt, 7, bt, -1, -1]])
+    out = generate(model, tokenizer, ["A box"], max_new_tokens=6, forced_actions=forced, loop_guard=2,
+                   backtrack_budget=2, eos_token_id=[])
+    assert out.actions[0, 4].item() != 7
+
+
+def test_stops_on_eos_and_stop_strings(tokenizer):
+    model = make_model("llama", tokenizer)
+    eos = tokenizer.eos_token_id
+    forced = torch.tensor([[7, eos, 8, 9], [7, 8, 9, 10]])
+    out = generate(model, tokenizer, PROMPTS[:2], max_new_tokens=4, forced_actions=forced)
+    assert out.sequences[0] == [7, eos] and out.finished.tolist() == [True, False]
+    assert out.kinds[0, 2:].tolist() == [-1, -1]
+    ids = tokenizer("= 7 apples", add_special_tokens=False)["input_ids"]
+    forced = torch.tensor([ids + [5] * 4])
+    out = generate(model, tokenizer, ["x"], max_new_tokens=len(ids) + 4, forced_actions=forced,
+                   stop_strings=("apples",))
+    assert out.texts[0].endswith("apples") and bool(out.finished[0])
+
+
+def test_sampling_is_reproducible_with_a_generator(tokenizer):
+    model = make_model("llama", tokenizer)
+    cfg = BacktrackGenerationConfig(max_new_tokens=16, do_sample=True, top_k=20, top_p=0.9, temperature=0.8)
+    a = generate(model, tokenizer, PROMPTS, cfg, generator=torch.Generator().manual_seed(3))
+    b = generate(model, tokenizer, PROMPTS, cfg, generator=torch.Generator().manual_seed(3))
+    assert a.sequences == b.sequences
+
+
+def test_bad_input(tokenizer):
+    model = make_model("llama", tokenizer)
+    with pytest.raises(TypeError, match="unknown generation option"):
+        generate(model, tokenizer, PROMPTS, max_tokens=3)
+    with pytest.raises(ValueError, match="add_backtrack_token"):
+        generate(model, tokenizer, PROMPTS, backtrack_id=10_000)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, tokenizer, PROMPTS, do_sample=True, temperature=0)
