@@ -171,34 +171,33 @@ class BatchedBacktrackState:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.num_backtracks = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
         self.num_deleted = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
-        self.num_failed = torch.zeros(batch_size, dtype=torch.long, device=device)  # [B]
+        self._steps = 0  # lengths can only exceed the capacity after `capacity` steps
+
+    @property
+    def num_failed(self) -> torch.Tensor:
+        """[B] backtracks that found an empty response."""
+        return self.num_backtracks - self.num_deleted
 
     def step(self, actions: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply ``actions`` [B] to the rows where ``active`` [B] is true. Returns (kinds [B], deleted [B])."""
-        if active is None:
-            active = torch.ones_like(actions, dtype=torch.bool)
-        is_bt = active & (actions == self.backtrack_id)  # [B]
-        has_tokens = self.lengths > 0  # [B]
-        delete = is_bt & has_tokens  # [B]
-        failed = is_bt & ~has_tokens  # [B]
-        append = active & ~is_bt  # [B]
-        if bool((append & (self.lengths >= self.capacity)).any()):
+        is_bt = actions == self.backtrack_id  # [B]
+        append = ~is_bt  # [B]
+        if active is not None:
+            is_bt &= active
+            append &= active
+        delete = is_bt & (self.lengths > 0)  # [B]
+        self._steps += 1
+        if self._steps > self.capacity and bool((append & (self.lengths >= self.capacity)).any()):
             raise ValueError(f"a response is full ({self.capacity} tokens); raise the capacity")
-
         last = (self.lengths - 1).clamp(min=0).unsqueeze(1)  # [B, 1]
-        deleted = torch.where(delete, self.ids.gather(1, last).squeeze(1), torch.full_like(actions, -1))  # [B]
+        deleted = torch.where(delete, self.ids.gather(1, last).squeeze(1), -1)  # [B]
         write_at = self.lengths.clamp(max=self.capacity - 1).unsqueeze(1)  # [B, 1]
-        current = self.ids.gather(1, write_at).squeeze(1)  # [B]
-        self.ids.scatter_(1, write_at, torch.where(append, actions, current).unsqueeze(1))
+        self.ids.scatter_(1, write_at, torch.where(append, actions, self.ids.gather(1, write_at).squeeze(1)).unsqueeze(1))
         self.lengths += append.long() - delete.long()
         self.num_backtracks += is_bt.long()
         self.num_deleted += delete.long()
-        self.num_failed += failed.long()
-
-        kinds = torch.full_like(actions, int(ActionKind.INACTIVE))  # [B]
-        kinds[append] = int(ActionKind.APPEND)
-        kinds[delete] = int(ActionKind.DELETE)
-        kinds[failed] = int(ActionKind.FAILED)
+        # APPEND 0, DELETE 1, FAILED 2, INACTIVE -1
+        kinds = torch.where(is_bt, 2 - delete.long(), append.long() - 1)  # [B]
         return kinds, deleted
 
     def visible(self, row: int) -> list[int]:

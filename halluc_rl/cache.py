@@ -13,6 +13,8 @@ Two levels:
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 
@@ -73,22 +75,27 @@ class RewindableCache:
         self.cache = cache if cache is not None else DynamicCache(config=model.config)
         self.cache.activate_past_recording()
         self.sliding = any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._mask: torch.Tensor | None = None  # [B, T] 1 = live slot; None while every slot is live
+        self._width = 0  # T, the number of slots
         self.compact_min_holes = compact_min_holes
         self.compact_ratio = compact_ratio
         self.num_compactions = 0
-        self.mask: torch.Tensor | None = None  # [B, T] 1 = live slot
         self.live: torch.Tensor | None = None  # [B, cap] slot index of each live token, in order
         self.live_len: torch.Tensor | None = None  # [B] live tokens per row (= next position id)
         self.floor: torch.Tensor | None = None  # [B] prompt tokens, never rewound
 
     # -- forward passes ---------------------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor):
+        """One forward; ``attention_mask=None`` when the cache has no holes (transformers then builds no mask)."""
+        kwargs = {"logits_to_keep": 1} if self._keep_arg else {}
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=self.cache,
             use_cache=True,
+            **kwargs,
         )
         if getattr(out, "past_key_values", None) is None:
             raise TypeError(
@@ -117,32 +124,43 @@ class RewindableCache:
         for b in range(batch):  # once per prompt, not per step
             n = int(self.live_len[b])
             self.live[b, :n] = order[b, width - n :]
-        self.mask = mask
+        self._width = width
+        self._set_mask(mask)
+        self._ones = torch.ones(batch, 1, dtype=torch.long, device=mask.device)  # [B, 1]
+        self._max_live = int(self.live_len.max())
         return out.logits[:, -1]  # [B, V]
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, write: torch.Tensor | None = None) -> torch.Tensor:
         """Feed one token per row [B]; rows with ``write`` false get a dead slot. Returns logits [B, V]."""
-        assert self.mask is not None, "call prefill() first"
-        if write is None:
-            write = torch.ones_like(tokens, dtype=torch.bool)
-        slot = self.mask.shape[1]
-        self.mask = torch.cat([self.mask, write.long().unsqueeze(1)], dim=1)  # [B, T+1]
-        out = self._forward(tokens.unsqueeze(1), self.mask, self.live_len.unsqueeze(1))
-        if self.live.shape[1] <= int(self.live_len.max()):
+        assert self.live_len is not None, "call prefill() first"
+        slot = self._width
+        self._width += 1
+        if write is not None or self._mask is not None:
+            column = self._ones if write is None else write.long().unsqueeze(1)  # [B, 1]
+            self._mask = torch.cat([self.mask, column], dim=1)  # [B, T+1]
+        out = self._forward(tokens.unsqueeze(1), self._mask, self.live_len.unsqueeze(1))
+        self._max_live += 1  # an upper bound, kept in Python to avoid a sync per step
+        if self.live.shape[1] <= self._max_live:
             self.live = torch.cat([self.live, torch.zeros_like(self.live)], dim=1)
         idx = self.live_len.unsqueeze(1)  # [B, 1]
-        self.live.scatter_(1, idx, torch.where(write, slot, self.live.gather(1, idx).squeeze(1)).unsqueeze(1))
-        self.live_len = self.live_len + write.long()
+        if write is None:
+            self.live.scatter_(1, idx, torch.full_like(idx, slot))
+            self.live_len = self.live_len + 1
+        else:
+            self.live.scatter_(1, idx, torch.where(write, slot, self.live.gather(1, idx).squeeze(1)).unsqueeze(1))
+            self.live_len = self.live_len + write.long()
         return out.logits[:, -1]  # [B, V]
 
     # -- rewinds ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rewind(self, n: int | torch.Tensor) -> None:
         """Forget the last ``n`` live tokens of each row (``n``: an int, or a [B] tensor of per-row counts)."""
-        assert self.mask is not None, "call prefill() first"
+        assert self.live_len is not None, "call prefill() first"
         if isinstance(n, int):
             n = torch.full_like(self.live_len, n)
+        if not bool(n.any()):
+            return
         if n.shape != self.live_len.shape:
             raise ValueError(f"rewind counts must have shape {tuple(self.live_len.shape)}, got {tuple(n.shape)}")
         if bool((n < 0).any()):
@@ -154,47 +172,61 @@ class RewindableCache:
                 f"cannot rewind {int(n[row])} tokens in row {row}: it has only {int(room[row])} generated tokens "
                 "(rewinds never reach into the prompt)"
             )
-        if not bool(n.any()):
-            return
         cap = self.live.shape[1]
         j = torch.arange(cap, device=n.device).unsqueeze(0)  # [1, cap]
         kill = (j >= (self.live_len - n).unsqueeze(1)) & (j < self.live_len.unsqueeze(1))  # [B, cap]
         rows, cols = torch.nonzero(kill, as_tuple=True)
-        self.mask[rows, self.live[rows, cols]] = 0
+        mask = self.mask
+        mask[rows, self.live[rows, cols]] = 0
         self.live_len = self.live_len - n
+        self._max_live = int(self.live_len.max())
+        self._mask = mask
         self._trim()
-        if self.sliding and bool((self.mask.shape[1] - self.live_len > self._pad).any()):
+        if self.sliding and bool((self._width - self.live_len > self._pad).any()):
             raise NotImplementedError(
                 "rows rewound by different amounts leave holes, which a sliding-window layer would count inside "
                 "its window; generate with batch size 1 (or rewind all rows alike) for this model"
             )
         self._maybe_compact()
+        self._set_mask(self._mask)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, T] 1 where a slot is live (materialised on demand while the cache has no holes)."""
+        if self._mask is None:
+            return torch.ones(self.live_len.shape[0], self._width, dtype=torch.long, device=self.live_len.device)
+        return self._mask
+
+    def _set_mask(self, mask: torch.Tensor) -> None:
+        self._mask = None if bool(mask.all()) else mask
 
     def _trim(self) -> None:
         """Crop slots that are dead in every row at the end of the cache: a true ``crop(-k)``."""
-        width = self.mask.shape[1]
+        width = self._width
         top = self.live.gather(1, (self.live_len - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # [B]
         needed = int(torch.where(self.live_len > 0, top + 1, 0).max())
         if needed < width:
             rewind_cache(self.cache, width - needed)
-            self.mask = self.mask[:, :needed]
+            self._mask = self._mask[:, :needed]
+            self._width = needed
 
     @property
     def num_holes(self) -> int:
         """Dead slots the widest row carries (left padding included)."""
-        return self.mask.shape[1] - int(self.live_len.max())
+        return self._width - int(self.live_len.max())
 
     def _maybe_compact(self) -> None:
         holes = self.num_holes
-        if holes >= self.compact_min_holes and holes >= self.compact_ratio * self.mask.shape[1]:
+        if holes >= self.compact_min_holes and holes >= self.compact_ratio * self._width:
             self.compact()
 
     @torch.no_grad()
     def compact(self) -> None:
         """Squeeze the holes out: each row's live slots move right (left padding), one gather per layer."""
-        batch, width = self.mask.shape
+        mask = self.mask
+        batch, width = mask.shape
         new_width = int(self.live_len.max())
-        order = torch.argsort(self.mask * width + torch.arange(width, device=self.mask.device), dim=1)  # [B, T]
+        order = torch.argsort(mask * width + torch.arange(width, device=self.mask.device), dim=1)  # [B, T]
         keep = order[:, width - new_width :]  # [B, T'] the live slots (plus left padding), in order
         for layer in self.cache.layers:
             if type(layer) is not DynamicLayer:
@@ -205,9 +237,10 @@ class RewindableCache:
             index = keep[:, None, :, None].expand(batch, heads, new_width, dim)  # [B, H, T', D]
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index.expand(-1, -1, -1, layer.values.shape[-1]))
-        new_slot = torch.zeros_like(self.mask)  # [B, T] old slot -> new slot
+        new_slot = torch.zeros_like(mask)  # [B, T] old slot -> new slot
         new_slot.scatter_(1, keep, torch.arange(new_width, device=keep.device).expand(batch, -1))
         self.live = new_slot.gather(1, self.live.clamp(max=width - 1))
-        self.mask = self.mask.gather(1, keep)
+        self._mask = mask.gather(1, keep)
+        self._width = new_width
         self._pad = new_width - self.live_len
         self.num_compactions += 1

@@ -225,14 +225,19 @@ def generate(
     state = BatchedBacktrackState(batch, steps, bt, device)
     active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
-    trace = {k: torch.full((batch, steps), -1, dtype=torch.long, device=device)
-             for k in ("actions", "kinds", "deleted", "positions")}
-    logprobs = torch.zeros(batch, steps, device=device) if config.return_logprobs else None
+    # step-major trace buffers [S, B]: one contiguous copy per step, transposed once at the end
+    t_actions, t_kinds, t_deleted, t_len = (torch.full((steps, batch), -1, dtype=torch.long, device=device)
+                                            for _ in range(4))
+    t_logp = torch.zeros(steps, batch, device=device) if config.return_logprobs else None
     fill = torch.full((batch,), pad, dtype=torch.long, device=device)
+    no_rewind = torch.zeros(batch, dtype=torch.long, device=device)
+    all_rows = torch.ones(batch, dtype=torch.bool, device=device)
+    single_eos = int(eos_ids[0]) if eos_ids.numel() == 1 else None
+    all_active = True
     ran = 0
     for step in range(steps):
         ran = step + 1
-        scores = logits.float()  # [B, V]
+        scores = logits  # [B, V] a fresh tensor each step (or a copy of the prompt logits): safe to edit in place
         if config.backtrack_bias:
             scores[:, bt] += config.backtrack_bias
         if config.backtrack_budget is not None:
@@ -247,64 +252,82 @@ def generate(
             action = scores.argmax(-1)  # [B]
         if forced_actions is not None and step < forced_actions.shape[1]:
             action = torch.where(forced_actions[:, step] >= 0, forced_actions[:, step], action)
-        if logprobs is not None:
-            logp = torch.log_softmax(scores / (config.temperature if config.do_sample else 1.0), dim=-1)
-            logprobs[:, step] = logp.gather(1, action.unsqueeze(1)).squeeze(1)
-        action = torch.where(active, action, fill)
-        old_len = state.lengths.clone()
-        kinds, deleted = state.step(action, active)
-        trace["actions"][:, step] = torch.where(active, action, -1)
-        trace["kinds"][:, step] = kinds
-        trace["deleted"][:, step] = deleted
-        trace["positions"][:, step] = torch.where(kinds == int(ActionKind.DELETE), state.lengths,
-                                                  torch.where(kinds == int(ActionKind.APPEND), old_len, 0))
+        if t_logp is not None:
+            logp = torch.log_softmax(scores.float() / (config.temperature if config.do_sample else 1.0), dim=-1)
+            t_logp[step] = logp.gather(1, action.unsqueeze(1)).squeeze(1)
+        if not all_active:
+            action = torch.where(active, action, fill)
+        t_len[step] = state.lengths
+        kinds, deleted = state.step(action, None if all_active else active)
+        t_actions[step], t_kinds[step], t_deleted[step] = action, kinds, deleted
         if guard is not None:
             guard.record(kinds, deleted, state.lengths)
 
         appended = kinds == int(ActionKind.APPEND)  # [B]
-        done = appended & torch.isin(action, eos_ids)  # [B]
+        if single_eos is not None:
+            done = appended & (action == single_eos)  # [B]
+        elif eos_ids.numel():
+            done = appended & torch.isin(action, eos_ids)  # [B]
+        else:
+            done = torch.zeros_like(appended)
         if max_stop:
             for b in torch.nonzero(appended & ~done).flatten().tolist():
                 n = int(state.lengths[b])
                 tail = tokenizer.decode(state.ids[b, max(0, n - max_stop - 8) : n].tolist())
                 done[b] = any(tail.endswith(s) for s in config.stop_strings)
-        finished |= done
-        active &= ~done
+        if bool(done.any()):
+            finished |= done
+            active &= ~done
+            all_active = False
+            if not bool(active.any()):
+                break
+        if step == steps - 1:
+            break
 
         # Cache: keep prompt + response[:-1], feed response[-1]. Empty responses use the prompt's logits.
-        length = state.lengths  # [B]
-        target = rc.floor + (length - 1).clamp(min=0)  # [B]
-        rewind = torch.where(active, rc.live_len - target, 0)  # [B]
-        write = active & (length > 0)  # [B]
-        feed = torch.where(write, state.last_tokens(fill), fill)  # [B]
+        if all_active and bool(appended.all()):  # the common step: every row appended, nothing to rewind
+            rewind, feed, write = no_rewind, action, None
+        else:
+            length = state.lengths  # [B]
+            target = rc.floor + (length - 1).clamp(min=0)  # [B]
+            rewind = torch.where(active, rc.live_len - target, 0)  # [B]
+            write = active & (length > 0)  # [B]
+            feed = torch.where(write, state.last_tokens(fill), fill)  # [B]
         for cb in callbacks:
-            cb.on_step(StepEvent(step, action, kinds, deleted, rewind, feed, write, state))
-        if not bool(active.any()) or step == steps - 1:
-            break
+            cb.on_step(StepEvent(step, action, kinds, deleted, rewind, feed, all_rows if write is None else write,
+                                 state))
+        if write is None:
+            logits = rc.step(feed)
+            continue
         rc.rewind(rewind)
         if bool(write.any()):
             logits = rc.step(feed, write)
             if not bool(write.all()):
                 logits = torch.where(write.unsqueeze(1), logits, prompt_logits)
         else:
-            logits = prompt_logits
+            logits = prompt_logits.clone()
     if was_training:
         model.train()
 
+    kinds_bs = t_kinds[:ran].T  # [B, S]
+    lengths_bs = t_len[:ran].T  # [B, S] response length before each action
+    positions = torch.where(kinds_bs == int(ActionKind.APPEND), lengths_bs,
+                            torch.where(kinds_bs == int(ActionKind.DELETE), lengths_bs - 1, 0))
+    positions = torch.where(kinds_bs >= 0, positions, -1)
     sequences = [state.visible(b) for b in range(batch)]
     texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     prompt_ids = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(batch)]
     return BacktrackGenerationOutput(
         sequences=sequences,
         texts=texts,
-        actions=trace["actions"][:, :ran],
-        kinds=trace["kinds"][:, :ran],
-        deleted=trace["deleted"][:, :ran],
-        positions=trace["positions"][:, :ran],
+        actions=torch.where(kinds_bs >= 0, t_actions[:ran].T, -1),
+        kinds=kinds_bs,
+        deleted=t_deleted[:ran].T,
+        positions=positions,
         num_backtracks=state.num_backtracks,
         num_deleted=state.num_deleted,
         num_failed=state.num_failed,
         finished=finished,
-        logprobs=None if logprobs is None else logprobs[:, :ran],
+        logprobs=None if t_logp is None else t_logp[:ran].T,
         prompt_ids=prompt_ids,
     )

@@ -99,3 +99,17 @@ def test_bad_input(tokenizer):
         generate(model, tokenizer, PROMPTS, backtrack_id=10_000)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, tokenizer, PROMPTS, do_sample=True, temperature=0)
+
+
+def test_prompt_logits_are_not_edited_in_place(tokenizer):
+    """Rows with an empty response reuse the prompt's logits; a bias must be applied to them once, not per step."""
+    model = make_model("llama", tokenizer)
+    bt = backtrack_token_id(tokenizer)
+    forced = torch.tensor([[bt, bt, bt, 7]])
+    out = generate(model, tokenizer, ["A box"], max_new_tokens=4, forced_actions=forced, backtrack_bias=-3.0,
+                   return_logprobs=True, eos_token_id=[])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([out.prompt_ids[0]])).logits[0, -1].clone()
+    logits[bt] -= 3.0
+    expected = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(out.logprobs[0], expected[[bt, bt, bt, 7]], atol=1e-5, rtol=0)

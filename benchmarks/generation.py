@@ -1,0 +1,171 @@
+"""Generation speed: backtrack-aware decoding vs ``model.generate``, a plain forward loop and naive re-encoding.
+
+Same tiny Llama (about 2.6M parameters), same prompts, 128 new tokens, batch 1 and 32, greedy. Prints a table and,
+as its last line, one JSON object with the figures and their ratios:
+
+    python benchmarks/generation.py [--repeats 3] [--new-tokens 128]
+
+Figures: tokens (actions) per second, best of ``--repeats`` runs after a warm-up.
+* ``speedup_vs_generate_b{1,32}``: ours with no backtrack fired / ``model.generate``.
+* ``backtrack_cost_ratio``: seconds per action with 25% of actions forced to be backtracks (rows differing) /
+  seconds per action with none, batch 32.
+* ``naive_cost_ratio``: the same 25% pattern decoded by re-encoding every row's prefix after each backspace /
+  ours, batch 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import DynamicCache
+
+from halluc_rl.generation import generate
+from halluc_rl.modeling import build_tiny_model
+
+VOCAB, BT, PAD = 512, 4, 0
+
+
+class _Tok:
+    """The few tokenizer attributes generation reads; the benchmark feeds token ids directly."""
+
+    pad_token_id, eos_token_id = PAD, 2
+
+    def batch_decode(self, seqs, skip_special_tokens=True):
+        return ["" for _ in seqs]
+
+
+def make_prompts(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(12, 33, (batch,), generator=g)
+    width = int(lengths.max())
+    ids = torch.full((batch, width), PAD, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        ids[b, width - n :] = torch.randint(5, VOCAB, (n,), generator=g)
+        mask[b, width - n :] = 1
+    return ids, mask
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.no_grad()
+def plain_loop(model, ids, mask, steps):
+    """The physical floor: a cached greedy decode with nothing else."""
+    cache = DynamicCache(config=model.config)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+    nxt_pos = pos[:, -1:] + 1
+    for _ in range(steps - 1):
+        tok = logits.argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(tok)], 1)
+        logits = model(input_ids=tok, attention_mask=mask, position_ids=nxt_pos, past_key_values=cache).logits[:, -1]
+        nxt_pos = nxt_pos + 1
+
+
+@torch.no_grad()
+def naive_reencode(model, ids, mask, forced, steps):
+    """Backspaces the naive way: after any backspace, re-encode every row's visible prefix from scratch."""
+    batch = ids.shape[0]
+    prompts = [ids[b][mask[b].bool()].tolist() for b in range(batch)]
+    visible: list[list[int]] = [[] for _ in range(batch)]
+
+    def encode():
+        seqs = [p + v for p, v in zip(prompts, visible)]
+        width = max(map(len, seqs))
+        x = torch.tensor([[PAD] * (width - len(s)) + s for s in seqs])
+        m = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        cache = DynamicCache(config=model.config)
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=x, attention_mask=m, position_ids=pos, past_key_values=cache)
+        return out.logits[:, -1], cache, m, pos[:, -1:] + 1
+
+    logits, cache, m, nxt = encode()
+    for s in range(steps):
+        action = torch.where(forced[:, s] >= 0, forced[:, s], logits.argmax(-1))
+        popped = False
+        for b, a in enumerate(action.tolist()):
+            if a == BT:
+                if visible[b]:
+                    visible[b].pop()
+                popped = True
+            else:
+                visible[b].append(a)
+        if s == steps - 1:
+            break
+        if popped:
+            logits, cache, m, nxt = encode()
+        else:
+            m = torch.cat([m, torch.ones(batch, 1, dtype=torch.long)], 1)
+            out = model(input_ids=action.unsqueeze(1), attention_mask=m, position_ids=nxt, past_key_values=cache)
+            logits, nxt = out.logits[:, -1], nxt + 1
+
+
+def measure(model, batch: int, steps: int, repeats: int) -> dict[str, float]:
+    """All figures for one batch size."""
+    tok = _Tok()
+    no_bt = dict(max_new_tokens=steps, backtrack_bias=float("-inf"), eos_token_id=[], loop_guard=None)
+    ids, mask = make_prompts(batch)
+    enc = {"input_ids": ids, "attention_mask": mask}
+    g = torch.Generator().manual_seed(batch)
+    forced = torch.where(torch.rand(batch, steps, generator=g) < 0.25, BT, -1)  # rows differ
+    forced[:, :4] = -1  # let every row write a few tokens first
+    n = batch * steps
+    t_gen = best_time(lambda: model.generate(**enc, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                             pad_token_id=PAD, eos_token_id=None, suppress_tokens=[BT]), repeats)
+    t_ours = best_time(lambda: generate(model, tok, enc, backtrack_id=BT, **no_bt), repeats)
+    t_floor = best_time(lambda: plain_loop(model, ids, mask, steps), repeats)
+    t_bt = best_time(lambda: generate(model, tok, enc, backtrack_id=BT, forced_actions=forced, **no_bt), repeats)
+    t_naive = best_time(lambda: naive_reencode(model, ids, mask, forced, steps), repeats)
+    return {
+        "generate_tok_s": n / t_gen,
+        "ours_tok_s": n / t_ours,
+        "plain_loop_tok_s": n / t_floor,
+        "ours_25pct_bt_actions_s": n / t_bt,
+        "naive_25pct_bt_actions_s": n / t_naive,
+        "speedup_vs_generate": t_gen / t_ours,
+        "plain_loop_vs_generate": t_gen / t_floor,
+        "backtrack_cost_ratio": t_bt / t_ours,
+        "naive_cost_ratio": t_naive / t_bt,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    steps = args.new_tokens
+    torch.manual_seed(0)
+    model = build_tiny_model("llama", vocab_size=VOCAB, hidden_size=256, num_layers=4)
+    params = sum(p.numel() for p in model.parameters())
+    results: dict[str, float] = {"params": params, "new_tokens": steps, "threads": torch.get_num_threads()}
+    rows = []
+    for batch in (1, 32):
+        figures = measure(model, batch, steps, args.repeats)
+        results.update({f"{k}_b{batch}": v for k, v in figures.items()})
+        rows.append((batch, *(figures[k] for k in ("generate_tok_s", "ours_tok_s", "plain_loop_tok_s",
+                                                  "ours_25pct_bt_actions_s", "naive_25pct_bt_actions_s"))))
+    results["backtrack_cost_ratio"] = results["backtrack_cost_ratio_b32"]
+    results["naive_cost_ratio"] = results["naive_cost_ratio_b32"]
+
+    print(f"tiny Llama, {params / 1e6:.2f}M parameters, {steps} new tokens, greedy, {torch.get_num_threads()} threads")
+    print(f"{'batch':>5} | {'generate':>10} | {'ours':>10} | {'plain loop':>10} | {'ours 25% BT':>11} | {'naive 25% BT':>12}")
+    print(f"{'':>5} | {'tok/s':>10} | {'tok/s':>10} | {'tok/s':>10} | {'actions/s':>11} | {'actions/s':>12}")
+    for batch, *vals in rows:
+        print(f"{batch:>5} | " + " | ".join(f"{v:>10.0f}" for v in vals[:3]) + f" | {vals[3]:>11.0f} | {vals[4]:>12.0f}")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
