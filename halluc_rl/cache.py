@@ -97,7 +97,7 @@ class RewindableCache:
             use_cache=True,
             **kwargs,
         )
-        if getattr(out, "past_key_values", None) is None:
+        if getattr(out, "past_key_values", None) is None and self.cache.get_seq_length() == 0:
             raise TypeError(
                 f"{type(self.model).__name__} returned no KV cache; backtrack-aware decoding needs a model that "
                 "supports `past_key_values` (a causal LM with use_cache=True)"
@@ -128,7 +128,28 @@ class RewindableCache:
         self._set_mask(mask)
         self._ones = torch.ones(batch, 1, dtype=torch.long, device=mask.device)  # [B, 1]
         self._max_live = int(self.live_len.max())
+        self.prompt_logits = out.logits[:, -1].clone()  # [B, V] what an empty response sees next
         return out.logits[:, -1]  # [B, V]
+
+    @torch.no_grad()
+    def follow(
+        self, lengths: torch.Tensor, last_tokens: torch.Tensor, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bring each row in line with a response of ``lengths`` [B] tokens ending in ``last_tokens`` [B].
+
+        The backtrack invariant: the cache holds prompt + response[:-1] and response[-1] is fed, so every action -
+        append, delete or failed delete - costs one batched one-token forward and no re-encoding. Rows whose
+        response is empty get the prompt's logits; inactive rows are left alone. Returns next-token logits [B, V].
+        """
+        if active is None:
+            active = torch.ones_like(lengths, dtype=torch.bool)
+        target = self.floor + (lengths - 1).clamp(min=0)  # [B] live tokens to keep
+        self.rewind(torch.where(active, self.live_len - target, 0))
+        write = active & (lengths > 0)  # [B]
+        if not bool(write.any()):
+            return self.prompt_logits.clone()
+        logits = self.step(torch.where(write, last_tokens, 0), None if bool(write.all()) else write)  # [B, V]
+        return torch.where(write.unsqueeze(1), logits, self.prompt_logits)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, write: torch.Tensor | None = None) -> torch.Tensor:

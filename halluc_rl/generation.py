@@ -51,15 +51,17 @@ class BacktrackGenerationConfig:
 
 @dataclass
 class StepEvent:
-    """What one decoding step did, for followers that mirror the policy (an incremental reward model, say)."""
+    """What one decoding step did, for followers that mirror the policy (an incremental reward model, say).
+
+    A follower with its own :class:`RewindableCache` stays exact with
+    ``cache.follow(event.state.lengths, event.state.last_tokens(pad), event.active)``.
+    """
 
     step: int
     actions: torch.Tensor  # [B] action per row (pad where inactive)
-    kinds: torch.Tensor  # [B] ActionKind codes
+    kinds: torch.Tensor  # [B] ActionKind codes, -1 where the row was already done
     deleted: torch.Tensor  # [B] deleted token, -1 where none
-    rewind: torch.Tensor  # [B] tokens the policy cache was rewound by
-    feed: torch.Tensor  # [B] token fed next (meaningful where write)
-    write: torch.Tensor  # [B] whether the row fed a live token
+    active: torch.Tensor  # [B] rows that took an action this step (a row that just stopped included)
     state: BatchedBacktrackState
 
 
@@ -221,7 +223,6 @@ def generate(
     logits = rc.prefill(input_ids, attention_mask)  # [B, V]
     for cb in callbacks:
         cb.on_prefill(input_ids, attention_mask)
-    prompt_logits = logits.clone()  # [B, V] next-token logits of an empty response
     state = BatchedBacktrackState(batch, steps, bt, device)
     active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
@@ -230,8 +231,6 @@ def generate(
                                             for _ in range(4))
     t_logp = torch.zeros(steps, batch, device=device) if config.return_logprobs else None
     fill = torch.full((batch,), pad, dtype=torch.long, device=device)
-    no_rewind = torch.zeros(batch, dtype=torch.long, device=device)
-    all_rows = torch.ones(batch, dtype=torch.bool, device=device)
     single_eos = int(eos_ids[0]) if eos_ids.numel() == 1 else None
     all_active = True
     ran = 0
@@ -263,6 +262,8 @@ def generate(
         if guard is not None:
             guard.record(kinds, deleted, state.lengths)
 
+        for cb in callbacks:
+            cb.on_step(StepEvent(step, action, kinds, deleted, kinds >= 0, state))
         appended = kinds == int(ActionKind.APPEND)  # [B]
         if single_eos is not None:
             done = appended & (action == single_eos)  # [B]
@@ -284,28 +285,10 @@ def generate(
         if step == steps - 1:
             break
 
-        # Cache: keep prompt + response[:-1], feed response[-1]. Empty responses use the prompt's logits.
         if all_active and bool(appended.all()):  # the common step: every row appended, nothing to rewind
-            rewind, feed, write = no_rewind, action, None
+            logits = rc.step(action)
         else:
-            length = state.lengths  # [B]
-            target = rc.floor + (length - 1).clamp(min=0)  # [B]
-            rewind = torch.where(active, rc.live_len - target, 0)  # [B]
-            write = active & (length > 0)  # [B]
-            feed = torch.where(write, state.last_tokens(fill), fill)  # [B]
-        for cb in callbacks:
-            cb.on_step(StepEvent(step, action, kinds, deleted, rewind, feed, all_rows if write is None else write,
-                                 state))
-        if write is None:
-            logits = rc.step(feed)
-            continue
-        rc.rewind(rewind)
-        if bool(write.any()):
-            logits = rc.step(feed, write)
-            if not bool(write.all()):
-                logits = torch.where(write.unsqueeze(1), logits, prompt_logits)
-        else:
-            logits = prompt_logits.clone()
+            logits = rc.follow(state.lengths, state.last_tokens(fill), active)
     if was_training:
         model.train()
 

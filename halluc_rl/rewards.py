@@ -1,0 +1,236 @@
+"""Reward models that plug in: outcome rewards at episode end, process rewards per action, shaping terms.
+
+Two small protocols, both batched over rows (the env is a batch of one):
+
+* an **outcome** reward scores finished responses: ``score(texts, problems) -> [B]``;
+* a **process** reward scores each action as it happens: ``start(input_ids, attention_mask)`` once per batch of
+  prompts, then ``step(event) -> [B]`` after every action (``event`` is a :class:`~halluc_rl.generation.StepEvent`).
+
+:class:`RewardMixer` combines any number of them with weights plus :class:`Shaping` terms, and is itself a
+generation callback, so a rollout computes process rewards in lock-step with decoding.
+
+Writing your own reward model::
+
+    class LengthPenalty:
+        name, kind = "length", "outcome"
+        def score(self, texts, problems):
+            return [-len(t) / 100 for t in texts]
+
+    env = gym.make("Backtrack-Arithmetic-v0", rewards=[(RuleGrader(), 1.0), (LengthPenalty(), 0.5)])
+
+A plain function works too: ``CallableReward(fn, kind="outcome")`` with ``fn(text, problem) -> float``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from halluc_rl.backtrack import ActionKind
+from halluc_rl.cache import RewindableCache
+from halluc_rl.data.grading import reward as grade
+from halluc_rl.data.tasks import Problem
+
+
+@runtime_checkable
+class OutcomeReward(Protocol):
+    name: str
+    kind: Literal["outcome"]
+
+    def score(self, texts: Sequence[str], problems: Sequence[Problem]) -> Sequence[float] | torch.Tensor: ...
+
+
+@runtime_checkable
+class ProcessReward(Protocol):
+    name: str
+    kind: Literal["process"]
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None: ...
+
+    def step(self, event: Any) -> torch.Tensor: ...
+
+
+class RuleGrader:
+    """The default outcome reward: 1.0 when the response's final number equals the gold answer, else 0.0."""
+
+    name = "correct"
+    kind = "outcome"
+
+    def score(self, texts: Sequence[str], problems: Sequence[Problem]) -> list[float]:
+        return [grade(text, problem.answer) for text, problem in zip(texts, problems)]
+
+
+class CallableReward:
+    """Any Python callable as a reward.
+
+    ``kind="outcome"``: ``fn(text, problem) -> float`` once per finished response.
+    ``kind="process"``: ``fn(prompt_ids, visible_ids) -> float`` after every action of every row (simple, but
+    Python-speed; an incremental model such as :class:`HFProcessReward` is the fast path).
+    """
+
+    def __init__(self, fn: Callable[..., float], kind: Literal["outcome", "process"] = "outcome", name: str | None = None):
+        if kind not in ("outcome", "process"):
+            raise ValueError(f"kind must be 'outcome' or 'process', got {kind!r}")
+        self.fn, self.kind = fn, kind
+        self.name = name or getattr(fn, "__name__", "callable")
+        self._prompts: list[list[int]] = []
+
+    def score(self, texts: Sequence[str], problems: Sequence[Problem]) -> list[float]:
+        return [float(self.fn(text, problem)) for text, problem in zip(texts, problems)]
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self._prompts = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(input_ids.shape[0])]
+
+    def step(self, event) -> torch.Tensor:
+        out = torch.zeros(len(self._prompts))
+        for b in torch.nonzero(event.active).flatten().tolist():
+            out[b] = float(self.fn(self._prompts[b], event.state.visible(b)))
+        return out
+
+
+class IncrementalScorer:
+    """Scores every prefix of a response with a Hugging Face model that keeps its own KV cache.
+
+    The cache follows the policy's actions with the same rewind rule (a backspace rewinds it; nothing is
+    re-encoded). ``model`` is a token-classification model (``AutoModelForTokenClassification``) or anything whose
+    forward returns per-token ``logits`` [B, T, L]; the score of a prefix is read at its last token: the softmax
+    probability of ``label`` when L > 1, else ``transform`` of the single logit. The model must share the policy's
+    tokenizer.
+    """
+
+    def __init__(self, model, label: int = 1, transform: Literal["sigmoid", "identity"] = "sigmoid"):
+        self.model, self.label, self.transform = model, label, transform
+        self.cache: RewindableCache | None = None
+        self.current: torch.Tensor | None = None  # [B] score of each row's current prefix
+
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B]
+        logits = logits.float()
+        if logits.shape[-1] > 1:
+            return torch.softmax(logits, -1)[:, self.label]
+        return torch.sigmoid(logits[:, 0]) if self.transform == "sigmoid" else logits[:, 0]
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        self.cache = RewindableCache(self.model)
+        self.current = self._score(self.cache.prefill(input_ids.to(device), attention_mask.to(device)))
+        return self.current
+
+    def follow(self, event) -> torch.Tensor:
+        """Advance with one policy step; returns the new score of each acting row's prefix [B]."""
+        state = event.state
+        logits = self.cache.follow(state.lengths, state.last_tokens(torch.zeros_like(state.lengths)), event.active)
+        self.current = torch.where(event.active, self._score(logits), self.current)
+        return self.current
+
+    @torch.no_grad()
+    def rescore(self, ids: Sequence[int]) -> float:
+        """The score of one full sequence by a fresh forward (the reference the incremental path must equal)."""
+        device = next(self.model.parameters()).device
+        logits = self.model(input_ids=torch.tensor([list(ids)], device=device)).logits[:, -1]
+        return float(self._score(logits)[0])
+
+
+class HFProcessReward:
+    """A process reward model from Hugging Face, kept incremental (see :class:`IncrementalScorer`).
+
+    ``mode="delta"`` (default) rewards each action with the change of the prefix score, potential-based shaping
+    (Ng, Harada & Russell 1999: r_t = Phi(s_{t+1}) - Phi(s_t)), so deleting a token the PRM dislikes earns back what
+    typing it lost and the episode's sum is the final score minus the prompt's. ``mode="raw"`` rewards each action
+    with the new prefix's score.
+    """
+
+    kind = "process"
+
+    def __init__(self, model, name: str = "prm", mode: Literal["delta", "raw"] = "delta", label: int = 1,
+                 transform: Literal["sigmoid", "identity"] = "sigmoid"):
+        if mode not in ("delta", "raw"):
+            raise ValueError(f"mode must be 'delta' or 'raw', got {mode!r}")
+        self.name, self.mode = name, mode
+        self.scorer = IncrementalScorer(model, label=label, transform=transform)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.scorer.start(input_ids, attention_mask)
+
+    def step(self, event) -> torch.Tensor:
+        before = self.scorer.current.clone()
+        after = self.scorer.follow(event)
+        reward = after - before if self.mode == "delta" else after
+        return torch.where(event.active, reward, 0.0).cpu()
+
+
+@dataclass
+class Shaping:
+    """Per-action shaping terms (each a cost, subtracted)."""
+
+    backtrack_cost: float = 0.0
+    """Charged for every backtrack."""
+    failed_backtrack_penalty: float = 0.0
+    """Charged for a backtrack on an empty response."""
+    budget_penalty: float = 0.0
+    """Charged for every backtrack beyond ``budget``."""
+    budget: int | None = None
+    """Backtracks allowed per episode (None: unlimited)."""
+
+    def step(self, event) -> dict[str, torch.Tensor]:
+        kinds = event.kinds.cpu()  # [B]
+        is_bt = (kinds == int(ActionKind.DELETE)) | (kinds == int(ActionKind.FAILED))  # [B]
+        parts = {}
+        if self.backtrack_cost:
+            parts["backtrack_cost"] = -self.backtrack_cost * is_bt.float()
+        if self.failed_backtrack_penalty:
+            parts["failed_backtrack"] = -self.failed_backtrack_penalty * (kinds == int(ActionKind.FAILED)).float()
+        if self.budget_penalty and self.budget is not None:
+            over = is_bt & (event.state.num_backtracks.cpu() > self.budget)
+            parts["budget"] = -self.budget_penalty * over.float()
+        return parts
+
+
+RewardSpec = OutcomeReward | ProcessReward | tuple[Any, float] | Callable[[str, Problem], float]
+
+
+def _as_reward(spec) -> tuple[Any, float]:
+    reward, weight = spec if isinstance(spec, tuple) else (spec, 1.0)
+    if not hasattr(reward, "kind") and callable(reward):
+        reward = CallableReward(reward)
+    if getattr(reward, "kind", None) not in ("outcome", "process"):
+        raise TypeError(
+            f"{reward!r} is not a reward model: give an object with kind 'outcome' (score(texts, problems)) or "
+            "'process' (start(...) and step(event)), or a callable fn(text, problem) -> float"
+        )
+    return reward, float(weight)
+
+
+class RewardMixer:
+    """Weighted rewards plus shaping, reported part by part. A generation callback (``on_prefill``/``on_step``)."""
+
+    def __init__(self, rewards: Sequence[RewardSpec] | None = None, shaping: Shaping | None = None):
+        pairs = [_as_reward(r) for r in (rewards if rewards is not None else [RuleGrader()])]
+        names = [r.name for r, _ in pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward names must be unique, got {names}; give each model a distinct `name`")
+        self.outcome = [(r, w) for r, w in pairs if r.kind == "outcome"]
+        self.process = [(r, w) for r, w in pairs if r.kind == "process"]
+        self.shaping = shaping or Shaping()
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.steps = []
+        for reward, _ in self.process:
+            reward.start(input_ids, attention_mask)
+
+    def on_step(self, event) -> None:
+        self.steps.append(self.step(event))
+
+    def step(self, event) -> dict[str, torch.Tensor]:
+        """Reward parts [B] of one action (process rewards, weighted, and shaping)."""
+        parts = {r.name: w * torch.as_tensor(r.step(event), dtype=torch.float32).cpu() for r, w in self.process}
+        parts.update(self.shaping.step(event))
+        return parts
+
+    def finish(self, texts: Sequence[str], problems: Sequence[Problem]) -> dict[str, torch.Tensor]:
+        """Outcome parts [B], weighted."""
+        return {r.name: w * torch.as_tensor(r.score(texts, problems), dtype=torch.float32).cpu()
+                for r, w in self.outcome}

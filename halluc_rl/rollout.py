@@ -1,0 +1,103 @@
+"""Batched rollouts of a policy model over B episodes: what the RL trainers eat.
+
+One call decodes B problems with batched forward passes and per-row cache rewinds (the generation engine), runs the
+reward models in lock-step (process rewards follow every action with their own rewound caches), and lays
+everything out as [B, S] tensors. The same actions through :class:`halluc_rl.envs.backtrack_env.BacktrackEnv` give
+the same visible texts and rewards (tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.generation import BacktrackGenerationConfig, BacktrackGenerationOutput, generate
+from halluc_rl.rewards import IncrementalScorer, RewardMixer
+
+
+@dataclass
+class Rollout:
+    """B episodes. ``[B, S]`` tensors are aligned with actions; S is the longest episode."""
+
+    problems: list[Problem]
+    prompt_ids: list[list[int]]
+    actions: torch.Tensor  # [B, S] action ids, -1 after the episode ended
+    action_mask: torch.Tensor  # [B, S] true where an action was taken
+    logprobs: torch.Tensor  # [B, S] log-prob of each action under the sampling policy
+    rewards: torch.Tensor  # [B, S] total reward of each action (outcome rewards on the last one)
+    reward_parts: dict[str, torch.Tensor]  # name -> [B, S]
+    dones: torch.Tensor  # [B, S] true on each episode's last action
+    values: torch.Tensor | None  # [B, S] value of the state before each action (when a value model is given)
+    generation: BacktrackGenerationOutput
+
+    @property
+    def visible_ids(self) -> list[list[int]]:
+        return self.generation.sequences
+
+    @property
+    def texts(self) -> list[str]:
+        return self.generation.texts
+
+    @property
+    def returns(self) -> torch.Tensor:
+        """[B] undiscounted episode returns."""
+        return self.rewards.sum(1)
+
+
+class _ValueFollower:
+    """Records a value model's score of the state before every action (its cache follows the policy's)."""
+
+    def __init__(self, model):
+        self.scorer = IncrementalScorer(model, transform="identity")
+        self.values: list[torch.Tensor] = []
+
+    def on_prefill(self, input_ids, attention_mask):
+        self.values = []
+        self.scorer.start(input_ids, attention_mask)
+
+    def on_step(self, event):
+        self.values.append(self.scorer.current.clone().cpu())
+        self.scorer.follow(event)
+
+
+def rollout(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    rewards: RewardMixer | None = None,
+    config: BacktrackGenerationConfig | None = None,
+    *,
+    value_model=None,
+    forced_actions: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    **overrides,
+) -> Rollout:
+    """Run ``model`` on ``problems`` (one episode each) and score every action."""
+    problems = list(problems)
+    mixer = rewards or RewardMixer()
+    prompts = [encode_problem(p, tokenizer)[0] for p in problems]
+    callbacks: list = [mixer]
+    value_follower = _ValueFollower(value_model) if value_model is not None else None
+    if value_follower is not None:
+        callbacks.append(value_follower)
+    out = generate(model, tokenizer, prompts, config, forced_actions=forced_actions, generator=generator,
+                   callbacks=callbacks, return_logprobs=True, **overrides)
+    mask = out.action_mask  # [B, S]
+    batch, steps = mask.shape
+    last = (mask.sum(1) - 1).clamp(min=0)  # [B] index of each episode's last action
+    dones = torch.zeros(batch, steps, dtype=torch.bool)
+    dones[torch.arange(batch), last] = True
+    parts: dict[str, torch.Tensor] = {}
+    names = {name for step in mixer.steps for name in step}
+    for name in sorted(names):
+        columns = [step.get(name, torch.zeros(batch)) for step in mixer.steps]  # S x [B]
+        parts[name] = torch.stack(columns, 1) * mask  # [B, S]
+    for name, value in mixer.finish(out.texts, problems).items():
+        part = parts.setdefault(name, torch.zeros(batch, steps))
+        part[torch.arange(batch), last] += value
+    total = sum(parts.values()) if parts else torch.zeros(batch, steps)
+    values = torch.stack(value_follower.values, 1) * mask if value_follower is not None else None  # [B, S]
+    return Rollout(problems, prompts, out.actions, mask, out.logprobs, total, parts, dones & mask, values, out)

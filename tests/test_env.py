@@ -1,0 +1,185 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+from transformers import AutoModelForTokenClassification
+
+import halluc_rl  # noqa: F401  (registers the envs)
+from halluc_rl.backtrack import backtrack_token_id
+from halluc_rl.data.tasks import ArithmeticTask
+from halluc_rl.modeling import tiny_config
+from halluc_rl.rewards import CallableReward, HFProcessReward, RewardMixer, RuleGrader, Shaping
+from halluc_rl.rollout import rollout
+from tests.conftest import make_model
+
+
+def arithmetic_env(tokenizer, **kw):
+    kw.setdefault("num_problems", 50)
+    kw.setdefault("max_new_tokens", 32)
+    return gym.make("Backtrack-Arithmetic-v0", tokenizer=tokenizer, **kw)
+
+
+def tiny_prm(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_config("llama", vocab_size=len(tokenizer), hidden_size=64, num_layers=2, num_labels=2)
+    return AutoModelForTokenClassification.from_config(cfg).eval()
+
+
+def test_check_env_arithmetic(tokenizer):
+    check_env(arithmetic_env(tokenizer).unwrapped, skip_render_check=True)
+
+
+def test_check_env_gsm8k_local(tokenizer, gsm8k_dir):
+    env = gym.make("Backtrack-GSM8K-v0", tokenizer=tokenizer, data_files=str(gsm8k_dir), split="test",
+                   max_new_tokens=16, max_prompt_tokens=1024)
+    check_env(env.unwrapped, skip_render_check=True)
+    obs, info = env.reset(seed=0)
+    assert obs["prompt_length"] > 0 and info["answer"]
+
+
+def test_seeded_two_env_determinism(tokenizer):
+    envs = [arithmetic_env(tokenizer), arithmetic_env(tokenizer)]
+    for env in envs:
+        env.action_space.seed(123)
+    traj = []
+    for env in envs:
+        obs, _ = env.reset(seed=7)
+        steps = [obs]
+        for _ in range(20):
+            obs, reward, term, trunc, _ = env.step(env.action_space.sample())
+            steps.append((obs, reward))
+            if term or trunc:
+                break
+        traj.append(steps)
+    assert len(traj[0]) == len(traj[1])
+    for a, b in zip(traj[0][1:], traj[1][1:]):
+        np.testing.assert_array_equal(a[0]["response_ids"], b[0]["response_ids"])
+        assert a[1] == b[1]
+    np.testing.assert_array_equal(traj[0][0]["prompt_ids"], traj[1][0]["prompt_ids"])
+
+
+def test_backspace_semantics_and_info(tokenizer):
+    env = arithmetic_env(tokenizer, backtrack_cost=0.1, failed_backtrack_penalty=0.5)
+    bt = backtrack_token_id(tokenizer)
+    env.reset(seed=0)
+    _, r, *_ , info = env.step(bt)
+    assert info["num_failed"] == 1 and r == pytest.approx(-0.6)
+    env.step(7)
+    obs, r, *_, info = env.step(bt)
+    assert info["popped"] == [7] and obs["response_length"] == 0 and r == pytest.approx(-0.1)
+    assert info["reward_parts"] == {"backtrack_cost": pytest.approx(-0.1), "failed_backtrack": 0.0}
+
+
+def test_episode_end_and_bad_actions(tokenizer):
+    env = arithmetic_env(tokenizer, max_new_tokens=3)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.unwrapped.step(5)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="invalid action"):
+        env.step(len(tokenizer))
+    with pytest.raises(ValueError, match="invalid action"):
+        env.step(-1)
+    _, _, term, trunc, _ = env.step(tokenizer.eos_token_id)
+    assert term and not trunc
+    with pytest.raises(RuntimeError, match="ended"):
+        env.step(5)
+    env.reset(seed=0)
+    for _ in range(3):
+        _, _, term, trunc, _ = env.step(5)
+    assert trunc and not term
+
+
+def test_outcome_reward_grades_the_answer(tokenizer):
+    env = arithmetic_env(tokenizer, max_new_tokens=64)
+    env.reset(seed=0, options={"index": 3})
+    problem = env.unwrapped.problem
+    bt = backtrack_token_id(tokenizer)
+    ids = tokenizer(" " + problem.solution, add_special_tokens=False)["input_ids"]
+    wrong = tokenizer(" 999", add_special_tokens=False)["input_ids"]
+    for a in [*ids[:-2], *wrong, *[bt] * len(wrong), *ids[-2:], tokenizer.eos_token_id]:
+        _, reward, term, _, info = env.step(a)
+    assert term and reward == 1.0 and info["reward_parts"] == {"correct": 1.0}
+    assert info["text"].strip() == problem.solution
+
+
+def test_make_vec(tokenizer):
+    envs = gym.make_vec("Backtrack-Arithmetic-v0", num_envs=3, tokenizer=tokenizer, num_problems=20,
+                        max_new_tokens=8)
+    obs, _ = envs.reset(seed=1)
+    assert obs["prompt_ids"].shape == (3, 256)
+    obs, rewards, *_ = envs.step(np.array([5, 6, 7]))
+    assert obs["response_length"].tolist() == [1, 1, 1] and rewards.shape == (3,)
+    envs.close()
+
+
+def test_gsm8k_vec_env_on_local_files(tokenizer, gsm8k_dir):
+    envs = gym.make_vec("Backtrack-GSM8K-v0", num_envs=2, tokenizer=tokenizer, data_files=str(gsm8k_dir),
+                        split="test", max_prompt_tokens=1024, max_new_tokens=4)
+    obs, _ = envs.reset(seed=0)
+    assert obs["prompt_length"].min() > 0
+    envs.close()
+
+
+def test_prm_reward_equals_reencoded_score_after_backspaces(tokenizer):
+    prm = HFProcessReward(tiny_prm(tokenizer), mode="raw")
+    env = arithmetic_env(tokenizer, rewards=[RuleGrader(), prm], max_new_tokens=40)
+    bt = backtrack_token_id(tokenizer)
+    env.reset(seed=0)
+    prompt = env.unwrapped.encode_prompt(env.unwrapped.problem)
+    rng = np.random.default_rng(0)
+    for t in range(30):
+        action = bt if (t > 2 and rng.random() < 0.35) else int(rng.integers(5, len(tokenizer) - 1))
+        _, _, _, _, info = env.step(action)
+        expected = prm.scorer.rescore(prompt + env.unwrapped.visible_ids)
+        assert info["reward_parts"]["prm"] == pytest.approx(expected, abs=1e-4)
+    assert info["num_deleted"] > 3
+
+
+def test_custom_reward_model_plugs_in(tokenizer):
+    class LengthPenalty:  # the README's example
+        name, kind = "length", "outcome"
+
+        def score(self, texts, problems):
+            return [-len(t) / 100 for t in texts]
+
+    env = arithmetic_env(tokenizer, rewards=[(RuleGrader(), 1.0), (LengthPenalty(), 0.5),
+                                            CallableReward(lambda text, p: 0.25, name="bonus")], max_new_tokens=2)
+    env.reset(seed=0)
+    env.step(5)
+    _, reward, _, trunc, info = env.step(6)
+    text = info["text"]
+    assert trunc and info["reward_parts"]["length"] == pytest.approx(-0.5 * len(text) / 100)
+    assert reward == pytest.approx(info["reward_parts"]["correct"] - 0.5 * len(text) / 100 + 0.25)
+    with pytest.raises(TypeError, match="not a reward model"):
+        arithmetic_env(tokenizer, rewards=[object()])
+
+
+def test_rollout_driver_matches_the_env(tokenizer):
+    """The same action sequences through the env and through the driver: same texts, same rewards."""
+    policy = make_model("llama", tokenizer)
+    problems = ArithmeticTask(seed=0).problems("test", 4)
+    bt = backtrack_token_id(tokenizer)
+
+    def mixer():
+        return RewardMixer([RuleGrader(), (HFProcessReward(tiny_prm(tokenizer)), 0.5)],
+                           Shaping(backtrack_cost=0.05, failed_backtrack_penalty=0.1, budget_penalty=1.0, budget=4))
+
+    g = torch.Generator().manual_seed(0)
+    forced = torch.where(torch.rand(4, 24, generator=g) < 0.3, bt, -1)
+    forced[1, 10] = tokenizer.eos_token_id  # one row stops early
+    ro = rollout(policy, tokenizer, problems, mixer(), max_new_tokens=24, do_sample=True, generator=g,
+                 forced_actions=forced)
+    assert ro.action_mask[1].sum() == 11 and ro.dones[1, 10]
+    for b, problem in enumerate(problems):
+        env = gym.make("Backtrack-Arithmetic-v0", tokenizer=tokenizer, problems=[problem], max_new_tokens=24,
+                       backtrack_budget=4, backtrack_cost=0.05, failed_backtrack_penalty=0.1, budget_penalty=1.0,
+                       rewards=list(mixer().outcome + mixer().process))
+        env.reset(seed=0)
+        rewards = []
+        for a in ro.actions[b][ro.action_mask[b]].tolist():
+            _, r, term, trunc, info = env.step(a)
+            rewards.append(r)
+        assert info["text"] == ro.texts[b]
+        torch.testing.assert_close(torch.tensor(rewards), ro.rewards[b][ro.action_mask[b]], atol=1e-4, rtol=0)
+    assert ro.logprobs.shape == ro.actions.shape
