@@ -208,3 +208,59 @@ class BatchedBacktrackState:
         """Each row's last visible token, or ``fallback`` [B] where the response is empty."""
         last = (self.lengths - 1).clamp(min=0).unsqueeze(1)  # [B, 1]
         return torch.where(self.lengths > 0, self.ids.gather(1, last).squeeze(1), fallback)  # [B]
+
+
+@dataclass
+class RewindLayout:
+    """A backtrack action stream laid out for one teacher-forced forward pass that sees what generation sees.
+
+    Generation rewinds the KV cache on every backspace, so each action is chosen from the *visible* text alone.
+    Replaying the stream with a stack gives a tree of visible states; packing it flat:
+
+    * ``input_ids[i]`` is a typed token (prompt, correct, error or correction; backtrack tokens are never inputs);
+    * ``position_ids[i]`` is its index in the visible text when it was typed;
+    * ``ancestors[i]`` are the flat indices it may attend to: the visible tokens before it (and itself);
+    * ``labels[i + 1] = t`` trains action ``t`` from the state whose last visible token is flat token ``i``
+      (Hugging Face models shift labels by one), so the loss on every action uses exactly the logits generation
+      computes for that state. ``-100`` elsewhere.
+    """
+
+    input_ids: list[int]
+    position_ids: list[int]
+    ancestors: list[list[int]]
+    labels: list[int]
+
+
+def rewind_layout(actions: Sequence[int], trained: Sequence[bool], backtrack_id: int, prompt_length: int,
+                  ignore_index: int = -100, pad_id: int = 0) -> RewindLayout:
+    """Lay out ``actions`` (prompt ids, then the response's action stream) as a :class:`RewindLayout`.
+
+    ``trained[k]`` says whether action ``k`` (``k >= prompt_length``) is a training target. When two trained
+    actions are taken from the same state (rare), the later one wins.
+    """
+    if prompt_length < 1:
+        raise ValueError("the action stream needs at least one prompt token to predict the first action from")
+    ids: list[int] = []
+    pos: list[int] = []
+    anc: list[list[int]] = []
+    targets: dict[int, int] = {}  # predictor flat index -> trained action
+    stack: list[int] = []  # flat indices of the visible tokens, prompt included
+    for k, action in enumerate(actions):
+        if k >= prompt_length and trained[k]:
+            targets[stack[-1]] = int(action)
+        if action == backtrack_id and k >= prompt_length:
+            if len(stack) > prompt_length:  # never into the prompt (a failed backtrack is a no-op)
+                stack.pop()
+            continue
+        anc.append([*stack, len(ids)])
+        pos.append(len(stack))
+        stack.append(len(ids))
+        ids.append(int(action))
+    if max(targets, default=-1) + 1 >= len(ids):  # the last token predicts something: give its label a slot
+        anc.append([len(ids)])
+        pos.append(pos[-1] + 1)
+        ids.append(pad_id)
+    labels = [ignore_index] * len(ids)
+    for predictor, target in targets.items():
+        labels[predictor + 1] = target
+    return RewindLayout(ids, pos, anc, labels)

@@ -7,7 +7,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module with a `main(argv)` function, one-line help)
-    "generate": ("halluc_rl.agents.generate", "generate with backtracking from a saved policy"),
+    "pretrain": ("halluc_rl.agents.pretrain", "train the embedded tiny model from scratch on the offline task"),
 }
 
 

@@ -79,23 +79,31 @@ def add_backtrack_token(
             tokenizer.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
             bt_id = backtrack_token_id(tokenizer, token)
 
-    seed_ids = _single_token_ids(tokenizer, init_words)
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        for emb in [model.get_input_embeddings()] + ([] if _tied(model) else [model.get_output_embeddings()]):
-            weight = emb.weight  # [V, H]
-            if seed_ids:
-                rows = weight[seed_ids]  # [n_words, H]
-            else:  # no init word is a single token: the mean of every other row
-                keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
-                keep[bt_id] = False
-                rows = weight[keep]  # [V - 1, H]
-            weight[bt_id] = rows.float().mean(0).to(weight.dtype)
-            if getattr(emb, "bias", None) is not None:
-                emb.bias[bt_id] = emb.bias[seed_ids].mean() if seed_ids else emb.bias.mean()
-    model.config.backtrack_token_id = bt_id
+    init_backtrack_rows(model, tokenizer, bt_id, init_words)
     return bt_id
+
+
+@torch.no_grad()
+def init_backtrack_rows(model, tokenizer, bt_id: int, init_words: Sequence[str] = INIT_WORDS) -> None:
+    """Set the backtrack token's input row (and output row when untied) to the mean of the init words' rows.
+
+    The mean of every other row when no init word is a single token.
+    """
+    seed_ids = _single_token_ids(tokenizer, init_words)
+    for emb in [model.get_input_embeddings()] + ([] if _tied(model) else [model.get_output_embeddings()]):
+        weight = emb.weight  # [V, H]
+        if seed_ids:
+            rows = weight[seed_ids]  # [n_words, H]
+        else:  # no init word is a single token: the mean of every other row
+            keep = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+            keep[bt_id] = False
+            rows = weight[keep]  # [V - 1, H]
+        weight[bt_id] = rows.float().mean(0).to(weight.dtype)
+        if getattr(emb, "bias", None) is not None:
+            emb.bias[bt_id] = emb.bias[seed_ids].mean() if seed_ids else emb.bias.mean()
+    model.config.backtrack_token_id = bt_id
 
 
 def _offline_hint(name: str) -> str:

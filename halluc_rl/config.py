@@ -1,0 +1,59 @@
+"""Config flow shared by every command: dataclass defaults, then a YAML file (``--config``), then CLI overrides.
+
+Parsing is TRL's :class:`trl.TrlParser` (YAML read with ``yaml.safe_load``; unknown keys rejected by name). Model,
+tokenizer and LoRA options live in :class:`ModelArgs` and :class:`LoraArgs`, shared by all trainers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+
+
+@dataclass
+class ModelArgs:
+    """Which model and tokenizer to load, and how."""
+
+    model_name_or_path: str = field(default="tiny", metadata={"help": "Hub id, local path, or 'tiny' (the embedded model)."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a Hub model (off: safe)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+
+
+@dataclass
+class LoraArgs:
+    """PEFT LoRA settings (``use_lora: false`` trains every weight)."""
+
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (true) or fine-tune every weight."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Module names that get LoRA adapters."},
+    )
+
+
+def parse_config(types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
+    """Instances of ``types`` from defaults, ``--config file.yaml`` and ``--key value`` overrides."""
+    from trl import TrlParser
+
+    parser = TrlParser(tuple(types))
+    return parser.parse_args_and_config(list(argv) if argv is not None else None)
+
+
+def save_config(path: str | Path, *configs) -> Path:
+    """Write the resolved config (every dataclass, merged) as YAML next to a run's outputs."""
+    import yaml
+
+    merged: dict = {}
+    for cfg in configs:
+        data = cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+        merged.update(json.loads(json.dumps(data, default=str)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(merged, sort_keys=True))
+    return path

@@ -1,0 +1,476 @@
+"""Backtrack training examples: a reference solution with errors typed into it, each deleted and then corrected.
+
+Everything happens in token space. An example is ``prompt`` then the response's action stream: reference tokens, and at
+chosen reference positions an ``error`` (wrong tokens), one ``backtrack`` per error token, then the reference goes on
+from where the error was typed (the ``correction``). Applying the actions (:func:`halluc_rl.backtrack.apply_actions`)
+always gives back the reference response exactly.
+
+Three error sources:
+
+* :class:`RandomTokenErrors` - random vocabulary tokens (special tokens never);
+* :class:`PlausibleErrors` - a wrong digit or operator token, or tokens of a later solution step written too early
+  (the mistake kinds of "Physics of Language Models, Part 2.2");
+* :class:`SelfGeneratedErrors` - the model's own sampled solutions, aligned to the reference; where they part, the
+  model's divergent tokens become the error.
+
+Token classes (digit, operator, newline, special) are decided once per vocabulary id; text is never decoded and
+re-encoded to find errors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from halluc_rl.backtrack import apply_actions, backtrack_token_id
+from halluc_rl.data.grading import evaluate
+from halluc_rl.data.tasks import Problem, encode_problem
+
+SPAN_KINDS: tuple[str, ...] = ("prompt", "correct", "error", "backtrack", "correction")
+"""``correct``: reference tokens before the first error; ``correction``: reference tokens after a group of backtracks."""
+
+Span = tuple[str, int, int]
+ErrorPlan = tuple[int, list[int]]
+"""(position in the reference response, the error tokens typed there instead of ``response[position]``)."""
+
+
+def normalize_spans(spans: Iterable) -> list[Span]:
+    """Spans as ``(kind, start, end)`` tuples, from tuples/lists or from dicts ``{"kind", "start", "end"}``."""
+    out = []
+    for span in spans:
+        kind, start, end = (span["kind"], span["start"], span["end"]) if isinstance(span, dict) else span
+        if kind not in SPAN_KINDS:
+            raise ValueError(f"unknown span kind {kind!r}; expected one of {SPAN_KINDS}")
+        out.append((str(kind), int(start), int(end)))
+    return out
+
+
+def spans_labels_mask(length: int, spans: Iterable, train_errors: bool = False) -> list[bool]:
+    """Which tokens are training targets: everything but the prompt and (unless ``train_errors``) the errors."""
+    mask = [False] * length
+    for kind, start, end in normalize_spans(spans):
+        trained = kind in ("correct", "backtrack", "correction") or (kind == "error" and train_errors)
+        mask[start:end] = [trained] * (end - start)
+    return mask
+
+
+@dataclass
+class BacktrackExample:
+    """One training sequence and the exact token spans of its parts."""
+
+    input_ids: list[int]
+    spans: list[Span]
+    backtrack_id: int
+
+    @property
+    def prompt_length(self) -> int:
+        return sum(end - start for kind, start, end in self.spans if kind == "prompt")
+
+    @property
+    def num_errors(self) -> int:
+        """How many errors (each with its own group of backtracks) the example holds."""
+        return sum(kind == "error" for kind, _, _ in self.spans)
+
+    def labels_mask(self, train_errors: bool = False) -> list[bool]:
+        """Per-token training targets (see :func:`spans_labels_mask`)."""
+        return spans_labels_mask(len(self.input_ids), self.spans, train_errors)
+
+    def visible_response(self) -> list[int]:
+        """The response left after applying every backtrack: the reference response."""
+        return apply_actions(self.input_ids[self.prompt_length :], self.backtrack_id).visible_ids
+
+    def to_features(self) -> dict:
+        """``{"input_ids", "spans"}`` for :class:`~halluc_rl.data.collator.MaskedErrorCollator`; spans as dicts, so a
+        ``datasets.Dataset`` can store them."""
+        spans = [{"kind": kind, "start": start, "end": end} for kind, start, end in self.spans]
+        return {"input_ids": list(self.input_ids), "spans": spans}
+
+
+def assemble_example(
+    prompt_ids: Sequence[int], response_ids: Sequence[int], errors: Sequence[ErrorPlan], backtrack_id: int
+) -> BacktrackExample:
+    """The example that types each planned error at its position, deletes it, and continues the reference.
+
+    ``errors`` are ``(position, tokens)`` with strictly increasing positions inside the response; an error's first
+    token differs from the reference token it stands in for, and no error holds the backtrack token.
+    """
+    response = list(response_ids)
+    ids: list[int] = list(prompt_ids)
+    spans: list[Span] = [("prompt", 0, len(ids))] if ids else []
+
+    def add(kind: str, tokens: Sequence[int]) -> None:
+        if tokens:
+            spans.append((kind, len(ids), len(ids) + len(tokens)))
+            ids.extend(tokens)
+
+    cursor, kind = 0, "correct"
+    for position, tokens in errors:
+        if not cursor <= position < len(response) or (position == cursor and kind == "correction"):
+            raise ValueError(f"error positions must increase strictly inside the response; got {position}")
+        if not tokens or tokens[0] == response[position] or backtrack_id in tokens:
+            raise ValueError(f"invalid error tokens {list(tokens)} at position {position}")
+        add(kind, response[cursor:position])
+        add("error", tokens)
+        add("backtrack", [backtrack_id] * len(tokens))
+        cursor, kind = position, "correction"
+    add(kind, response[cursor:])
+    return BacktrackExample(ids, spans, backtrack_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocabulary classes (decided once per id)
+# ----------------------------------------------------------------------------------------------------------------
+
+OPERATORS: frozenset[str] = frozenset({"+", "-", "*", "/", "×", "÷"})
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of every special token (BOS/EOS/PAD/UNK, added special tokens, the backtrack token)."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
+    ids |= {int(i) for i, tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items() if tok.special}
+    try:
+        ids.add(backtrack_token_id(tokenizer))
+    except ValueError:
+        pass
+    return ids
+
+
+def _shape(text: str) -> tuple[bool, bool]:
+    return text[:1].isspace(), text[-1:].isspace()
+
+
+@dataclass
+class VocabularyClasses:
+    """Single-token classes of a vocabulary: what random and plausible errors draw from."""
+
+    normal_ids: list[int]
+    """Every id that is not a special token."""
+    digit_groups: dict[int, list[int]]
+    """id -> the digit tokens of the same shape (spacing, number of digits), itself included."""
+    operator_groups: dict[int, list[int]]
+    """id -> the operator tokens of the same spacing, itself included."""
+    newline_ids: frozenset[int]
+    """Ids whose text holds a line break (steps of a solution end on them)."""
+
+
+_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def vocabulary_classes(tokenizer) -> VocabularyClasses:
+    """Classify every vocabulary id once (cached per tokenizer object and size)."""
+    cached = _CLASSES.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    special = special_ids(tokenizer)
+    normal = [i for i in range(len(tokenizer)) if i not in special]
+    texts = tokenizer.batch_decode([[i] for i in normal])
+    digits: dict[tuple, list[int]] = {}
+    operators: dict[tuple, list[int]] = {}
+    newlines = set()
+    for i, text in zip(normal, texts):
+        core = text.strip()
+        if core and core.isascii() and core.isdigit():
+            digits.setdefault((*_shape(text), len(core)), []).append(i)
+        elif core in OPERATORS:
+            operators.setdefault(_shape(text), []).append(i)
+        if "\n" in text:
+            newlines.add(i)
+    classes = VocabularyClasses(
+        normal_ids=normal,
+        digit_groups={i: group for group in digits.values() if len(group) > 1 for i in group},
+        operator_groups={i: group for group in operators.values() if len(group) > 1 for i in group},
+        newline_ids=frozenset(newlines),
+    )
+    _CLASSES[tokenizer] = (len(tokenizer), classes)
+    return classes
+
+
+def _until_special(tokens: Sequence[int], special: set[int]) -> list[int]:
+    """``tokens`` cut before the first special token: an error never holds EOS (it would end generation)."""
+    out = []
+    for token in tokens:
+        if token in special:
+            break
+        out.append(int(token))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Error sources
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ErrorSource(ABC):
+    """Decides which examples get errors and how many; subclasses decide where and which tokens.
+
+    ``error_rate`` is the share of examples given errors; those get ``randint(1, max_errors)`` errors (fewer when the
+    response has too few places for them), each ``randint(*error_length)`` tokens long. Example ``key`` is built
+    from ``random.Random(f"{name}:{seed}:{key}")``: the same key gives the same example, whatever the order.
+    """
+
+    def __init__(
+        self, error_rate: float = 0.5, max_errors: int = 1, error_length: tuple[int, int] = (1, 3), seed: int = 0
+    ) -> None:
+        if not 0.0 <= error_rate <= 1.0:
+            raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
+        if max_errors < 1 or not 1 <= error_length[0] <= error_length[1]:
+            raise ValueError(f"need max_errors >= 1 and 1 <= min <= max error length, got {max_errors}, {error_length}")
+        self.error_rate = error_rate
+        self.max_errors = max_errors
+        self.error_length = (int(error_length[0]), int(error_length[1]))
+        self.seed = seed
+
+    def rng(self, key: object) -> random.Random:
+        """The random stream of example ``key``."""
+        return random.Random(f"{type(self).__name__}:{self.seed}:{key}")
+
+    def num_errors(self, rng: random.Random, max_errors: int | None = None) -> int:
+        """0 for a clean example (probability ``1 - error_rate``), else uniform in ``1..max_errors``."""
+        cap = self.max_errors if max_errors is None else max_errors
+        return rng.randint(1, cap) if cap >= 1 and rng.random() < self.error_rate else 0
+
+    @abstractmethod
+    def plan_batch(
+        self, pairs: Sequence[tuple[list[int], list[int]]], tokenizer, rngs: Sequence[random.Random],
+        wanted: Sequence[int],
+    ) -> list[list[ErrorPlan]]:
+        """For each (prompt, response) pair, up to ``wanted[i]`` errors ``(position, tokens)`` in increasing position
+        (none where ``wanted[i]`` is 0), drawing from ``rngs[i]``."""
+
+    def make_example(
+        self, prompt_ids: Sequence[int], response_ids: Sequence[int], tokenizer, key: object = 0,
+        max_errors: int | None = None,
+    ) -> BacktrackExample:
+        """The example for one (prompt, reference response) pair."""
+        return self.make_examples([(prompt_ids, response_ids)], tokenizer, [key], max_errors)[0]
+
+    def make_examples(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], tokenizer, keys: Sequence[object] | None = None,
+        max_errors: int | None = None,
+    ) -> list[BacktrackExample]:
+        """Examples for many pairs; ``keys`` (default ``0..n-1``) seed them one by one; ``max_errors`` overrides the
+        source's own cap (the curriculum sets it)."""
+        bt = backtrack_token_id(tokenizer)
+        keys = list(range(len(pairs))) if keys is None else list(keys)
+        if len(keys) != len(pairs):
+            raise ValueError(f"{len(keys)} keys for {len(pairs)} pairs")
+        pairs = [(list(prompt), list(response)) for prompt, response in pairs]
+        rngs = [self.rng(key) for key in keys]
+        wanted = [self.num_errors(rng, max_errors) for rng in rngs]
+        plans = self.plan_batch(pairs, tokenizer, rngs, wanted)
+        return [assemble_example(prompt, response, plan, bt) for (prompt, response), plan in zip(pairs, plans)]
+
+
+class _PositionalSource(ErrorSource):
+    """A source that picks distinct positions at random, then asks :meth:`propose` for the tokens."""
+
+    @abstractmethod
+    def candidates(self, response: list[int], tokenizer) -> list[int]:
+        """Positions where this source can place an error."""
+
+    @abstractmethod
+    def propose(self, response: list[int], position: int, length: int, tokenizer, rng: random.Random) -> list[int]:
+        """Error tokens of about ``length`` typed instead of ``response[position]`` (empty: none possible)."""
+
+    def plan(self, response: list[int], tokenizer, rng: random.Random, n: int) -> list[ErrorPlan]:
+        """Up to ``n`` errors at distinct random positions of ``response``."""
+        spots = self.candidates(response, tokenizer)
+        plans = []
+        for position in sorted(rng.sample(spots, min(n, len(spots)))):
+            tokens = self.propose(response, position, rng.randint(*self.error_length), tokenizer, rng)
+            if tokens:
+                plans.append((position, tokens))
+        return plans
+
+    def plan_batch(
+        self, pairs: Sequence[tuple[list[int], list[int]]], tokenizer, rngs: Sequence[random.Random],
+        wanted: Sequence[int],
+    ) -> list[list[ErrorPlan]]:
+        return [self.plan(response, tokenizer, rng, n) if n else []
+                for (_, response), rng, n in zip(pairs, rngs, wanted)]
+
+
+class RandomTokenErrors(_PositionalSource):
+    """Errors of random vocabulary tokens, anywhere in the response (special tokens are never drawn)."""
+
+    def candidates(self, response: list[int], tokenizer) -> list[int]:
+        return list(range(len(response)))
+
+    def propose(self, response: list[int], position: int, length: int, tokenizer, rng: random.Random) -> list[int]:
+        pool = vocabulary_classes(tokenizer).normal_ids
+        first = rng.choice(pool)
+        while first == response[position]:
+            first = rng.choice(pool)
+        return [first, *(rng.choice(pool) for _ in range(length - 1))]
+
+
+PLAUSIBLE_KINDS: tuple[str, ...] = ("digit", "operator", "step")
+
+
+class PlausibleErrors(_PositionalSource):
+    """Mistakes a solver could make: a wrong digit, a wrong operator, or a later step written too early.
+
+    ``digit``/``operator``: the reference token is swapped for another of the same class and shape, then the reference
+    goes on for the rest of the error length (the mistake is noticed a few tokens late). ``step``: at the start of a
+    line, the first tokens of a later line are typed (skipping ahead, cf. Physics of LMs 2.2).
+    """
+
+    def __init__(
+        self, kinds: Sequence[str] = PLAUSIBLE_KINDS, error_rate: float = 0.5, max_errors: int = 1,
+        error_length: tuple[int, int] = (1, 3), seed: int = 0,
+    ) -> None:
+        super().__init__(error_rate, max_errors, error_length, seed)
+        unknown = set(kinds) - set(PLAUSIBLE_KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {PLAUSIBLE_KINDS}, got {kinds}")
+        self.kinds = tuple(kinds)
+
+    @staticmethod
+    def _line_starts(response: list[int], newline_ids: frozenset[int]) -> list[int]:
+        return [0] + [i + 1 for i, t in enumerate(response[:-1]) if t in newline_ids]
+
+    def _kinds_at(self, response: list[int], position: int, classes: VocabularyClasses, starts: list[int]) -> list[str]:
+        token = response[position]
+        kinds = []
+        if "digit" in self.kinds and token in classes.digit_groups:
+            kinds.append("digit")
+        if "operator" in self.kinds and token in classes.operator_groups:
+            kinds.append("operator")
+        if "step" in self.kinds and position in starts and any(
+            q > position and response[q] != token for q in starts
+        ):
+            kinds.append("step")
+        return kinds
+
+    def candidates(self, response: list[int], tokenizer) -> list[int]:
+        classes = vocabulary_classes(tokenizer)
+        starts = self._line_starts(response, classes.newline_ids)
+        return [p for p in range(len(response)) if self._kinds_at(response, p, classes, starts)]
+
+    def propose(self, response: list[int], position: int, length: int, tokenizer, rng: random.Random) -> list[int]:
+        classes = vocabulary_classes(tokenizer)
+        starts = self._line_starts(response, classes.newline_ids)
+        kind = rng.choice(self._kinds_at(response, position, classes, starts))
+        token = response[position]
+        if kind == "step":
+            later = rng.choice([q for q in starts if q > position and response[q] != token])
+            tokens = response[later : later + length]
+        else:
+            group = (classes.digit_groups if kind == "digit" else classes.operator_groups)[token]
+            wrong = rng.choice([t for t in group if t != token])
+            tokens = [wrong, *response[position + 1 : position + length]]
+        return _until_special(tokens, special_ids(tokenizer))
+
+
+def divergent_spans(sample: Sequence[int], reference: Sequence[int]) -> list[ErrorPlan]:
+    """Where ``sample`` leaves ``reference``: ``(reference position, the sample's tokens there)`` per gap.
+
+    Uses ``difflib.SequenceMatcher`` (no autojunk) matching blocks; a gap where the sample only skips reference
+    tokens has no sample tokens and is left out, as are gaps past the reference's end.
+    """
+    matcher = difflib.SequenceMatcher(a=list(sample), b=list(reference), autojunk=False)
+    spans: list[ErrorPlan] = []
+    a_end = b_end = 0
+    for block in matcher.get_matching_blocks():  # ends with the sentinel (len(a), len(b), 0)
+        if block.a > a_end and b_end < len(reference):
+            spans.append((b_end, [int(t) for t in sample[a_end : block.a]]))
+        a_end, b_end = block.a + block.size, block.b + block.size
+    return spans
+
+
+class SelfGeneratedErrors(ErrorSource):
+    """Errors the model itself makes: sample a solution (backtracking off), align it to the reference, and use the
+    model's divergent tokens as the error at the reference position where it left the reference.
+
+    Samples whose answer grades correct (or equal the reference) give a clean example. Later gaps are taken in order
+    up to the example's number of errors; each error is cut to ``error_length[1]`` tokens and before any special
+    token. Sampling is batched (``batch_size``) with one ``torch.Generator`` per batch, seeded from the examples'
+    keys, so results are reproducible for the same keys and batch size.
+    """
+
+    def __init__(
+        self, model, error_rate: float = 0.5, max_errors: int = 1, error_length: tuple[int, int] = (1, 8),
+        seed: int = 0, temperature: float = 1.0, top_k: int = 0, batch_size: int = 16, extra_tokens: int = 16,
+    ) -> None:
+        super().__init__(error_rate, max_errors, error_length, seed)
+        self.model = model
+        self.temperature = temperature
+        self.top_k = top_k
+        self.batch_size = batch_size
+        self.extra_tokens = extra_tokens
+
+    def sample(self, prompts: Sequence[Sequence[int]], tokenizer, max_new_tokens: int, seed: int) -> list[list[int]]:
+        """One sampled visible response per prompt (the backtrack token is never sampled)."""
+        from halluc_rl.generation import generate
+
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        out = generate(self.model, tokenizer, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
+                       do_sample=True, temperature=self.temperature, top_k=self.top_k,
+                       backtrack_bias=float("-inf"), generator=generator)
+        return out.sequences
+
+    def _is_correct(self, sample: list[int], reference: list[int], tokenizer) -> bool:
+        if sample == reference:
+            return True
+        texts = tokenizer.batch_decode([sample, reference], skip_special_tokens=True)
+        try:
+            return evaluate(texts[0], texts[1])
+        except ValueError:  # the reference holds no number: only an exact match counts
+            return False
+
+    def plan_from_sample(
+        self, sample: list[int], reference: list[int], tokenizer, n: int
+    ) -> list[ErrorPlan]:
+        """Up to ``n`` errors from the sample's divergent spans (none when the sample is correct)."""
+        if self._is_correct(sample, reference, tokenizer):
+            return []
+        special = special_ids(tokenizer)
+        plans = []
+        for position, tokens in divergent_spans(sample, reference):
+            tokens = _until_special(tokens, special)[: self.error_length[1]]
+            if tokens and tokens[0] != reference[position]:
+                plans.append((position, tokens))
+            if len(plans) == n:
+                break
+        return plans
+
+    def plan_batch(
+        self, pairs: Sequence[tuple[list[int], list[int]]], tokenizer, rngs: Sequence[random.Random],
+        wanted: Sequence[int],
+    ) -> list[list[ErrorPlan]]:
+        """Sample the pairs that want errors in batches, then plan each from its sample."""
+        seeds = [rng.getrandbits(62) for rng in rngs]
+        plans: list[list[ErrorPlan]] = [[] for _ in pairs]
+        todo = [i for i, n in enumerate(wanted) if n]
+        for b in range(0, len(todo), self.batch_size):
+            batch = todo[b : b + self.batch_size]
+            references = [pairs[i][1] for i in batch]
+            max_new_tokens = max(map(len, references)) + self.extra_tokens
+            seed = sum(seeds[i] for i in batch) % 2**62
+            samples = self.sample([pairs[i][0] for i in batch], tokenizer, max_new_tokens, seed)
+            for i, sample, reference in zip(batch, samples, references):
+                plans[i] = self.plan_from_sample(sample, reference, tokenizer, wanted[i])
+        return plans
+
+
+def build_examples(
+    problems: Sequence[Problem], tokenizer, source: ErrorSource, max_errors: int | None = None, start: int = 0
+) -> list[BacktrackExample]:
+    """Backtrack examples for ``problems`` (encoded with :func:`encode_problem`); example ``i`` uses key
+    ``start + i``, so slices of a problem list build the same examples as the whole list."""
+    pairs = [encode_problem(problem, tokenizer) for problem in problems]
+    return source.make_examples(pairs, tokenizer, keys=range(start, start + len(pairs)), max_errors=max_errors)
+
+
+__all__ = [
+    "SPAN_KINDS", "BacktrackExample", "ErrorSource", "PlausibleErrors", "RandomTokenErrors", "SelfGeneratedErrors",
+    "VocabularyClasses", "assemble_example", "build_examples", "divergent_spans", "normalize_spans", "special_ids",
+    "spans_labels_mask", "vocabulary_classes",
+]

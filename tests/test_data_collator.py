@@ -1,0 +1,236 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from halluc_rl.backtrack import backtrack_token_id
+from halluc_rl.data.collator import MaskedErrorCollator
+from halluc_rl.data.errors import RandomTokenErrors, assemble_example, build_examples
+from halluc_rl.data.tasks import ArithmeticTask, encode_problem
+from tests.conftest import ARCHS, make_model
+
+BT = 4
+# prompt 10 11 | correct 20 | error 30 31 | backtrack BT BT | correction 21 2
+ERR = {"input_ids": [10, 11, 20, 30, 31, BT, BT, 21, 2],
+       "spans": [("prompt", 0, 2), ("correct", 2, 3), ("error", 3, 5), ("backtrack", 5, 7), ("correction", 7, 9)]}
+CLEAN = {"input_ids": [10, 12, 22, 2], "spans": [("prompt", 0, 2), ("correct", 2, 4)]}
+X = -100
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine makes several threads much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_default_padding_and_labels():
+    batch = MaskedErrorCollator(layout="retry", pad_token_id=0)([ERR, CLEAN])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["input_ids"].tolist() == [[10, 11, 20, 30, 31, BT, BT, 21, 2], [10, 12, 22, 2, 0, 0, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 9, [1, 1, 1, 1, 0, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[X, X, 20, X, X, BT, BT, 21, 2], [X, X, 22, 2, X, X, X, X, X]]
+    assert batch["input_ids"].dtype == batch["labels"].dtype == torch.long
+
+
+def test_train_errors_ablation_and_dict_spans():
+    as_dicts = {"input_ids": ERR["input_ids"],
+                "spans": [{"kind": k, "start": s, "end": e} for k, s, e in ERR["spans"]]}
+    batch = MaskedErrorCollator(layout="retry", pad_token_id=0, train_errors=True)([as_dicts])
+    assert batch["labels"].tolist() == [[X, X, 20, 30, 31, BT, BT, 21, 2]]
+
+
+def test_rewind_positions():
+    batch = MaskedErrorCollator(layout="retry", pad_token_id=0, rewind_positions=True)([ERR, CLEAN])
+    # errors continue the prefix (3, 4), backtracks count down (5, 4), the correction restarts at 3
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 4, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 8]]
+    assert batch["attention_mask"].tolist()[1] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def _causal(n: int) -> list[list[bool]]:
+    return [[k <= q for k in range(n)] for q in range(n)]
+
+
+def test_hard_attention_mask():
+    batch = MaskedErrorCollator(layout="retry", pad_token_id=0, hard_attention=True, mask_dtype=torch.bool)([ERR, CLEAN])
+    mask = batch["attention_mask"]
+    assert mask.shape == (2, 1, 9, 9) and mask.dtype == torch.bool
+    expected = _causal(9)
+    for q in (7, 8):  # the correction cannot see the error (3, 4) nor its backtracks (5, 6)
+        for k in (3, 4, 5, 6):
+            expected[q][k] = False
+    assert mask[0, 0].tolist() == expected  # backtracks (5, 6) do see the errors
+    clean = [[k <= q < 4 or k == q for k in range(9)] for q in range(9)]  # padding queries see themselves only
+    assert mask[1, 0].tolist() == clean
+    additive = MaskedErrorCollator(layout="retry", pad_token_id=0, hard_attention=True)([ERR, CLEAN])["attention_mask"]
+    assert additive.dtype == torch.float32
+    assert torch.equal(additive, torch.where(mask, 0.0, torch.finfo(torch.float32).min))
+    assert "position_ids" not in batch
+
+
+def test_two_errors_hide_each_group_from_what_follows():
+    example = assemble_example([10], [20, 21, 2], [(0, [30]), (1, [31, 32])], BT)
+    batch = MaskedErrorCollator(layout="retry", hard_attention=True, rewind_positions=True, mask_dtype=torch.bool)(
+        [example.to_features()])
+    # 10 | 30 BT | 20 | 31 32 BT BT | 21 2: each token sits at the count of visible tokens before it
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 1, 2, 3, 4, 3, 2, 3]]
+    mask = batch["attention_mask"][0, 0]
+    visible = {q: [k for k in range(10) if mask[q, k]] for q in range(10)}
+    assert visible[2] == [0, 1, 2] and visible[3] == [0, 3]
+    assert visible[6] == [0, 3, 4, 5, 6] and visible[8] == [0, 3, 8] and visible[9] == [0, 3, 8, 9]
+
+
+def test_max_length_and_pad_to_multiple_of():
+    collator = MaskedErrorCollator(layout="retry", pad_token_id=0, max_length=6, pad_to_multiple_of=4, rewind_positions=True,
+                                   hard_attention=True, mask_dtype=torch.bool)
+    batch = collator([ERR, CLEAN])
+    assert batch["input_ids"].tolist() == [[10, 11, 20, 30, 31, BT, 0, 0], [10, 12, 22, 2, 0, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[X, X, 20, X, X, BT, X, X], [X, X, 22, 2, X, X, X, X]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]]
+    assert batch["attention_mask"].shape == (2, 1, 8, 8)
+
+
+def test_precomputed_labels_mask_and_errors():
+    feature = {"input_ids": torch.tensor([5, 6, 7]), "labels_mask": [False, True, True]}
+    batch = MaskedErrorCollator(layout="retry", pad_token_id=0)([feature])
+    assert batch["labels"].tolist() == [[X, 6, 7]]
+    with pytest.raises(ValueError, match="spans"):
+        MaskedErrorCollator(layout="retry", hard_attention=True)([feature])
+    with pytest.raises(ValueError, match="spans"):
+        MaskedErrorCollator(layout="retry")([{"input_ids": [1, 2]}])
+    with pytest.raises(ValueError, match="cover"):
+        MaskedErrorCollator(layout="retry")([{"input_ids": [1, 2, 3], "spans": [("prompt", 0, 1), ("correct", 1, 2)]}])
+
+
+def _batch(tokenizer, n=3, seed=0):
+    problems = ArithmeticTask(seed=seed).problems("train", n)
+    source = RandomTokenErrors(error_rate=1.0, max_errors=2, error_length=(2, 3), seed=seed)
+    return problems, build_examples(problems, tokenizer, source)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hard_attention_with_rewound_positions_matches_the_clean_sequence(tokenizer, arch):
+    """Under both options the logits at correction tokens equal those of prompt + reference alone."""
+    model = make_model(arch, tokenizer)
+    problems, examples = _batch(tokenizer)
+    pad = tokenizer.pad_token_id
+    batch = MaskedErrorCollator(layout="retry", pad_token_id=pad, hard_attention=True, rewind_positions=True)(
+        [e.to_features() for e in examples])
+    plain = MaskedErrorCollator(layout="retry", pad_token_id=pad)([e.to_features() for e in examples])
+    with torch.no_grad():
+        logits = model(**batch).logits  # [B, L, V]
+        soft = model(**plain).logits  # [B, L, V]
+    differs = False
+    for b, (problem, example) in enumerate(zip(problems, examples)):
+        prompt, response = encode_problem(problem, tokenizer)
+        with torch.no_grad():
+            clean = model(input_ids=torch.tensor([prompt + response])).logits[0]  # [P + R, V]
+        visible = len(prompt)
+        for kind, start, end in example.spans:
+            if kind not in ("prompt", "correct", "correction"):
+                continue
+            rows = torch.arange(start, end)
+            ref_rows = rows if kind == "prompt" else torch.arange(visible, visible + end - start)
+            torch.testing.assert_close(logits[b, rows], clean[ref_rows], atol=1e-4, rtol=1e-4)
+            differs |= kind == "correction" and not torch.allclose(soft[b, rows], clean[ref_rows], atol=1e-3)
+            visible += 0 if kind == "prompt" else end - start
+    assert differs  # without the options, corrections do see the errors
+
+
+def test_labels_of_built_examples_and_right_padding(tokenizer):
+    """Errors are never targets, every backtrack is; a padded row computes what it computes alone."""
+    model = make_model("llama", tokenizer)
+    _, examples = _batch(tokenizer, n=2, seed=1)
+    features = [e.to_features() for e in examples]
+    collator = MaskedErrorCollator(layout="retry", pad_token_id=tokenizer.pad_token_id)
+    batch = collator(features)
+    bt = backtrack_token_id(tokenizer)
+    for b, example in enumerate(examples):
+        for kind, start, end in example.spans:
+            labels = batch["labels"][b, start:end].tolist()
+            if kind in ("prompt", "error"):
+                assert labels == [X] * (end - start)
+            else:
+                assert labels == example.input_ids[start:end]
+        assert int((batch["labels"][b] == bt).sum()) == example.input_ids.count(bt) > 0
+    short = min(range(2), key=lambda b: len(features[b]["input_ids"]))
+    n = len(features[short]["input_ids"])
+    assert n < batch["input_ids"].shape[1]
+    with torch.no_grad():
+        alone = model(**collator(features[short : short + 1])).logits[0]  # [n, V]
+        padded = model(**batch).logits[short, :n]  # [n, V]
+    torch.testing.assert_close(padded, alone, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")  # raised inside TRL's SFTConfig
+def test_works_in_a_dataloader_and_sft_trainer(tokenizer, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    trl = pytest.importorskip("trl")
+    _, examples = _batch(tokenizer, n=4)
+    features = [e.to_features() for e in examples]
+    collator = MaskedErrorCollator(layout="retry", pad_token_id=tokenizer.pad_token_id, hard_attention=True, rewind_positions=True)
+    loader = DataLoader(features, batch_size=2, collate_fn=collator)
+    shapes = [tuple(b["attention_mask"].shape) for b in loader]
+    assert [s[:2] for s in shapes] == [(2, 1), (2, 1)]
+
+    model = make_model("llama", tokenizer)
+    before = model.model.embed_tokens.weight.detach().clone()
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                           remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+                           report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(features),
+                             processing_class=tokenizer, data_collator=collator)
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(before, model.model.embed_tokens.weight.detach())
+
+
+def test_rewind_layout_exact_tensors():
+    """prompt 10 11 | correct 20 | error 30 31 | BT BT | correction 21 2, in the default rewind layout."""
+    batch = MaskedErrorCollator(pad_token_id=0, mask_dtype=torch.bool)([ERR, CLEAN])
+    # backtracks are not inputs; the correction 21 sits at position 3, where the error was typed
+    assert batch["input_ids"].tolist() == [[10, 11, 20, 30, 31, 21, 2], [10, 12, 22, 2, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4], [0, 1, 2, 3, 4, 5, 6]]
+    # labels[i + 1] is the action taken from the state ending at token i:
+    # 11 -> 20; 20 -> 21 (the correction, after both deletions); 30 -> BT; 31 -> BT; 21 -> 2
+    assert batch["labels"].tolist() == [[X, X, 20, 21, BT, BT, 2], [X, X, 22, 2, X, X, X]]
+    mask = batch["attention_mask"][0, 0].int().tolist()
+    assert mask[5] == [1, 1, 1, 0, 0, 1, 0]  # the correction does not see the errors
+    assert mask[4] == [1, 1, 1, 1, 1, 0, 0]  # the second error sees the first
+    assert batch["attention_mask"][1, 0, 5].int().tolist() == [0, 0, 0, 0, 0, 1, 0]  # padding sees itself
+
+
+def test_rewind_layout_train_errors_ablation():
+    batch = MaskedErrorCollator(pad_token_id=0, train_errors=True)([ERR])
+    # each state here is left twice (first by an error, later by a backtrack or the correction): the later wins
+    assert batch["labels"].tolist() == [[X, X, 20, 21, BT, BT, 2]]
+    ablation = MaskedErrorCollator(pad_token_id=0, train_errors=True)(
+        [{"input_ids": [10, 11, 30, BT, 21, 2], "spans": [("prompt", 0, 2), ("error", 2, 3), ("backtrack", 3, 4),
+                                                        ("correction", 4, 6)]}])
+    assert ablation["labels"].tolist() == [[X, X, 21, BT, 2]]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rewind_layout_trains_on_the_logits_generation_computes(tokenizer, arch):
+    """Every label is trained on logits equal to a fresh forward over the visible state it was taken from."""
+    model = make_model(arch, tokenizer)
+    _, examples = _batch(tokenizer, n=3, seed=2)
+    features = [e.to_features() for e in examples]
+    batch = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id)(features)
+    bt = backtrack_token_id(tokenizer)
+    with torch.no_grad():
+        logits = model(**batch).logits  # [B, L, V]
+    assert int((batch["input_ids"] == bt).sum()) == 0
+    checked = 0
+    for b, example in enumerate(examples):
+        allowed = batch["attention_mask"][b, 0] == 0  # additive mask: 0 where attending
+        n_bt = int((batch["labels"][b] == bt).sum())
+        assert n_bt == example.input_ids.count(bt)
+        for i in torch.nonzero(batch["labels"][b, 1:] != X).flatten().tolist():
+            visible = batch["input_ids"][b][allowed[i]].tolist()  # the state: visible tokens up to flat i
+            with torch.no_grad():
+                fresh = model(input_ids=torch.tensor([visible])).logits[0, -1]
+            torch.testing.assert_close(logits[b, i], fresh, atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked > 20
