@@ -7,7 +7,10 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module with a `main(argv)` function, one-line help)
+    "demo": ("halluc_rl.agents.demo", "the whole pipeline on the embedded tiny model, offline: SFT, evaluation"),
     "pretrain": ("halluc_rl.agents.pretrain", "train the embedded tiny model from scratch on the offline task"),
+    "sft": ("halluc_rl.agents.sft", "masked-error SFT of a (LoRA) policy: the warm start"),
+    "eval": ("halluc_rl.agents.evaluate", "evaluate a saved policy with and without backtracking"),
 }
 
 

@@ -14,12 +14,14 @@ from pathlib import Path
 
 @dataclass
 class ModelArgs:
-    """Which model and tokenizer to load, and how."""
+    """Which model (and its tokenizer, saved beside it) to load, and how.
+
+    ``trust_remote_code`` is TRL's own config field (``SFTConfig.trust_remote_code``, off by default), so it is
+    not repeated here.
+    """
 
     model_name_or_path: str = field(default="tiny", metadata={"help": "Hub id, local path, or 'tiny' (the embedded model)."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a Hub model (off: safe)."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
 
 

@@ -238,3 +238,76 @@ def build_tiny_model(arch: str = "llama", vocab_size: int = 512, seed: int = 0, 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size, **overrides))
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA policies
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _module_name(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def make_lora_model(model, lora_args, backtrack_id: int):
+    """Wrap ``model`` in a PEFT LoRA adapter whose backtrack rows are trainable and saved with it.
+
+    The input row always; the output row too when the head is untied (PEFT ``trainable_token_indices`` on both
+    the embedding and the ``lm_head`` Linear). Everything else of the base stays frozen.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = [m for m in lora_args.lora_target_modules
+               if any(name.endswith(m) for name, _ in model.named_modules())]
+    if not targets:
+        raise ValueError(
+            f"none of lora_target_modules={lora_args.lora_target_modules} exists in {type(model).__name__}; "
+            "name its attention/MLP Linear layers (e.g. q_proj, v_proj for Llama/Qwen2, c_attn for GPT-2)"
+        )
+    rows = {_module_name(model, model.get_input_embeddings()): [backtrack_id]}
+    if not _tied(model):
+        rows[_module_name(model, model.get_output_embeddings())] = [backtrack_id]
+    config = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+                        target_modules=targets, trainable_token_indices=rows, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def base_model_name(path: str | Path) -> str | None:
+    """The base model a saved adapter was trained from (None when ``path`` is a full model)."""
+    import json
+
+    adapter = Path(path) / "adapter_config.json"
+    if not adapter.exists():
+        return None
+    return json.loads(adapter.read_text()).get("base_model_name_or_path")
+
+
+def check_same_base(checkpoint: str | Path, expected_base: str) -> None:
+    """Refuse an adapter checkpoint trained from another base model, naming both."""
+    found = base_model_name(checkpoint)
+    if found is not None and found != resolve_model_path(expected_base) and found != expected_base:
+        raise ValueError(
+            f"checkpoint {checkpoint} was trained from base model {found!r}, but this run uses {expected_base!r}; "
+            "point model_name_or_path at the checkpoint's base model or start a fresh output_dir"
+        )
+
+
+def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load a saved policy for generation: a full model directory, or a PEFT adapter on its base.
+
+    Returns (model, tokenizer, backtrack_id). An adapter directory must hold the tokenizer saved with it.
+    """
+    base = base_model_name(path)
+    tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+    if base is None:
+        model = load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        from peft import PeftModel
+
+        model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model = PeftModel.from_pretrained(model, str(path))
+    from halluc_rl.backtrack import backtrack_token_id
+
+    return model.eval(), tokenizer, backtrack_token_id(tokenizer)

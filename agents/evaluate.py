@@ -1,0 +1,140 @@
+"""Evaluate a saved policy and add its row to a report (``halluc-rl eval``).
+
+Accuracy greedy and sampled, each with backtracking on and off, plus backtrack precision and false-backtrack rate
+(see :mod:`halluc_rl.evaluation`). Each run adds (or replaces) the row ``name`` in ``output_dir/results.json`` and
+rewrites ``results.md`` and ``results.png``, so evaluating every stage into one directory builds the comparison::
+
+    halluc-rl eval --policy tiny --name base --output_dir runs/eval
+    halluc-rl eval --policy runs/sft_plain --name plain_sft --output_dir runs/eval
+    halluc-rl eval --policy runs/sft_backtrack --name backtrack_sft --output_dir runs/eval
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from halluc_rl.config import parse_config, save_config
+from halluc_rl.data.tasks import ArithmeticTask, Problem, load_gsm8k
+from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
+
+TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
+
+
+@dataclass
+class EvalArgs:
+    """What to evaluate, on which problems, how, and where the report goes."""
+
+    policy: str = field(default="tiny", metadata={
+        "help": "A saved policy directory (full model or PEFT adapter with its tokenizer), or 'tiny' for the "
+                "embedded model."})
+    task: str = field(default="arithmetic", metadata={"help": "Problems: 'arithmetic' (offline) or 'gsm8k'."})
+    data_files: str | None = field(default=None, metadata={
+        "help": "GSM8K: a local directory or file (jsonl/parquet); None loads openai/gsm8k from the Hub."})
+    split: str = field(default="test", metadata={"help": "Split to evaluate: train, validation or test."})
+    num_problems: int = field(default=200, metadata={
+        "help": "Problems to evaluate, from the start of the split (0: all; GSM8K only)."})
+    num_samples: int = field(default=4, metadata={"help": "Samples per problem for sampled accuracy (0: skip)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Actions per response, backtracks included."})
+    batch_size: int = field(default=64, metadata={"help": "Sequences generated together."})
+    loop_guard: int = field(default=1, metadata={
+        "help": "Ban re-typing a token at a position after it was deleted there this many times (0: off)."})
+    seed: int = field(default=0, metadata={"help": "Seeds sampling (the problems are fixed by the task)."})
+    stop_strings: list[str] = field(default_factory=list, metadata={
+        "help": "Also stop a response once its text ends with one of these (EOS always stops it)."})
+    output_dir: str = field(default="runs/eval", metadata={
+        "help": "Report directory: results.json, results.md, results.png."})
+    name: str | None = field(default=None, metadata={
+        "help": "Row name in the report (default: the policy directory's name)."})
+    append: bool = field(default=True, metadata={
+        "help": "Add the row to the report already in output_dir (false: start a new report)."})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (CUDA when available)."})
+
+
+def load_problems(args: EvalArgs) -> list[Problem]:
+    """The first ``num_problems`` problems of the task's split."""
+    if args.num_problems < 0:
+        raise ValueError(f"num_problems must be >= 0, got {args.num_problems}")
+    if args.task == "arithmetic":
+        if args.num_problems == 0:
+            raise ValueError("the arithmetic task is endless: give num_problems > 0")
+        return ArithmeticTask().problems(args.split, args.num_problems)
+    if args.task == "gsm8k":
+        problems = load_gsm8k(args.split, data_files=args.data_files)
+        return problems if args.num_problems == 0 else problems[: args.num_problems]
+    raise ValueError(f"unknown task {args.task!r}; use one of {TASKS}")
+
+
+def load_eval_policy(policy: str):
+    """(model, tokenizer, backtrack_id) of a saved policy, or the embedded model for ``tiny``.
+
+    A full model whose tokenizer has no backtrack token (a base model) gets an untrained one, so its row still
+    shows accuracy with and without backtracking.
+    """
+    from halluc_rl.modeling import load_model_and_tokenizer, load_policy, resolve_model_path
+
+    path = resolve_model_path(policy)
+    try:
+        return load_policy(path)
+    except ValueError as err:
+        if "no backtrack token" not in str(err):
+            raise
+    print(f"note: {policy} has no backtrack token; adding an untrained one to evaluate it", file=sys.stderr)
+    return load_model_and_tokenizer(path)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_config([EvalArgs], argv)
+    if args.policy not in ("tiny", "halluc-rl/tiny") and not Path(args.policy).exists():
+        print(f"halluc-rl eval: policy path {args.policy!r} does not exist. Give a saved policy directory (a full "
+              "model or a PEFT adapter saved with its tokenizer), or --policy tiny for the embedded model. To "
+              "evaluate a Hub model, download it first and pass its local directory.", file=sys.stderr)
+        return 2
+    if args.task not in TASKS:
+        print(f"halluc-rl eval: unknown task {args.task!r}; use one of {', '.join(TASKS)}", file=sys.stderr)
+        return 2
+    name = args.name or ("tiny" if args.policy in ("tiny", "halluc-rl/tiny") else Path(args.policy).resolve().name)
+
+    try:
+        problems = load_problems(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"halluc-rl eval: {err}", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer, backtrack_id = load_eval_policy(args.policy)
+    except OSError as err:  # the embedded model missing, or a directory that holds no model
+        print(f"halluc-rl eval: {err}", file=sys.stderr)
+        return 2
+    model.to(_device(args.device))
+    print(f"evaluating {args.policy} as {name!r} on {len(problems)} {args.task} {args.split} problems")
+    metrics = evaluate_policy(
+        model, tokenizer, problems, num_samples=args.num_samples, temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, loop_guard=args.loop_guard,
+        seed=args.seed, stop_strings=tuple(args.stop_strings), backtrack_id=backtrack_id,
+    )
+
+    out_dir = Path(args.output_dir)
+    results = load_results(out_dir) if args.append else {}
+    results[name] = metrics
+    safe_name = re.sub(r"[^\w.-]+", "_", name)
+    save_config(out_dir / f"eval_config_{safe_name}.yaml", args)
+    title = f"halluc-rl evaluation: {args.task} {args.split}"
+    paths = write_report(results, out_dir, title=title)
+    print_table(results, title=title)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

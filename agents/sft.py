@@ -1,0 +1,165 @@
+"""Masked-error SFT: warm-start a policy that backtracks (``halluc-rl sft --config configs/sft_tiny.yaml``).
+
+TRL's ``SFTTrainer`` with the masked-error collator (errors are never trained; backtracks and corrections are),
+the backtrack token added and initialised once, a PEFT LoRA policy whose backtrack rows are trainable and saved
+with the adapter (or full fine-tuning), and the error curriculum as a trainer callback. Config flows from the
+dataclasses below, then ``--config file.yaml``, then ``--key value`` overrides; unknown keys are rejected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trl import SFTConfig, SFTTrainer
+
+from halluc_rl.config import LoraArgs, ModelArgs, parse_config, save_config
+from halluc_rl.data.collator import MaskedErrorCollator
+from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
+from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
+from halluc_rl.data.tasks import ArithmeticTask, load_gsm8k
+from halluc_rl.modeling import check_same_base, load_model_and_tokenizer, make_lora_model
+
+
+@dataclass
+class SFTScriptArgs:
+    """What to train on: the task, the errors and how they are laid out."""
+
+    task: str = field(default="arithmetic", metadata={"help": "arithmetic (offline) or gsm8k."})
+    data_files: str | None = field(default=None, metadata={"help": "Local GSM8K jsonl/parquet path (None: the Hub)."})
+    num_train_problems: int = field(default=2000, metadata={"help": "Training problems (0: the whole split)."})
+    task_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task."})
+    error_source: str = field(default="plausible", metadata={"help": "random, plausible, self or none (plain SFT)."})
+    error_rate: float = field(default=0.5, metadata={"help": "Share of examples that get errors."})
+    error_length_min: int = field(default=1, metadata={"help": "Shortest error, in tokens."})
+    error_length_max: int = field(default=2, metadata={"help": "Longest error, in tokens."})
+    self_error_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of self errors."})
+    curriculum_caps: list[int] = field(default_factory=lambda: [2, 5, 10],
+                                       metadata={"help": "Most errors per example, stage by stage."})
+    curriculum_boundaries: list[int] = field(default_factory=lambda: [1, 2],
+                                             metadata={"help": "Epochs (or steps) where the next cap starts."})
+    curriculum_unit: str = field(default="epoch", metadata={"help": "epoch or step."})
+    layout: str = field(default="rewind", metadata={"help": "rewind (what generation sees) or retry (in-context)."})
+    train_errors: bool = field(default=False, metadata={"help": "Also train the error tokens (the unmasked ablation)."})
+    hard_attention: bool = field(default=False, metadata={"help": "retry layout: hide deleted groups."})
+    rewind_positions: bool = field(default=False, metadata={"help": "retry layout: positions rewind over deletions."})
+
+
+class MaskedErrorSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` whose loss runs through the model's own forward.
+
+    TRL 1.16 computes the loss from ``lm_head.weight`` directly (a fused, chunked LM head). That bypasses PEFT's
+    trainable-token rows on the head, so the backtrack logit would never be trained (and the untied-head wrapper
+    has no ``bias``, which that path reads). The plain causal-LM loss over the collator's labels is the same
+    quantity, computed through every wrapper; the price is materialising the logits of a batch.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from transformers import Trainer
+
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+def load_problems(script: SFTScriptArgs, split: str = "train") -> list:
+    """Training problems of the configured task."""
+    n = script.num_train_problems
+    if script.task == "arithmetic":
+        return ArithmeticTask(seed=script.task_seed).problems(split, n or 2000)
+    if script.task == "gsm8k":
+        problems = load_gsm8k(split, data_files=script.data_files)
+        return problems[:n] if n else problems
+    raise ValueError(f"unknown task {script.task!r}; use arithmetic or gsm8k")
+
+
+def make_error_source(script: SFTScriptArgs, model, seed: int):
+    """The configured error source (``none`` gives clean examples: the plain-SFT baseline on the same data)."""
+    lengths = (script.error_length_min, script.error_length_max)
+    cap = max(script.curriculum_caps)
+    if script.error_source == "none":
+        return RandomTokenErrors(error_rate=0.0, max_errors=1, seed=seed)
+    if script.error_source == "random":
+        return RandomTokenErrors(error_rate=script.error_rate, max_errors=cap, error_length=lengths, seed=seed)
+    if script.error_source == "plausible":
+        return PlausibleErrors(error_rate=script.error_rate, max_errors=cap, error_length=lengths, seed=seed)
+    if script.error_source == "self":
+        return SelfGeneratedErrors(model, error_rate=script.error_rate, max_errors=cap, error_length=lengths,
+                                   seed=seed, temperature=script.self_error_temperature)
+    raise ValueError(f"unknown error_source {script.error_source!r}; use random, plausible, self or none")
+
+
+def curriculum_dataset(curriculum_ds: CurriculumDataset):
+    """An HF ``Dataset`` (what SFTTrainer takes) whose rows are built on access from the curriculum dataset, so a
+    cap change by the callback changes the examples the trainer sees."""
+    import datasets
+
+    base = datasets.Dataset.from_dict({"index": list(range(len(curriculum_ds)))})
+
+    def build(batch: dict) -> dict:
+        rows = [curriculum_ds[i] for i in batch["index"]]
+        return {"input_ids": [r["input_ids"] for r in rows], "spans": [r["spans"] for r in rows]}
+
+    base.set_transform(build)
+    return base
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` under ``output_dir`` (None if there is none)."""
+    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> SFTTrainer:
+    """Everything up to ``trainer.train()``: model, tokenizer, LoRA, data, collator and curriculum."""
+    from transformers import set_seed
+
+    set_seed(config.seed)  # before the LoRA weights are drawn: the same config gives the same run
+    model, tokenizer, bt = load_model_and_tokenizer(
+        model_args.model_name_or_path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code,
+        revision=model_args.revision)
+    problems = load_problems(script)
+    source = make_error_source(script, model, config.seed)
+    curriculum = Curriculum(caps=tuple(script.curriculum_caps), boundaries=tuple(script.curriculum_boundaries),
+                            unit=script.curriculum_unit)
+    curriculum_ds = CurriculumDataset(problems, tokenizer, source, curriculum)
+    collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id, train_errors=script.train_errors,
+                                   layout=script.layout, hard_attention=script.hard_attention,
+                                   rewind_positions=script.rewind_positions, max_length=config.max_length)
+    if lora.use_lora:
+        model = make_lora_model(model, lora, bt)
+    config.remove_unused_columns = False  # the collator needs `spans`
+    config.dataset_kwargs = {**(config.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    trainer = MaskedErrorSFTTrainer(model=model, args=config, train_dataset=curriculum_dataset(curriculum_ds),
+                         processing_class=tokenizer, data_collator=collator,
+                         callbacks=[CurriculumCallback(curriculum_ds)])
+    trainer.backtrack_id = bt
+    return trainer
+
+
+def train(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> SFTTrainer:
+    """Train (resuming from the newest checkpoint in ``output_dir`` when there is one) and save the policy."""
+    save_config(Path(config.output_dir) / "config.yaml", script, model_args, lora, config)
+    resume = config.resume_from_checkpoint
+    if resume is None and config.save_strategy != "no" and os.environ.get("HALLUC_RL_NO_RESUME") != "1":
+        resume = last_checkpoint(config.output_dir)
+    if resume:
+        check_same_base(resume, model_args.model_name_or_path)
+    trainer = build_trainer(script, model_args, lora, config)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(config.output_dir)  # the adapter (with the backtrack rows) or the full model
+    trainer.processing_class.save_pretrained(config.output_dir)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    script, model_args, lora, config = parse_config([SFTScriptArgs, ModelArgs, LoraArgs, SFTConfig], argv)
+    trainer = train(script, model_args, lora, config)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print(f"saved the policy to {config.output_dir}; final training loss {losses[-1]:.4f}" if losses else
+          f"saved the policy to {config.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
