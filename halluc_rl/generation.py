@@ -39,6 +39,9 @@ class BacktrackGenerationConfig:
     """Backtracks allowed per sequence; once spent, the backtrack token is masked (None: unlimited)."""
     loop_guard: int | None = 3
     """After a token is deleted this many times at the same position, it may not be typed there again (None: off)."""
+    allow_failed_backtracks: bool = False
+    """Let the model choose a backtrack on an empty response. Such a backtrack is always a no-op: the visible text,
+    and so the next logits, stay the same, so by default it is masked. Forced actions may still contain one."""
     stop_strings: tuple[str, ...] = ()
     """Stop a sequence once its visible text ends with one of these."""
     eos_token_id: int | list[int] | None = None
@@ -242,6 +245,8 @@ def generate(
         if config.backtrack_budget is not None:
             spent = state.num_backtracks >= config.backtrack_budget  # [B]
             scores[:, bt] = torch.where(spent, float("-inf"), scores[:, bt])
+        if not config.allow_failed_backtracks:
+            scores[:, bt] = torch.where(state.lengths == 0, float("-inf"), scores[:, bt])
         if guard is not None:
             guard.apply(scores, state.lengths)
         if config.do_sample:

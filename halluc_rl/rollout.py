@@ -71,14 +71,21 @@ def rollout(
     config: BacktrackGenerationConfig | None = None,
     *,
     value_model=None,
+    prompt_ids: Sequence[Sequence[int]] | None = None,
     forced_actions: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     **overrides,
 ) -> Rollout:
-    """Run ``model`` on ``problems`` (one episode each) and score every action."""
+    """Run ``model`` on ``problems`` (one episode each) and score every action.
+
+    Prompts are encoded in the library's one prompt format unless ``prompt_ids`` gives them ready-made.
+    """
     problems = list(problems)
     mixer = rewards or RewardMixer()
-    prompts = [encode_problem(p, tokenizer)[0] for p in problems]
+    if prompt_ids is None:
+        prompts = [encode_problem(p, tokenizer)[0] for p in problems]
+    else:
+        prompts = [list(map(int, p)) for p in prompt_ids]
     callbacks: list = [mixer]
     value_follower = _ValueFollower(value_model) if value_model is not None else None
     if value_follower is not None:

@@ -29,7 +29,8 @@ def test_logprobs_under_backtracks_equal_fresh_forward(arch, tokenizer):
     g = torch.Generator().manual_seed(0)
     forced = torch.where(torch.rand(3, 40, generator=g) < 0.3, bt, -1)  # rows backtrack differently
     out = generate(model, tokenizer, PROMPTS, max_new_tokens=40, do_sample=True, forced_actions=forced,
-                   generator=g, return_logprobs=True, eos_token_id=[], compact_min_holes=4, loop_guard=None)
+                   generator=g, return_logprobs=True, eos_token_id=[], compact_min_holes=4, loop_guard=None,
+                   allow_failed_backtracks=True)
     assert int(out.num_deleted.sum()) > 10
     for b in range(len(PROMPTS)):
         actions = out.actions[b].tolist()
@@ -107,9 +108,25 @@ def test_prompt_logits_are_not_edited_in_place(tokenizer):
     bt = backtrack_token_id(tokenizer)
     forced = torch.tensor([[bt, bt, bt, 7]])
     out = generate(model, tokenizer, ["A box"], max_new_tokens=4, forced_actions=forced, backtrack_bias=-3.0,
-                   return_logprobs=True, eos_token_id=[])
+                   return_logprobs=True, eos_token_id=[], allow_failed_backtracks=True)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([out.prompt_ids[0]])).logits[0, -1].clone()
     logits[bt] -= 3.0
     expected = torch.log_softmax(logits, -1)
     torch.testing.assert_close(out.logprobs[0], expected[[bt, bt, bt, 7]], atol=1e-5, rtol=0)
+
+
+def test_backtracks_on_an_empty_response_are_masked_unless_allowed(tokenizer):
+    """A failed backtrack is a no-op (same text, same logits): a decoder that chose one would loop."""
+    model = make_model("llama", tokenizer)
+    bt = backtrack_token_id(tokenizer)
+    out = generate(model, tokenizer, PROMPTS, max_new_tokens=6, backtrack_bias=1e4, return_logprobs=True,
+                   eos_token_id=[])
+    assert int(out.num_failed.sum()) == 0  # the bias wants backtracks; none is taken on an empty response
+    assert out.kinds[:, 0].tolist() == [int(ActionKind.APPEND)] * 3 and out.kinds[:, 1].eq(int(ActionKind.DELETE)).all()
+    allowed = generate(model, tokenizer, PROMPTS, max_new_tokens=6, backtrack_bias=1e4, eos_token_id=[],
+                       allow_failed_backtracks=True)
+    assert int(allowed.num_failed.sum()) == 18
+    forced = generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2, forced_actions=torch.tensor([[bt, 7]]),
+                      return_logprobs=True, eos_token_id=[])
+    assert int(forced.num_failed[0]) == 1 and forced.logprobs[0, 0] == float("-inf")

@@ -1,0 +1,92 @@
+"""Rollout speed: the batched rollout driver vs plain generation, and what a process reward model adds.
+
+Tiny Llama policy (about 2.6M parameters, as in benchmarks/generation.py), batch 32, 128 actions with 25% of
+actions forced to be backtracks (rows differing):
+
+    python benchmarks/rollout.py [--repeats 3]
+
+* ``rollout_vs_generation``: env steps (actions) per second of :func:`halluc_rl.rollout.rollout` with the rule
+  grader / tokens per second of plain generation (no backtracks, same model, batch, length). Target >= 0.9.
+* ``prm_overhead_vs_prm_forward``: (rollout with an incremental PRM in the loop - rollout without) / the time of
+  the PRM's own forward passes alone (a plain cached decode of the same length with the PRM). Target <= 1.0x
+  plus noise: the PRM costs its forwards and no re-encoding.
+* ``prm_naive_reencode_s``: what re-encoding every prefix with the PRM after each action would cost, for scale.
+The last line is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForTokenClassification
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generation import BT, VOCAB, _Tok, best_time, make_prompts, plain_loop  # noqa: E402
+
+from halluc_rl.data.tasks import Problem  # noqa: E402
+from halluc_rl.generation import generate  # noqa: E402
+from halluc_rl.modeling import build_tiny_model, tiny_config  # noqa: E402
+from halluc_rl.rewards import HFProcessReward, RewardMixer, RuleGrader  # noqa: E402
+from halluc_rl.rollout import rollout  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=128)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    policy = build_tiny_model("llama", vocab_size=VOCAB, hidden_size=256, num_layers=4)
+    prm_model = AutoModelForTokenClassification.from_config(
+        tiny_config("llama", vocab_size=VOCAB, hidden_size=256, num_layers=4, num_labels=2)).eval()
+    ids, mask = make_prompts(args.batch)
+    prompts = [ids[b][mask[b].bool()].tolist() for b in range(args.batch)]
+    problems = [Problem(f"question {b}", "#### 1", "1") for b in range(args.batch)]
+    g = torch.Generator().manual_seed(args.batch)
+    forced = torch.where(torch.rand(args.batch, args.steps, generator=g) < 0.25, BT, -1)
+    forced[:, :4] = -1
+    tok = _Tok()
+    kw = dict(max_new_tokens=args.steps, backtrack_bias=float("-inf"), eos_token_id=[], loop_guard=None)
+    n = args.batch * args.steps
+
+    def run(mixer):
+        return rollout(policy, tok, problems, mixer, prompt_ids=prompts, forced_actions=forced, backtrack_id=BT, **kw)
+
+    t_gen = best_time(lambda: generate(policy, tok, {"input_ids": ids, "attention_mask": mask}, backtrack_id=BT,
+                                       **kw), args.repeats)
+    t_roll = best_time(lambda: run(RewardMixer([RuleGrader()])), args.repeats)
+    t_prm = best_time(lambda: run(RewardMixer([RuleGrader(), HFProcessReward(prm_model)])), args.repeats)
+    t_prm_fwd = best_time(lambda: plain_loop(prm_model, ids, mask, args.steps), args.repeats)
+
+    @torch.no_grad()
+    def naive_prm_one_step():  # re-encode every row's full prefix once, as a naive PRM would after each action
+        width = ids.shape[1] + args.steps // 2
+        prm_model(input_ids=torch.randint(5, VOCAB, (args.batch, width)))
+
+    t_naive_step = best_time(naive_prm_one_step, args.repeats)
+    results = {
+        "batch": args.batch, "actions": args.steps, "backtrack_share": 0.25,
+        "generation_tok_s": n / t_gen,
+        "rollout_actions_s": n / t_roll,
+        "rollout_with_prm_actions_s": n / t_prm,
+        "rollout_vs_generation": t_gen / t_roll,
+        "prm_added_s": t_prm - t_roll,
+        "prm_forward_s": t_prm_fwd,
+        "prm_overhead_vs_prm_forward": (t_prm - t_roll) / t_prm_fwd,
+        "prm_naive_reencode_s": t_naive_step * args.steps,
+    }
+    print(f"batch {args.batch}, {args.steps} actions, 25% backtracks, {torch.get_num_threads()} threads")
+    print(f"  plain generation     {n / t_gen:8.0f} tok/s")
+    print(f"  rollout driver       {n / t_roll:8.0f} actions/s  ({t_gen / t_roll:.2f}x generation)")
+    print(f"  rollout + PRM        {n / t_prm:8.0f} actions/s  (PRM adds {t_prm - t_roll:.2f}s; its own forwards "
+          f"take {t_prm_fwd:.2f}s; naive re-encoding would take {t_naive_step * args.steps:.1f}s)")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    main()
