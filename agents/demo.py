@@ -33,7 +33,10 @@ class DemoArgs:
     batch_size: int = field(default=32, metadata={"help": "SFT batch size."})
     learning_rate: float = field(default=2e-3, metadata={"help": "SFT (LoRA) learning rate."})
     error_source: str = field(default="plausible", metadata={"help": "random, plausible or self."})
-    error_rate: float = field(default=0.5, metadata={"help": "Share of training examples with errors."})
+    error_rate: float = field(default=0.25, metadata={"help": "Share of training examples with errors."})
+    curriculum_caps: list[int] = field(default_factory=lambda: [1, 2],
+                                       metadata={"help": "Most errors per example, epoch by epoch."})
+    use_lora: bool = field(default=True, metadata={"help": "LoRA policies (true) or full fine-tuning."})
     seed: int = field(default=0, metadata={"help": "Seeds training, sampling and the task."})
     report_to: str = field(default="none", metadata={"help": "tensorboard, trackio, wandb or none."})
 
@@ -45,14 +48,16 @@ def sft_stage(args: DemoArgs, name: str, error_source: str) -> Callable[[], obje
         from halluc_rl.agents.sft import SFTScriptArgs, train
 
         out = Path(args.output_dir) / name
+        caps = list(args.curriculum_caps)
         script = SFTScriptArgs(num_train_problems=args.num_train_problems, task_seed=args.seed,
-                               error_source=error_source, error_rate=args.error_rate)
+                               error_source=error_source, error_rate=args.error_rate, curriculum_caps=caps,
+                               curriculum_boundaries=list(range(1, len(caps))))
         config = SFTConfig(output_dir=str(out), num_train_epochs=args.num_train_epochs,
                            per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
                            lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10, save_strategy="no",
                            report_to=[] if args.report_to == "none" else [args.report_to], use_cpu=True,
                            gradient_checkpointing=False, seed=args.seed, max_length=512)
-        train(script, ModelArgs(), LoraArgs(), config)
+        train(script, ModelArgs(), LoraArgs(use_lora=args.use_lora), config)
         return out
 
     return run

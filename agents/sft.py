@@ -8,7 +8,7 @@ dataclasses below, then ``--config file.yaml``, then ``--key value`` overrides; 
 
 from __future__ import annotations
 
-import os
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,8 @@ class SFTScriptArgs:
     train_errors: bool = field(default=False, metadata={"help": "Also train the error tokens (the unmasked ablation)."})
     hard_attention: bool = field(default=False, metadata={"help": "retry layout: hide deleted groups."})
     rewind_positions: bool = field(default=False, metadata={"help": "retry layout: positions rewind over deletions."})
+    resume: bool = field(default=True, metadata={
+        "help": "Resume from the newest checkpoint in output_dir when there is one (false: start afresh)."})
 
 
 class MaskedErrorSFTTrainer(SFTTrainer):
@@ -141,14 +143,17 @@ def train(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: 
     """Train (resuming from the newest checkpoint in ``output_dir`` when there is one) and save the policy."""
     save_config(Path(config.output_dir) / "config.yaml", script, model_args, lora, config)
     resume = config.resume_from_checkpoint
-    if resume is None and config.save_strategy != "no" and os.environ.get("HALLUC_RL_NO_RESUME") != "1":
+    if resume is None and script.resume:
         resume = last_checkpoint(config.output_dir)
     if resume:
         check_same_base(resume, model_args.model_name_or_path)
     trainer = build_trainer(script, model_args, lora, config)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)  # the adapter (with the backtrack rows) or the full model
-    trainer.processing_class.save_pretrained(config.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(config.output_dir)
+        history = Path(config.output_dir) / "log_history.json"
+        history.write_text(json.dumps(trainer.state.log_history, indent=1))
     return trainer
 
 

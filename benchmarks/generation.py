@@ -5,7 +5,8 @@ as its last line, one JSON object with the figures and their ratios:
 
     python benchmarks/generation.py [--repeats 3] [--new-tokens 128]
 
-Figures: tokens (actions) per second, best of ``--repeats`` runs after a warm-up.
+Figures: tokens (actions) per second, best of ``--repeats`` runs after a warm-up, the candidates timed round-robin
+so that drift in the machine's speed hits them alike.
 * ``speedup_vs_generate_b{1,32}``: ours with no backtrack fired / ``model.generate``.
 * ``backtrack_cost_ratio``: seconds per action with 25% of actions forced to be backtracks (rows differing) /
   seconds per action with none, batch 32.
@@ -50,13 +51,22 @@ def make_prompts(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+    """Best of ``repeats`` timed calls after a warm-up."""
+    return best_times({"fn": fn}, repeats)["fn"]
+
+
+def best_times(fns: dict, repeats: int) -> dict[str, float]:
+    """Best time of each function, measured round-robin (one call of each per round) so that drift in the
+    machine's speed hits every candidate alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 @torch.no_grad()
@@ -121,12 +131,15 @@ def measure(model, batch: int, steps: int, repeats: int) -> dict[str, float]:
     forced = torch.where(torch.rand(batch, steps, generator=g) < 0.25, BT, -1)  # rows differ
     forced[:, :4] = -1  # let every row write a few tokens first
     n = batch * steps
-    t_gen = best_time(lambda: model.generate(**enc, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                             pad_token_id=PAD, eos_token_id=None, suppress_tokens=[BT]), repeats)
-    t_ours = best_time(lambda: generate(model, tok, enc, backtrack_id=BT, **no_bt), repeats)
-    t_floor = best_time(lambda: plain_loop(model, ids, mask, steps), repeats)
-    t_bt = best_time(lambda: generate(model, tok, enc, backtrack_id=BT, forced_actions=forced, **no_bt), repeats)
-    t_naive = best_time(lambda: naive_reencode(model, ids, mask, forced, steps), repeats)
+    t = best_times({
+        "generate": lambda: model.generate(**enc, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                           pad_token_id=PAD, eos_token_id=None, suppress_tokens=[BT]),
+        "ours": lambda: generate(model, tok, enc, backtrack_id=BT, **no_bt),
+        "floor": lambda: plain_loop(model, ids, mask, steps),
+        "bt": lambda: generate(model, tok, enc, backtrack_id=BT, forced_actions=forced, **no_bt),
+    }, repeats)
+    t_gen, t_ours, t_floor, t_bt = t["generate"], t["ours"], t["floor"], t["bt"]
+    t_naive = best_time(lambda: naive_reencode(model, ids, mask, forced, steps), max(1, repeats // 2))
     return {
         "generate_tok_s": n / t_gen,
         "ours_tok_s": n / t_ours,
@@ -142,7 +155,7 @@ def measure(model, batch: int, steps: int, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parser.parse_args()
     steps = args.new_tokens

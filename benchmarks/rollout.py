@@ -3,7 +3,7 @@
 Tiny Llama policy (about 2.6M parameters, as in benchmarks/generation.py), batch 32, 128 actions with 25% of
 actions forced to be backtracks (rows differing):
 
-    python benchmarks/rollout.py [--repeats 3]
+    python benchmarks/rollout.py [--repeats 5]
 
 * ``rollout_vs_generation``: env steps (actions) per second of :func:`halluc_rl.rollout.rollout` with the rule
   grader / tokens per second of plain generation (no backtracks, same model, batch, length). Target >= 0.9.
@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation import BT, VOCAB, _Tok, best_time, make_prompts, plain_loop  # noqa: E402
+from generation import BT, VOCAB, _Tok, best_time, best_times, make_prompts, plain_loop  # noqa: E402
 
 from halluc_rl.data.tasks import Problem  # noqa: E402
 from halluc_rl.generation import generate  # noqa: E402
@@ -36,7 +36,7 @@ from halluc_rl.rollout import rollout  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=128)
     args = parser.parse_args()
@@ -57,11 +57,13 @@ def main() -> None:
     def run(mixer):
         return rollout(policy, tok, problems, mixer, prompt_ids=prompts, forced_actions=forced, backtrack_id=BT, **kw)
 
-    t_gen = best_time(lambda: generate(policy, tok, {"input_ids": ids, "attention_mask": mask}, backtrack_id=BT,
-                                       **kw), args.repeats)
-    t_roll = best_time(lambda: run(RewardMixer([RuleGrader()])), args.repeats)
-    t_prm = best_time(lambda: run(RewardMixer([RuleGrader(), HFProcessReward(prm_model)])), args.repeats)
-    t_prm_fwd = best_time(lambda: plain_loop(prm_model, ids, mask, args.steps), args.repeats)
+    t = best_times({
+        "gen": lambda: generate(policy, tok, {"input_ids": ids, "attention_mask": mask}, backtrack_id=BT, **kw),
+        "roll": lambda: run(RewardMixer([RuleGrader()])),
+        "prm": lambda: run(RewardMixer([RuleGrader(), HFProcessReward(prm_model)])),
+        "prm_fwd": lambda: plain_loop(prm_model, ids, mask, args.steps),
+    }, args.repeats)
+    t_gen, t_roll, t_prm, t_prm_fwd = t["gen"], t["roll"], t["prm"], t["prm_fwd"]
 
     @torch.no_grad()
     def naive_prm_one_step():  # re-encode every row's full prefix once, as a naive PRM would after each action

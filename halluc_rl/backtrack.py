@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+import numpy as np
 import torch
 
 BACKTRACK_TOKEN = "<|BACKTRACK|>"
@@ -219,7 +220,8 @@ class RewindLayout:
 
     * ``input_ids[i]`` is a typed token (prompt, correct, error or correction; backtrack tokens are never inputs);
     * ``position_ids[i]`` is its index in the visible text when it was typed;
-    * ``ancestors[i]`` are the flat indices it may attend to: the visible tokens before it (and itself);
+    * ``parents[i]`` is the flat index of the visible token just before it (-1 for the first): it may attend to
+      its parent's chain and itself, the visible text when it was typed (:func:`ancestor_mask`);
     * ``labels[i + 1] = t`` trains action ``t`` from the state whose last visible token is flat token ``i``
       (Hugging Face models shift labels by one), so the loss on every action uses exactly the logits generation
       computes for that state. ``-100`` elsewhere.
@@ -227,7 +229,7 @@ class RewindLayout:
 
     input_ids: list[int]
     position_ids: list[int]
-    ancestors: list[list[int]]
+    parents: list[int]
     labels: list[int]
 
 
@@ -242,7 +244,7 @@ def rewind_layout(actions: Sequence[int], trained: Sequence[bool], backtrack_id:
         raise ValueError("the action stream needs at least one prompt token to predict the first action from")
     ids: list[int] = []
     pos: list[int] = []
-    anc: list[list[int]] = []
+    parents: list[int] = []
     targets: dict[int, int] = {}  # predictor flat index -> trained action
     stack: list[int] = []  # flat indices of the visible tokens, prompt included
     for k, action in enumerate(actions):
@@ -252,15 +254,29 @@ def rewind_layout(actions: Sequence[int], trained: Sequence[bool], backtrack_id:
             if len(stack) > prompt_length:  # never into the prompt (a failed backtrack is a no-op)
                 stack.pop()
             continue
-        anc.append([*stack, len(ids)])
+        parents.append(stack[-1] if stack else -1)
         pos.append(len(stack))
         stack.append(len(ids))
         ids.append(int(action))
     if max(targets, default=-1) + 1 >= len(ids):  # the last token predicts something: give its label a slot
-        anc.append([len(ids)])
+        parents.append(-1)  # a padding slot: it sees only itself
         pos.append(pos[-1] + 1)
         ids.append(pad_id)
     labels = [ignore_index] * len(ids)
     for predictor, target in targets.items():
         labels[predictor + 1] = target
-    return RewindLayout(ids, pos, anc, labels)
+    return RewindLayout(ids, pos, parents, labels)
+
+
+def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
+    """Boolean [L, L] matrix, True where token i may attend to token j: j is i itself or on its parent chain.
+
+    One row copy per token (a token sees what its parent saw, plus itself): O(L) NumPy operations, no O(L^2) Python.
+    """
+    n = len(parents)
+    allowed = np.zeros((n, n), dtype=bool)  # [L, L]
+    for i, parent in enumerate(parents):  # parents come before their children
+        if parent >= 0:
+            allowed[i] = allowed[parent]
+        allowed[i, i] = True
+    return allowed

@@ -167,7 +167,6 @@ class _LoopGuard:
                 scores[b, tokens] = float("-inf")
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -184,7 +183,20 @@ def generate(
 
     ``forced_actions`` [B, S] (-1 = let the model choose) replaces the model's choice where set: teacher forcing,
     replaying an episode, or benchmarking a fixed backtrack pattern. Keyword ``overrides`` update ``config``.
+    Runs under ``torch.inference_mode``; the returned tensors are ordinary copies that trainers may use in autograd.
     """
+    with torch.inference_mode():
+        out = _generate(model, tokenizer, prompts, config, backtrack_id=backtrack_id, forced_actions=forced_actions,
+                        generator=generator, callbacks=callbacks, **overrides)
+    for name in ("actions", "kinds", "deleted", "positions", "num_backtracks", "num_deleted", "num_failed", "finished",
+                 "logprobs"):
+        value = getattr(out, name)
+        if value is not None:
+            setattr(out, name, value.clone())  # inference tensors cannot be saved for backward; copies can
+    return out
+
+
+def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions, generator, callbacks, **overrides):
     unknown = set(overrides) - {f.name for f in fields(BacktrackGenerationConfig)}
     if unknown:
         raise TypeError(f"unknown generation option(s): {sorted(unknown)}; see BacktrackGenerationConfig")

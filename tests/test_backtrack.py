@@ -103,3 +103,40 @@ def test_batched_capacity_is_checked():
     state.step(torch.tensor([3]))
     with pytest.raises(ValueError, match="full"):
         state.step(torch.tensor([4]))
+
+
+def test_rewind_layout_replays_the_stack():
+    from halluc_rl.backtrack import ancestor_mask, rewind_layout
+
+    # prompt 10 11 | correct 12 | error 20 21 | BT BT | correction 13 2
+    acts = [10, 11, 12, 20, 21, BT, BT, 13, 2]
+    trained = [False, False, True, False, False, True, True, True, True]
+    lay = rewind_layout(acts, trained, BT, prompt_length=2)
+    assert lay.input_ids == [10, 11, 12, 20, 21, 13, 2]  # no backtrack inputs
+    assert lay.position_ids == [0, 1, 2, 3, 4, 3, 4]
+    assert lay.parents == [-1, 0, 1, 2, 3, 2, 5]
+    # labels[i + 1] = the action taken from the state ending at flat token i
+    assert lay.labels == [-100, -100, 12, 13, BT, BT, 2]
+    mask = ancestor_mask(lay.parents)
+    assert mask[5].tolist() == [True, True, True, False, False, True, False]  # 13 sees prompt + 12, not the errors
+    assert mask[6].tolist() == [True, True, True, False, False, True, True]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=40))
+def test_rewind_layout_states_are_the_visible_prefixes(response):
+    """Every flat token's ancestor chain is exactly the visible text when it was typed."""
+    from halluc_rl.backtrack import ancestor_mask, rewind_layout
+
+    prompt = [7, 8]
+    acts = prompt + response
+    lay = rewind_layout(acts, [True] * len(acts), BT, prompt_length=2)
+    mask = ancestor_mask(lay.parents)
+    flat = 0
+    for k, a in enumerate(acts):
+        if a == BT and k >= 2:
+            continue
+        visible = prompt[:k] if k < 2 else prompt + apply_actions(response[: k - 2], BT).visible_ids
+        assert [lay.input_ids[j] for j in range(len(lay.input_ids)) if mask[flat, j]] == visible + [a]
+        assert lay.position_ids[flat] == len(visible)
+        flat += 1

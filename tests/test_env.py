@@ -183,3 +183,18 @@ def test_rollout_driver_matches_the_env(tokenizer):
         assert info["text"] == ro.texts[b]
         torch.testing.assert_close(torch.tensor(rewards), ro.rewards[b][ro.action_mask[b]], atol=1e-4, rtol=0)
     assert ro.logprobs.shape == ro.actions.shape
+
+
+def test_default_env_needs_no_arguments_and_no_network(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    env = gym.make("Backtrack-Arithmetic-v0")  # the embedded tokenizer, the offline task
+    obs, info = env.reset(seed=0)
+    assert obs["prompt_length"] > 0 and info["answer"].isdigit()
+    env.step(env.unwrapped.backtrack_id)
+    check_env(env.unwrapped, skip_render_check=True)
+
+
+def test_gsm8k_from_the_hub_offline_names_the_local_option(monkeypatch, tokenizer):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="data_files"):
+        gym.make("Backtrack-GSM8K-v0", tokenizer=tokenizer)

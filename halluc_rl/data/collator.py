@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from halluc_rl.backtrack import rewind_layout
+from halluc_rl.backtrack import ancestor_mask, rewind_layout
 from halluc_rl.data.errors import Span, normalize_spans, spans_labels_mask
 
 IGNORE_INDEX = -100
@@ -169,9 +169,7 @@ class MaskedErrorCollator:
             labels[b, :n] = torch.tensor(lay.labels)
             positions[b, :n] = torch.tensor(lay.position_ids)
             positions[b, n:] = torch.arange(lay.position_ids[-1] + 1, lay.position_ids[-1] + 1 + width - n)
-            rows = torch.tensor([i for i, anc in enumerate(lay.ancestors) for _ in anc])
-            cols = torch.tensor([j for anc in lay.ancestors for j in anc])
-            allowed[b, rows, cols] = True
+            allowed[b, :n, :n] = torch.from_numpy(ancestor_mask(lay.parents))
         out = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
         out["attention_mask"] = self._mask_tensor(allowed.unsqueeze(1))  # [B, 1, L, L]
         return out

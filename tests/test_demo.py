@@ -1,0 +1,65 @@
+"""End to end: the demo and multi-process SFT. Short versions by default; HALLUC_RL_FULL=1 runs them in full."""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FULL
+
+demo = importlib.import_module("halluc_rl.agents.demo")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "demo"
+    argv = ["--output_dir", str(out)]
+    if not FULL:  # CI: the same pipeline on a handful of problems
+        argv += ["--num_train_problems", "64", "--num_eval_problems", "8", "--num_samples", "1",
+                 "--num_train_epochs", "1", "--batch_size", "16"]
+    assert demo.main(argv) == 0
+    report = json.loads((out / "results.json").read_text())["results"]
+    assert list(report) == ["base", "plain_sft", "backtrack_sft"]
+    for stage in report.values():
+        for key in ("accuracy_greedy", "accuracy_sampled", "backtrack_rate", "backtrack_precision",
+                    "false_backtrack_rate"):
+            assert key in stage
+        assert 0.0 <= stage["accuracy_greedy"] <= 1.0
+    assert (out / "results.md").read_text().count("|") > 20
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "backtrack_sft" / "adapter_model.safetensors").exists()
+
+
+def _sft(tmp_path, name, processes, per_device):
+    out = tmp_path / name
+    args = ["--config", "configs/sft_tiny.yaml", "--output_dir", str(out), "--report_to", "none",
+            "--num_train_problems", "64", "--max_steps", "4" if not FULL else "20",
+            "--per_device_train_batch_size", str(per_device), "--logging_steps", "1", "--save_strategy", "no",
+            "--disable_tqdm", "true", "--dataloader_drop_last", "true", "--resume", "false"]
+    if processes == 1:
+        cmd = [sys.executable, "-m", "halluc_rl.agents.sft", *args]
+    else:
+        cmd = [shutil.which("accelerate"), "launch", "--cpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "halluc_rl.agents.sft", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+
+
+@pytest.mark.slow
+def test_two_processes_through_accelerate_match_one(tmp_path):
+    """accelerate launch --num_processes 2 on CPU (gloo): the same global batch gives the same loss curve."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate's launcher is not on PATH")
+    one = _sft(tmp_path, "one", 1, 8)
+    two = _sft(tmp_path, "two", 2, 4)
+    assert len(one) == len(two) > 0
+    assert two == pytest.approx(one, rel=0.02, abs=0.02)
