@@ -35,12 +35,15 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatch):
     assert (out / "backtrack_sft" / "adapter_model.safetensors").exists()
 
 
-def _sft(tmp_path, name, processes, per_device):
+def _sft(tmp_path, name, processes):
+    """Loss curve of a short SFT run. Global batches of 8; with several processes each batch is split between them
+    (``split_batches``), so every step sees the same examples as the single-process run."""
     out = tmp_path / name
     args = ["--config", "configs/sft_tiny.yaml", "--output_dir", str(out), "--report_to", "none",
-            "--num_train_problems", "64", "--max_steps", "4" if not FULL else "20",
-            "--per_device_train_batch_size", str(per_device), "--logging_steps", "1", "--save_strategy", "no",
-            "--disable_tqdm", "true", "--dataloader_drop_last", "true", "--resume", "false"]
+            "--num_train_problems", "64" if not FULL else "320", "--max_steps", "4" if not FULL else "20",
+            "--per_device_train_batch_size", "8", "--accelerator_config", '{"split_batches": true}',
+            "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true",
+            "--dataloader_drop_last", "true", "--resume", "false"]
     if processes == 1:
         cmd = [sys.executable, "-m", "halluc_rl.agents.sft", *args]
     else:
@@ -59,7 +62,7 @@ def test_two_processes_through_accelerate_match_one(tmp_path):
     """accelerate launch --num_processes 2 on CPU (gloo): the same global batch gives the same loss curve."""
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate's launcher is not on PATH")
-    one = _sft(tmp_path, "one", 1, 8)
-    two = _sft(tmp_path, "two", 2, 4)
+    one = _sft(tmp_path, "one", 1)
+    two = _sft(tmp_path, "two", 2)
     assert len(one) == len(two) > 0
-    assert two == pytest.approx(one, rel=0.02, abs=0.02)
+    assert two == pytest.approx(one, rel=1e-3, abs=1e-3)  # the same curve, up to float reduction order

@@ -161,7 +161,7 @@ def test_evaluate_policy_grades_and_masks_backtracking(tokenizer):
     assert res["tokens_per_solved"] == pytest.approx(18 / 2)
     assert res["backtrack_rate"] == 0.0 and res["truncated_rate"] == 1.0 and res["mean_actions"] == 6
 
-    handle = _bias_head(model, {seven: 100.0, bt: 200.0})  # backtracks on an empty response until masked
+    handle = _bias_head(model, {seven: 100.0, bt: 200.0})  # deletes every token it types
     try:
         res = evaluate_policy(model, tokenizer, problems, **kw)
     finally:
@@ -169,8 +169,12 @@ def test_evaluate_policy_grades_and_masks_backtracking(tokenizer):
     assert res["accuracy_greedy"] == 0.0 and res["accuracy_sampled"] == 0.0
     assert res["accuracy_greedy_no_backtrack"] == pytest.approx(2 / 3)
     assert res["accuracy_sampled_no_backtrack"] == pytest.approx(2 / 3)
-    assert res["backtrack_rate"] == 1.0 and res["sampled_backtrack_rate"] == 1.0
-    assert res["failed_backtracks"] == 6 and res["num_deletions"] == 0
+    # type, delete, type, delete...: a backtrack on the empty response would be a no-op, so decoding never picks one
+    # it alternates type / delete (at most half its actions are backtracks; a row may stop early on EOS once its
+    # tokens are banned), and never picks a no-op backtrack on the empty response
+    for prefix in ("", "sampled_"):
+        assert 0.3 < res[f"{prefix}backtrack_rate"] <= 0.5
+        assert res[f"{prefix}failed_backtracks"] == 0 and res[f"{prefix}num_deletions"] >= 6
     assert res["tokens_per_solved"] is None
 
 
@@ -184,14 +188,14 @@ def test_evaluate_policy_sampling_is_seeded_and_matches_generate(tokenizer):
     try:
         a = evaluate_policy(model, tokenizer, problems, seed=0, **kw)
         b = evaluate_policy(model, tokenizer, problems, seed=0, **kw)
-        c = evaluate_policy(model, tokenizer, problems, seed=1, **kw)
+        others = [evaluate_policy(model, tokenizer, problems, seed=seed, **kw) for seed in (1, 2)]
         refs = [encode_problem(p, tokenizer) for p in problems]
         greedy = generate(model, tokenizer, [p for p, _ in refs], max_new_tokens=12, loop_guard=1)
     finally:
         handle.remove()
     assert a == b
     sampled = ("sampled_backtrack_rate", "sampled_num_deletions", "sampled_failed_backtracks")
-    assert [a[k] for k in sampled] != [c[k] for k in sampled]
+    assert len({tuple(r[k] for k in sampled) for r in (a, *others)}) > 1  # other seeds, other samples
     assert 0.1 < a["sampled_backtrack_rate"] < 0.6 and a["sampled_num_deletions"] > 5
     assert a["sampled_backtrack_precision"] == 1.0  # nothing typed is on the reference (" ####..."): all precise
     assert a["sampled_false_backtrack_rate"] is None
