@@ -136,29 +136,53 @@ class IncrementalScorer:
 class HFProcessReward:
     """A process reward model from Hugging Face, kept incremental (see :class:`IncrementalScorer`).
 
-    ``mode="delta"`` (default) rewards each action with the change of the prefix score, potential-based shaping
-    (Ng, Harada & Russell 1999: r_t = Phi(s_{t+1}) - Phi(s_t)), so deleting a token the PRM dislikes earns back what
-    typing it lost and the episode's sum is the final score minus the prompt's. ``mode="raw"`` rewards each action
-    with the new prefix's score.
+    The potential Phi(s) of a state is the PRM's score of its visible prefix: of every token by default, or with
+    ``step_token_ids`` (say, the newline ids) of the last completed *step*, the longest visible prefix ending in one
+    of those tokens (the prompt's score before the first). ``mode="delta"`` (default) rewards each action with
+    Phi(s_{t+1}) - Phi(s_t), potential-based shaping (Ng, Harada & Russell 1999), so deleting what the PRM dislikes
+    earns back what typing it lost and an episode's sum is the final potential minus the prompt's. ``mode="raw"``
+    rewards each action with Phi(s_{t+1}).
     """
 
     kind = "process"
 
     def __init__(self, model, name: str = "prm", mode: Literal["delta", "raw"] = "delta", label: int = 1,
-                 transform: Literal["sigmoid", "identity"] = "sigmoid"):
+                 transform: Literal["sigmoid", "identity"] = "sigmoid", step_token_ids: Sequence[int] | None = None):
         if mode not in ("delta", "raw"):
             raise ValueError(f"mode must be 'delta' or 'raw', got {mode!r}")
         self.name, self.mode = name, mode
         self.scorer = IncrementalScorer(model, label=label, transform=transform)
+        self.step_token_ids = None if step_token_ids is None else torch.tensor(sorted(set(step_token_ids)))
+        self._steps: list[list[tuple[int, float]]] = []  # per row: (visible length, score) at each completed step
+        self.potential: torch.Tensor | None = None  # [B]
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        self.scorer.start(input_ids, attention_mask)
+        prompt_score = self.scorer.start(input_ids, attention_mask).cpu()
+        self.potential = prompt_score.clone()
+        self._steps = [[(0, float(score))] for score in prompt_score]
+
+    def _step_potential(self, event, scores: torch.Tensor) -> torch.Tensor:
+        """Phi per row: push a step when a delimiter is typed, pop the steps a deletion undoes."""
+        kinds = event.kinds.cpu()
+        typed = (kinds == int(ActionKind.APPEND)) & torch.isin(event.actions.cpu(), self.step_token_ids)
+        changed = typed | (kinds == int(ActionKind.DELETE))
+        lengths = event.state.lengths.cpu()
+        for b in torch.nonzero(changed).flatten().tolist():
+            stack = self._steps[b]
+            while stack[-1][0] > int(lengths[b]):
+                stack.pop()
+            if typed[b]:
+                stack.append((int(lengths[b]), float(scores[b])))
+        return torch.tensor([stack[-1][1] for stack in self._steps])
 
     def step(self, event) -> torch.Tensor:
-        before = self.scorer.current.clone()
-        after = self.scorer.follow(event)
+        scores = self.scorer.follow(event).cpu()  # the cache follows every action, step delimiter or not
+        before = self.potential
+        after = scores if self.step_token_ids is None else self._step_potential(event, scores)
+        active = event.active.cpu()
+        self.potential = torch.where(active, after, before)
         reward = after - before if self.mode == "delta" else after
-        return torch.where(event.active, reward, 0.0).cpu()
+        return torch.where(active, reward, 0.0)
 
 
 @dataclass

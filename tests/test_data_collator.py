@@ -16,13 +16,7 @@ CLEAN = {"input_ids": [10, 12, 22, 2], "spans": [("prompt", 0, 2), ("correct", 2
 X = -100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes several threads much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_default_padding_and_labels():

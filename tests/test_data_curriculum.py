@@ -1,7 +1,6 @@
 from collections import Counter
 
 import pytest
-import torch
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from halluc_rl.data.collator import MaskedErrorCollator
@@ -13,13 +12,7 @@ from tests.conftest import make_model
 PROBLEMS = ArithmeticTask(seed=2).problems("train", 60)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes several threads much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _errors_per_example(dataset: CurriculumDataset) -> Counter:

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.data.errors import (
@@ -19,13 +18,7 @@ from tests.conftest import make_model
 PROBLEMS = ArithmeticTask(seed=1).problems("train", 24)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine makes several threads much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _errors_with_positions(example: BacktrackExample) -> list[tuple[int, list[int]]]:

@@ -198,3 +198,25 @@ def test_gsm8k_from_the_hub_offline_names_the_local_option(monkeypatch, tokenize
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError, match="data_files"):
         gym.make("Backtrack-GSM8K-v0", tokenizer=tokenizer)
+
+
+def test_prm_scores_steps_when_given_step_tokens(tokenizer):
+    """With step_token_ids, the potential is the score of the last completed step; deleting a step's end undoes it."""
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    prm = HFProcessReward(tiny_prm(tokenizer, seed=1), mode="raw", step_token_ids=[newline])
+    env = arithmetic_env(tokenizer, rewards=[prm], max_new_tokens=12)
+    bt = backtrack_token_id(tokenizer)
+    env.reset(seed=0)
+    prompt = env.unwrapped.encode_prompt(env.unwrapped.problem)
+    prompt_score = prm.scorer.rescore(prompt)
+    seen = []
+    for action in [7, 8, newline, 9, bt, bt, bt, 10]:
+        _, _, _, _, info = env.step(action)
+        seen.append(info["reward_parts"]["prm"])
+    step_score = prm.scorer.rescore(prompt + [7, 8, newline])
+    # before the first newline: the prompt's score; after it (and after typing/deleting 9): the step's score;
+    # deleting the newline falls back to the prompt's score
+    assert seen[:2] == pytest.approx([prompt_score] * 2, abs=1e-4)
+    assert seen[2:5] == pytest.approx([step_score] * 3, abs=1e-4)
+    assert seen[5:] == pytest.approx([prompt_score] * 3, abs=1e-4)
+    assert step_score != pytest.approx(prompt_score, abs=1e-4)

@@ -18,12 +18,7 @@ from tests.conftest import make_model
 sft = importlib.import_module("halluc_rl.agents.sft")  # agents/ is mapped into the package
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
