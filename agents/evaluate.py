@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 from halluc_rl.config import parse_config, save_config
-from halluc_rl.data.tasks import ArithmeticTask, Problem, load_gsm8k
+from halluc_rl.data import tasks
+from halluc_rl.data.tasks import TASKS, Problem
 from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
-
-TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
 
 
 @dataclass
@@ -58,16 +57,7 @@ class EvalArgs:
 
 def load_problems(args: EvalArgs) -> list[Problem]:
     """The first ``num_problems`` problems of the task's split."""
-    if args.num_problems < 0:
-        raise ValueError(f"num_problems must be >= 0, got {args.num_problems}")
-    if args.task == "arithmetic":
-        if args.num_problems == 0:
-            raise ValueError("the arithmetic task is endless: give num_problems > 0")
-        return ArithmeticTask().problems(args.split, args.num_problems)
-    if args.task == "gsm8k":
-        problems = load_gsm8k(args.split, data_files=args.data_files)
-        return problems if args.num_problems == 0 else problems[: args.num_problems]
-    raise ValueError(f"unknown task {args.task!r}; use one of {TASKS}")
+    return tasks.load_problems(args.task, args.split, args.num_problems, args.data_files)
 
 
 def load_eval_policy(policy: str):

@@ -18,7 +18,7 @@ from halluc_rl.config import LoraArgs, ModelArgs, parse_config, save_config
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
 from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
-from halluc_rl.data.tasks import ArithmeticTask, load_gsm8k
+from halluc_rl.data.tasks import load_problems
 from halluc_rl.modeling import check_same_base, load_model_and_tokenizer, make_lora_model
 
 
@@ -28,7 +28,7 @@ class SFTScriptArgs:
 
     task: str = field(default="arithmetic", metadata={"help": "arithmetic (offline) or gsm8k."})
     data_files: str | None = field(default=None, metadata={"help": "Local GSM8K jsonl/parquet path (None: the Hub)."})
-    num_train_problems: int = field(default=2000, metadata={"help": "Training problems (0: the whole split)."})
+    num_train_problems: int = field(default=2000, metadata={"help": "Training problems (0: all of GSM8K's split)."})
     task_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task."})
     error_source: str = field(default="plausible", metadata={"help": "random, plausible, self or none (plain SFT)."})
     error_rate: float = field(default=0.5, metadata={"help": "Share of examples that get errors."})
@@ -41,7 +41,7 @@ class SFTScriptArgs:
                                              metadata={"help": "Epochs (or steps) where the next cap starts."})
     curriculum_unit: str = field(default="epoch", metadata={"help": "epoch or step."})
     layout: str = field(default="rewind", metadata={"help": "rewind (what generation sees) or retry (in-context)."})
-    train_errors: bool = field(default=False, metadata={"help": "Also train the error tokens (the unmasked ablation)."})
+    train_errors: bool = field(default=False, metadata={"help": "retry layout: also train the error tokens (ablation)."})
     hard_attention: bool = field(default=False, metadata={"help": "retry layout: hide deleted groups."})
     rewind_positions: bool = field(default=False, metadata={"help": "retry layout: positions rewind over deletions."})
     resume: bool = field(default=True, metadata={
@@ -62,17 +62,6 @@ class MaskedErrorSFTTrainer(SFTTrainer):
 
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
-
-
-def load_problems(script: SFTScriptArgs, split: str = "train") -> list:
-    """Training problems of the configured task."""
-    n = script.num_train_problems
-    if script.task == "arithmetic":
-        return ArithmeticTask(seed=script.task_seed).problems(split, n or 2000)
-    if script.task == "gsm8k":
-        problems = load_gsm8k(split, data_files=script.data_files)
-        return problems[:n] if n else problems
-    raise ValueError(f"unknown task {script.task!r}; use arithmetic or gsm8k")
 
 
 def make_error_source(script: SFTScriptArgs, model, seed: int):
@@ -99,7 +88,7 @@ def curriculum_dataset(curriculum_ds: CurriculumDataset):
     base = datasets.Dataset.from_dict({"index": list(range(len(curriculum_ds)))})
 
     def build(batch: dict) -> dict:
-        rows = [curriculum_ds[i] for i in batch["index"]]
+        rows = curriculum_ds.features(batch["index"])
         return {"input_ids": [r["input_ids"] for r in rows], "spans": [r["spans"] for r in rows]}
 
     base.set_transform(build)
@@ -108,8 +97,8 @@ def curriculum_dataset(curriculum_ds: CurriculumDataset):
 
 def last_checkpoint(output_dir: str) -> str | None:
     """The newest ``checkpoint-N`` under ``output_dir`` (None if there is none)."""
-    ckpts = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
 
 
 def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> SFTTrainer:
@@ -120,14 +109,20 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     model, tokenizer, bt = load_model_and_tokenizer(
         model_args.model_name_or_path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code,
         revision=model_args.revision)
-    problems = load_problems(script)
+    if config.dataloader_num_workers > 0:
+        raise ValueError(
+            "dataloader_num_workers must be 0: the curriculum's cap lives in the main process (workers would keep "
+            "a stale copy) and self-generated errors sample from the model there"
+        )
+    problems = load_problems(script.task, "train", script.num_train_problems, script.data_files, seed=script.task_seed)
     source = make_error_source(script, model, config.seed)
     curriculum = Curriculum(caps=tuple(script.curriculum_caps), boundaries=tuple(script.curriculum_boundaries),
                             unit=script.curriculum_unit)
     curriculum_ds = CurriculumDataset(problems, tokenizer, source, curriculum)
     collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id, train_errors=script.train_errors,
                                    layout=script.layout, hard_attention=script.hard_attention,
-                                   rewind_positions=script.rewind_positions, max_length=config.max_length)
+                                   rewind_positions=script.rewind_positions, max_length=config.max_length,
+                                   mask_dtype=model.dtype)  # an additive 4D mask in the model's dtype (bf16 on GPU)
     if lora.use_lora:
         model = make_lora_model(model, lora, bt)
     config.remove_unused_columns = False  # the collator needs `spans`

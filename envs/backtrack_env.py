@@ -11,7 +11,7 @@ import torch
 from gymnasium import spaces
 
 from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, backtrack_token_id
-from halluc_rl.data.tasks import ArithmeticTask, Problem, encode_problem, format_prompt, load_gsm8k
+from halluc_rl.data.tasks import Problem, encode_problem, format_prompt, load_problems
 from halluc_rl.generation import StepEvent
 from halluc_rl.rewards import RewardMixer, RewardSpec, Shaping
 
@@ -107,8 +107,8 @@ class BacktrackEnv(gym.Env):
         self.backtrack_id = backtrack_token_id(tokenizer)
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.problems = list(problems) if problems is not None else _load_problems(
-            task, split, data_files, num_problems, task_kwargs or {})
+        self.problems = list(problems) if problems is not None else load_problems(
+            task, split, num_problems if task == "arithmetic" else 0, data_files, **(task_kwargs or {}))
         if not self.problems:
             raise ValueError(f"no problems in split {split!r} of task {task!r}")
         self.prompt_format = prompt_format
@@ -134,7 +134,9 @@ class BacktrackEnv(gym.Env):
         """Prompt ids of ``problem`` in the library's one prompt format (or ``prompt_format``)."""
         if self.prompt_format is None:
             return encode_problem(problem, self.tokenizer)[0]
-        return self.tokenizer(self.prompt_format(problem.question, self.tokenizer))["input_ids"]
+        text = self.prompt_format(problem.question, self.tokenizer)
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
     @property
     def visible_ids(self) -> list[int]:
@@ -171,7 +173,9 @@ class BacktrackEnv(gym.Env):
         index = (options or {}).get("index")
         if index is None:
             index = int(self.np_random.integers(len(self.problems)))
-        self.problem = self.problems[int(index) % len(self.problems)]
+        if not 0 <= int(index) < len(self.problems):
+            raise ValueError(f"options['index']={index} is out of range: this split has {len(self.problems)} problems")
+        self.problem = self.problems[int(index)]
         self._prompt = self.encode_prompt(self.problem)
         if len(self._prompt) > self.max_prompt_tokens:
             raise ValueError(
@@ -215,11 +219,3 @@ class BacktrackEnv(gym.Env):
         if self.render_mode == "ansi":
             return f"{format_prompt(self.problem.question, self.tokenizer)}{self.text}"
         return None
-
-
-def _load_problems(task: str, split: str, data_files, num_problems: int, task_kwargs: dict) -> list[Problem]:
-    if task == "arithmetic":
-        return ArithmeticTask(**task_kwargs).problems(split, num_problems)
-    if task == "gsm8k":
-        return load_gsm8k(split, data_files=data_files)
-    raise ValueError(f"unknown task {task!r}; use 'arithmetic' or 'gsm8k'")

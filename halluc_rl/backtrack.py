@@ -108,6 +108,7 @@ class BacktrackState:
         self.backtrack_id = int(backtrack_id)
         self.max_length = max_length
         self._visible: list[int] = []
+        self.deleted_ids: list[int] = []
         self.num_backtracks = 0
         self.num_deleted = 0
         self.num_failed = 0
@@ -141,11 +142,13 @@ class BacktrackState:
         if not self._visible:
             raise IndexError("cannot pop from an empty response: backtracks never delete into the prompt")
         token = self._visible.pop()
+        self.deleted_ids.append(token)
         self.num_deleted += 1
         return StepOutcome(ActionKind.DELETE, self.backtrack_id, token, len(self._visible))
 
     def result(self) -> BacktrackResult:
-        return BacktrackResult(self.visible_ids, self.num_backtracks, self.num_deleted, self.num_failed)
+        return BacktrackResult(self.visible_ids, self.num_backtracks, self.num_deleted, self.num_failed,
+                               list(self.deleted_ids))
 
 
 def correction_actions(

@@ -75,7 +75,8 @@ class RewindableCache:
         self.cache = cache if cache is not None else DynamicCache(config=model.config)
         self.cache.activate_past_recording()
         self.sliding = any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
-        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
+        self._keep_arg = "logits_to_keep" in inspect.signature(inner.forward).parameters
         self._mask: torch.Tensor | None = None  # [B, T] 1 = live slot; None while every slot is live
         self._width = 0  # T, the number of slots
         self.compact_min_holes = compact_min_holes

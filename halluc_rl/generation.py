@@ -47,7 +47,10 @@ class BacktrackGenerationConfig:
     eos_token_id: int | list[int] | None = None
     """Stop tokens (default: the tokenizer's EOS). The stop token is kept in the visible ids, as generate does."""
     return_logprobs: bool = False
-    """Also return the log-prob of each action under ``softmax(logits / temperature)`` (what trainers recompute)."""
+    """Also return each action's log-prob under ``softmax(logits / temperature)``, the usual RL convention: it
+    includes the backtrack bias and the masks (budget, empty response, loop guard) but not top-k/top-p, so a
+    trainer that recomputes it from the model's logits must apply the same bias and masks (the trace has what it
+    needs) and should sample with top_k=0, top_p=1."""
     compact_min_holes: int = 32
     """Compact the cache once this many dead slots (and a quarter of its length) pile up."""
 
@@ -127,7 +130,8 @@ def _encode_prompts(tokenizer, prompts, device) -> tuple[torch.Tensor, torch.Ten
     if not prompts:
         raise ValueError("no prompts given")
     if isinstance(prompts[0], str):
-        lists = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        bos = getattr(tokenizer, "bos_token", None)  # a chat-templated string already starts with it: not twice
+        lists = [tokenizer(p, add_special_tokens=not (bos and p.startswith(bos)))["input_ids"] for p in prompts]
     else:
         lists = [list(map(int, p)) for p in prompts]
     if any(len(x) == 0 for x in lists):
@@ -140,6 +144,19 @@ def _encode_prompts(tokenizer, prompts, device) -> tuple[torch.Tensor, torch.Ten
         ids[b, width - len(x) :] = torch.tensor(x)
         mask[b, width - len(x) :] = 1
     return ids.to(device), mask.to(device)
+
+
+def _stop_ids(config: BacktrackGenerationConfig, tokenizer, model) -> list[int]:
+    """The configured stop ids, else the tokenizer's EOS plus the model's generation-config EOS list (Llama-3 stops on
+    several ids), as ``model.generate`` does."""
+    def as_list(value) -> list[int]:
+        return [] if value is None else [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+    if config.eos_token_id is not None:
+        return as_list(config.eos_token_id)
+    gen_config = getattr(model, "generation_config", None)
+    ids = as_list(tokenizer.eos_token_id) + as_list(getattr(gen_config, "eos_token_id", None))
+    return list(dict.fromkeys(ids))
 
 
 class _LoopGuard:
@@ -210,9 +227,8 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
         )
     device = next(model.parameters()).device
     input_ids, attention_mask = _encode_prompts(tokenizer, prompts, device)
-    batch, steps = input_ids.shape[0], int(config.max_new_tokens)
-    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long, device=device)
+    batch = input_ids.shape[0]
+    eos_ids = torch.tensor(_stop_ids(config, tokenizer, model), dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if forced_actions is not None:
         forced_actions = forced_actions.to(device)
@@ -234,6 +250,18 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
 
     was_training = model.training
     model.eval()
+    try:
+        return _decode(model, tokenizer, config, bt, input_ids, attention_mask, eos_ids, pad, max_stop, warpers,
+                       guard, forced_actions, generator, callbacks, device)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _decode(model, tokenizer, config, bt, input_ids, attention_mask, eos_ids, pad, max_stop, warpers, guard,
+            forced_actions, generator, callbacks, device) -> BacktrackGenerationOutput:
+    """The decoding loop itself (see :func:`generate`)."""
+    batch, steps = input_ids.shape[0], int(config.max_new_tokens)
     rc = RewindableCache(model, compact_min_holes=config.compact_min_holes)
     logits = rc.prefill(input_ids, attention_mask)  # [B, V]
     for cb in callbacks:
@@ -262,7 +290,7 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
         if guard is not None:
             guard.apply(scores, state.lengths)
         if config.do_sample:
-            probs = torch.softmax(warpers(state.ids, scores.clone()), dim=-1)  # [B, V]
+            probs = torch.softmax(warpers(state.ids, scores.float()), dim=-1)  # [B, V] in fp32, even for bf16 models
             action = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
         else:
             action = scores.argmax(-1)  # [B]
@@ -306,8 +334,6 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
             logits = rc.step(action)
         else:
             logits = rc.follow(state.lengths, state.last_tokens(fill), active)
-    if was_training:
-        model.train()
 
     kinds_bs = t_kinds[:ran].T  # [B, S]
     lengths_bs = t_len[:ran].T  # [B, S] response length before each action

@@ -106,12 +106,16 @@ def init_backtrack_rows(model, tokenizer, bt_id: int, init_words: Sequence[str] 
     model.config.backtrack_token_id = bt_id
 
 
-def _offline_hint(name: str) -> str:
+def _offline_hint(name: str, err: Exception) -> str:
     return (
-        f"could not load {name!r}. It is neither a local directory nor reachable on the Hugging Face Hub "
-        f"(offline: HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}). Give a local path, or use the embedded "
-        f"tiny model: model_name_or_path: {TINY_MODEL_DIR} (or the shortcut 'tiny')."
+        f"could not load {name!r} ({type(err).__name__}: {' '.join(str(err).split())}). If it is a Hub id, it is "
+        "not reachable from here "
+        f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}), gated (log in and accept its licence), or has no "
+        "safetensors weights. Give a local directory, or use the embedded tiny model: model_name_or_path: tiny."
     )
+
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 def resolve_model_path(name: str) -> str:
@@ -133,7 +137,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except (OSError, ValueError) as err:
-        raise OSError(_offline_hint(name_or_path)) from err
+        raise OSError(_offline_hint(name_or_path, err)) from err
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -151,6 +155,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
         return AutoModelForCausalLM.from_pretrained(
@@ -162,7 +168,7 @@ def load_model(
             device_map=device_map,
         )
     except OSError as err:
-        raise OSError(_offline_hint(name_or_path)) from err
+        raise OSError(_offline_hint(name_or_path, err)) from err
 
 
 def load_model_and_tokenizer(name_or_path: str, add_backtrack: bool = True, **kwargs):

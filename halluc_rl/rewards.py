@@ -120,9 +120,12 @@ class IncrementalScorer:
 
     def follow(self, event) -> torch.Tensor:
         """Advance with one policy step; returns the new score of each acting row's prefix [B]."""
-        state = event.state
-        logits = self.cache.follow(state.lengths, state.last_tokens(torch.zeros_like(state.lengths)), event.active)
-        self.current = torch.where(event.active, self._score(logits), self.current)
+        state, device = event.state, self.current.device  # the policy may live on another device
+        lengths = state.lengths.to(device)
+        last = state.last_tokens(torch.zeros_like(state.lengths)).to(device)
+        active = event.active.to(device)
+        logits = self.cache.follow(lengths, last, active)
+        self.current = torch.where(active, self._score(logits), self.current)
         return self.current
 
     @torch.no_grad()

@@ -20,7 +20,7 @@ from halluc_rl.rewards import IncrementalScorer, RewardMixer
 
 @dataclass
 class Rollout:
-    """B episodes. ``[B, S]`` tensors are aligned with actions; S is the longest episode."""
+    """B episodes. ``[B, S]`` tensors, on the CPU, are aligned with actions; S is the longest episode."""
 
     problems: list[Problem]
     prompt_ids: list[list[int]]
@@ -92,7 +92,7 @@ def rollout(
         callbacks.append(value_follower)
     out = generate(model, tokenizer, prompts, config, forced_actions=forced_actions, generator=generator,
                    callbacks=callbacks, return_logprobs=True, **overrides)
-    mask = out.action_mask  # [B, S]
+    mask = out.action_mask.cpu()  # [B, S]; a Rollout's tensors live on the CPU whatever the model's device
     batch, steps = mask.shape
     last = (mask.sum(1) - 1).clamp(min=0)  # [B] index of each episode's last action
     dones = torch.zeros(batch, steps, dtype=torch.bool)
@@ -107,4 +107,5 @@ def rollout(
         part[torch.arange(batch), last] += value
     total = sum(parts.values()) if parts else torch.zeros(batch, steps)
     values = torch.stack(value_follower.values, 1) * mask if value_follower is not None else None  # [B, S]
-    return Rollout(problems, prompts, out.actions, mask, out.logprobs, total, parts, dones & mask, values, out)
+    return Rollout(problems, prompts, out.actions.cpu(), mask, out.logprobs.cpu(), total, parts, dones & mask,
+                   values, out)

@@ -40,7 +40,7 @@ def test_incremental_equals_pure(actions):
     for a in actions:
         state.push(a)
     pure = apply_actions(actions, BT)
-    assert state.visible_ids == pure.visible_ids
+    assert state.result() == pure
     assert (state.num_backtracks, state.num_deleted, state.num_failed) == (
         pure.num_backtracks, pure.num_deleted, pure.num_failed)
     assert BT not in state.visible_ids

@@ -195,14 +195,10 @@ def test_rewind_layout_exact_tensors():
     assert batch["attention_mask"][1, 0, 5].int().tolist() == [0, 0, 0, 0, 0, 1, 0]  # padding sees itself
 
 
-def test_rewind_layout_train_errors_ablation():
-    batch = MaskedErrorCollator(pad_token_id=0, train_errors=True)([ERR])
-    # each state here is left twice (first by an error, later by a backtrack or the correction): the later wins
-    assert batch["labels"].tolist() == [[X, X, 20, 21, BT, BT, 2]]
-    ablation = MaskedErrorCollator(pad_token_id=0, train_errors=True)(
-        [{"input_ids": [10, 11, 30, BT, 21, 2], "spans": [("prompt", 0, 2), ("error", 2, 3), ("backtrack", 3, 4),
-                                                        ("correction", 4, 6)]}])
-    assert ablation["labels"].tolist() == [[X, X, 21, BT, 2]]
+def test_rewind_layout_refuses_train_errors():
+    """Every state an error is typed from is left again by a backtrack or the correction: the flag would do nothing."""
+    with pytest.raises(ValueError, match="layout='retry'"):
+        MaskedErrorCollator(pad_token_id=0, train_errors=True)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -147,6 +147,12 @@ class MaskedErrorCollator:
     def __post_init__(self) -> None:
         if self.layout not in ("rewind", "retry"):
             raise ValueError(f"layout must be 'rewind' or 'retry', got {self.layout!r}")
+        if self.layout == "rewind" and self.train_errors:
+            raise ValueError(
+                "train_errors has no effect in the rewind layout: every state an error is typed from is left again "
+                "later, by a backtrack or the correction, and that later action is its label. For the unmasked "
+                "ablation use layout='retry' with train_errors=True."
+            )
 
     def _rewind(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
         """The ``rewind`` layout: every action trained from the visible state generation sees (no backtrack inputs)."""

@@ -82,6 +82,14 @@ class CurriculumDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.example(index).to_features()
 
+    def features(self, indices: Sequence[int]) -> list[dict]:
+        """Items ``indices`` built in one call, so a source that samples from a model (self-generated errors)
+        decodes them as one batch rather than one by one."""
+        pairs = [self.pairs[i] for i in indices]
+        keys = [f"{self.epoch}:{i}" for i in indices]
+        examples = self.source.make_examples(pairs, self.tokenizer, keys=keys, max_errors=self.cap)
+        return [example.to_features() for example in examples]
+
 
 class CurriculumCallback(TrainerCallback):
     """Keeps a :class:`CurriculumDataset` at the cap of the trainer's current epoch and step.

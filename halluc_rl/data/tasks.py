@@ -56,7 +56,9 @@ def format_prompt(question: str, tokenizer) -> str:
     template (also for ``tokenizer=None``, e.g. to build a corpus before a tokenizer exists)."""
     if _has_chat_template(tokenizer):
         messages = [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # a fixed date: Llama-3 templates otherwise write today's, and prompts would change from day to day
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             date_string="26 Jul 2024")
     return PLAIN_TEMPLATE.format(question=question)
 
 
@@ -370,3 +372,25 @@ def load_reasoning_gym(
         answer = str(entry["answer"]).strip()
         problems.append(Problem(str(entry["question"]).strip(), f"#### {answer}", answer.replace(",", "")))
     return problems
+
+
+TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
+
+
+def load_problems(task: str, split: str, num_problems: int, data_files=None, seed: int = 0,
+                  **task_kwargs) -> list[Problem]:
+    """The first ``num_problems`` problems of ``task``'s ``split``: the one loader SFT, evaluation and the env use.
+
+    ``num_problems=0`` means the whole split (GSM8K only: the arithmetic task is endless). ``task_kwargs`` configure
+    :class:`ArithmeticTask`; ``data_files`` points GSM8K at local files (None: the Hub).
+    """
+    if num_problems < 0:
+        raise ValueError(f"num_problems must be >= 0, got {num_problems}")
+    if task == "arithmetic":
+        if num_problems == 0:
+            raise ValueError("the arithmetic task is endless: give num_problems > 0")
+        return ArithmeticTask(seed=seed, **task_kwargs).problems(split, num_problems)
+    if task == "gsm8k":
+        problems = load_gsm8k(split, data_files=data_files, seed=seed)
+        return problems if num_problems == 0 else problems[:num_problems]
+    raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
