@@ -202,6 +202,8 @@ class Shaping:
     """Backtracks allowed per episode (None: unlimited)."""
 
     def step(self, event) -> dict[str, torch.Tensor]:
+        if not (self.backtrack_cost or self.failed_backtrack_penalty or self.budget_penalty):
+            return {}  # nothing configured: no work on the rollout's hot path
         kinds = event.kinds.cpu()  # [B]
         is_bt = (kinds == int(ActionKind.DELETE)) | (kinds == int(ActionKind.FAILED))  # [B]
         parts = {}
