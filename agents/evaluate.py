@@ -42,7 +42,8 @@ class EvalArgs:
     max_new_tokens: int = field(default=128, metadata={"help": "Actions per response, backtracks included."})
     batch_size: int = field(default=64, metadata={"help": "Sequences generated together."})
     loop_guard: int = field(default=1, metadata={
-        "help": "Ban re-typing a token at a position after it was deleted there this many times (0: off)."})
+        "help": "Greedy runs: ban re-typing a token at a position after it was deleted there this many times (0: off)."})
+    sampled_loop_guard: int = field(default=0, metadata={"help": "The same for sampled runs (0: off, the default)."})
     seed: int = field(default=0, metadata={"help": "Seeds sampling (the problems are fixed by the task)."})
     stop_strings: list[str] = field(default_factory=list, metadata={
         "help": "Also stop a response once its text ends with one of these (EOS always stops it)."})
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate_policy(
         model, tokenizer, problems, num_samples=args.num_samples, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, loop_guard=args.loop_guard,
+        sampled_loop_guard=args.sampled_loop_guard,
         seed=args.seed, stop_strings=tuple(args.stop_strings), backtrack_id=backtrack_id,
     )
 

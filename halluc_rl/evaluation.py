@@ -200,6 +200,7 @@ def evaluate_policy(
     max_new_tokens: int = 128,
     batch_size: int = 64,
     loop_guard: int | None = 1,
+    sampled_loop_guard: int | None = None,
     seed: int = 0,
     stop_strings: Sequence[str] = (),
     backtrack_id: int | None = None,
@@ -220,7 +221,11 @@ def evaluate_policy(
       of ``max_new_tokens`` before EOS or a stop string;
     * ``num_problems``, ``num_samples``.
 
-    ``num_samples=0`` skips the sampled runs (their keys are None). ``loop_guard`` 0 or None turns the guard off.
+    ``num_samples=0`` skips the sampled runs (their keys are None). ``loop_guard`` (greedy runs) and
+    ``sampled_loop_guard`` (sampled runs; off by default) ban a token at a position after that many deletions there;
+    0 or None is off. The guard is for greedy decoding, which repeats its choice at a state it returns to; a sampled
+    policy simply draws again, and a ban after a false deletion would forbid the right token (measured in
+    docs/demo.md).
     Sampling draws from a ``torch.Generator`` seeded with ``seed`` (one per sampled run), so results repeat.
     """
     if not problems:
@@ -233,21 +238,21 @@ def evaluate_policy(
     prompts = [prompt for prompt, _ in encoded]
     references = [response for _, response in encoded]
     golds = [p.answer for p in problems]
-    common = dict(max_new_tokens=max_new_tokens, loop_guard=loop_guard or None, stop_strings=tuple(stop_strings))
+    common = dict(max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings))
     no_bt = float("-inf")
 
     n = len(problems)
     bar = tqdm(total=2 * n * (1 + num_samples), disable=not progress, unit="ep", dynamic_ncols=True)
     kw = dict(batch_size=batch_size, bar=bar, backtrack_id=bt)
-    greedy = _run(model, tokenizer, prompts, references, golds, desc="greedy", generator=None, do_sample=False,
-                  **kw, **common)
+    greedy_kw = dict(do_sample=False, loop_guard=loop_guard or None, **kw, **common)
+    greedy = _run(model, tokenizer, prompts, references, golds, desc="greedy", generator=None, **greedy_kw)
     greedy_nb = _run(model, tokenizer, prompts, references, golds, desc="greedy, no backtrack", generator=None,
-                     do_sample=False, backtrack_bias=no_bt, **kw, **common)
+                     backtrack_bias=no_bt, **greedy_kw)
     sampled = sampled_nb = None
     if num_samples:
         rep = [i for i in range(n) for _ in range(num_samples)]  # each problem num_samples times, side by side
         args = ([prompts[i] for i in rep], [references[i] for i in rep], [golds[i] for i in rep])
-        sampling = dict(do_sample=True, temperature=temperature, **kw, **common)
+        sampling = dict(do_sample=True, temperature=temperature, loop_guard=sampled_loop_guard or None, **kw, **common)
         sampled = _run(model, tokenizer, *args, desc="sampled", generator=_generator(device, seed), **sampling)
         sampled_nb = _run(model, tokenizer, *args, desc="sampled, no backtrack", generator=_generator(device, seed),
                           backtrack_bias=no_bt, **sampling)
