@@ -37,11 +37,13 @@ class DemoArgs:
     curriculum_caps: list[int] = field(default_factory=lambda: [1, 2],
                                        metadata={"help": "Most errors per example, epoch by epoch."})
     use_lora: bool = field(default=True, metadata={"help": "LoRA policies (true) or full fine-tuning."})
+    backtrack_head: str = field(default="softmax", metadata={
+        "help": "How the backtracking policy reads its backtrack logit: softmax or factorized (halluc_rl.losses)."})
     seed: int = field(default=0, metadata={"help": "Seeds training, sampling and the task."})
     report_to: str = field(default="none", metadata={"help": "tensorboard, trackio, wandb or none."})
 
 
-def sft_stage(args: DemoArgs, name: str, error_source: str) -> Callable[[], object]:
+def sft_stage(args: DemoArgs, name: str, error_source: str, backtrack_head: str = "softmax") -> Callable[[], object]:
     """A stage that trains a LoRA policy from the tiny model with ``error_source`` and returns its directory."""
 
     def run():
@@ -51,7 +53,7 @@ def sft_stage(args: DemoArgs, name: str, error_source: str) -> Callable[[], obje
         caps = list(args.curriculum_caps)
         script = SFTScriptArgs(num_train_problems=args.num_train_problems, task_seed=args.seed,
                                error_source=error_source, error_rate=args.error_rate, curriculum_caps=caps,
-                               curriculum_boundaries=list(range(1, len(caps))))
+                               curriculum_boundaries=list(range(1, len(caps))), backtrack_head=backtrack_head)
         config = SFTConfig(output_dir=str(out), num_train_epochs=args.num_train_epochs,
                            per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
                            lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10, save_strategy="no",
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     stages: list[tuple[str, Callable[[], object]]] = [  # STAGES: later issues append dpo, ppo
         ("base", lambda: "tiny"),
         ("plain_sft", sft_stage(args, "plain_sft", "none")),
-        ("backtrack_sft", sft_stage(args, "backtrack_sft", args.error_source)),
+        ("backtrack_sft", sft_stage(args, "backtrack_sft", args.error_source, args.backtrack_head)),
     ]
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}

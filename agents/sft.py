@@ -19,7 +19,8 @@ from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
 from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
 from halluc_rl.data.tasks import load_problems
-from halluc_rl.modeling import check_same_base, load_model_and_tokenizer, make_lora_model
+from halluc_rl.losses import check_head, factorized_backtrack_loss
+from halluc_rl.modeling import check_same_base, load_model_and_tokenizer, make_lora_model, save_policy_meta
 
 
 @dataclass
@@ -44,6 +45,9 @@ class SFTScriptArgs:
     train_errors: bool = field(default=False, metadata={"help": "retry layout: also train the error tokens (ablation)."})
     hard_attention: bool = field(default=False, metadata={"help": "retry layout: hide deleted groups."})
     rewind_positions: bool = field(default=False, metadata={"help": "retry layout: positions rewind over deletions."})
+    backtrack_head: str = field(default="softmax", metadata={
+        "help": "softmax (the backtrack token is one more vocabulary entry) or factorized (a sigmoid delete-or-not "
+                "decision; see halluc_rl.losses)."})
     resume: bool = field(default=True, metadata={
         "help": "Resume from the newest checkpoint in output_dir when there is one (false: start afresh)."})
 
@@ -57,9 +61,19 @@ class MaskedErrorSFTTrainer(SFTTrainer):
     quantity, computed through every wrapper; the price is materialising the logits of a batch.
     """
 
+    backtrack_head = "softmax"
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from transformers import Trainer
 
+        if self.backtrack_head == "factorized":
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = factorized_backtrack_loss(outputs.logits, labels, self.backtrack_id, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does, for DDP's mean
+            return (loss, outputs) if return_outputs else loss
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
@@ -131,6 +145,7 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
                          processing_class=tokenizer, data_collator=collator,
                          callbacks=[CurriculumCallback(curriculum_ds)])
     trainer.backtrack_id = bt
+    trainer.backtrack_head = check_head(script.backtrack_head)
     return trainer
 
 
@@ -147,6 +162,7 @@ def train(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: 
     trainer.save_model(config.output_dir)  # the adapter (with the backtrack rows) or the full model
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(config.output_dir)
+        save_policy_meta(config.output_dir, backtrack_head=script.backtrack_head)
         history = Path(config.output_dir) / "log_history.json"
         history.write_text(json.dumps(trainer.state.log_history, indent=1))
     return trainer

@@ -17,6 +17,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, backtrack_token_id
 from halluc_rl.cache import RewindableCache
+from halluc_rl.losses import action_log_probs
 
 
 @dataclass
@@ -277,9 +278,11 @@ def _decode(model, tokenizer, config, bt, input_ids, attention_mask, eos_ids, pa
     single_eos = int(eos_ids[0]) if eos_ids.numel() == 1 else None
     all_active = True
     ran = 0
+    head = getattr(model.config, "backtrack_head", "softmax")  # how the policy reads its backtrack logit
     for step in range(steps):
         ran = step + 1
-        scores = logits  # [B, V] a fresh tensor each step (or a copy of the prompt logits): safe to edit in place
+        # [B, V] a fresh tensor each step (or a copy of the prompt logits): safe to edit in place
+        scores = logits if head == "softmax" else action_log_probs(logits, bt, head)
         if config.backtrack_bias:
             scores[:, bt] += config.backtrack_bias
         if config.backtrack_budget is not None:

@@ -298,6 +298,19 @@ def check_same_base(checkpoint: str | Path, expected_base: str) -> None:
         )
 
 
+POLICY_META = "halluc_rl.json"
+"""Written beside a saved policy: how to read its backtrack logit (``backtrack_head``), which a PEFT adapter's
+files cannot carry."""
+
+
+def save_policy_meta(path: str | Path, backtrack_head: str = "softmax") -> Path:
+    import json
+
+    out = Path(path) / POLICY_META
+    out.write_text(json.dumps({"backtrack_head": backtrack_head}, indent=1))
+    return out
+
+
 def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
     """Load a saved policy for generation: a full model directory, or a PEFT adapter on its base.
 
@@ -316,4 +329,9 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
         model = PeftModel.from_pretrained(model, str(path))
     from halluc_rl.backtrack import backtrack_token_id
 
+    meta = Path(resolve_model_path(str(path))) / POLICY_META
+    if meta.exists():  # generation reads model.config.backtrack_head
+        import json
+
+        model.config.backtrack_head = json.loads(meta.read_text()).get("backtrack_head", "softmax")
     return model.eval(), tokenizer, backtrack_token_id(tokenizer)
