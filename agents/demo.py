@@ -37,8 +37,8 @@ class DemoArgs:
     curriculum_caps: list[int] = field(default_factory=lambda: [1, 2],
                                        metadata={"help": "Most errors per example, epoch by epoch."})
     use_lora: bool = field(default=True, metadata={"help": "LoRA policies (true) or full fine-tuning."})
-    backtrack_head: str = field(default="softmax", metadata={
-        "help": "How the backtracking policy reads its backtrack logit: softmax or factorized (halluc_rl.losses)."})
+    backtrack_head: str = field(default="factorized", metadata={
+        "help": "How the backtracking policy reads its backtrack logit: factorized or softmax (halluc_rl.losses)."})
     seed: int = field(default=0, metadata={"help": "Seeds training, sampling and the task."})
     report_to: str = field(default="none", metadata={"help": "tensorboard, trackio, wandb or none."})
 
