@@ -67,16 +67,9 @@ def load_eval_policy(policy: str):
     A full model whose tokenizer has no backtrack token (a base model) gets an untrained one, so its row still
     shows accuracy with and without backtracking.
     """
-    from halluc_rl.modeling import load_model_and_tokenizer, load_policy, resolve_model_path
+    from halluc_rl.modeling import load_policy
 
-    path = resolve_model_path(policy)
-    try:
-        return load_policy(path)
-    except ValueError as err:
-        if "no backtrack token" not in str(err):
-            raise
-    print(f"note: {policy} has no backtrack token; adding an untrained one to evaluate it", file=sys.stderr)
-    return load_model_and_tokenizer(path)
+    return load_policy(policy, add_missing_backtrack=True)
 
 
 def _device(name: str) -> torch.device:

@@ -311,10 +311,13 @@ def save_policy_meta(path: str | Path, backtrack_head: str = "softmax") -> Path:
     return out
 
 
-def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False):
+def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
+                add_missing_backtrack: bool = False):
     """Load a saved policy for generation: a full model directory, or a PEFT adapter on its base.
 
-    Returns (model, tokenizer, backtrack_id). An adapter directory must hold the tokenizer saved with it.
+    Returns (model, tokenizer, backtrack_id). An adapter directory must hold the tokenizer saved with it. A full model
+    without a backtrack token (a base model) raises, or with ``add_missing_backtrack`` gets an untrained one (with a
+    warning), so that it can still be evaluated with and without backtracking.
     """
     base = base_model_name(path)
     tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
@@ -329,6 +332,14 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
         model = PeftModel.from_pretrained(model, str(path))
     from halluc_rl.backtrack import backtrack_token_id
 
+    if add_missing_backtrack and base is None:
+        try:
+            backtrack_token_id(tokenizer)
+        except ValueError:
+            import warnings
+
+            warnings.warn(f"{path} has no backtrack token; adding an untrained one", stacklevel=2)
+            add_backtrack_token(model, tokenizer)
     meta = Path(resolve_model_path(str(path))) / POLICY_META
     if meta.exists():  # generation reads model.config.backtrack_head
         import json
