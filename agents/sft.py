@@ -119,15 +119,16 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     """Everything up to ``trainer.train()``: model, tokenizer, LoRA, data, collator and curriculum."""
     from transformers import set_seed
 
-    set_seed(config.seed)  # before the LoRA weights are drawn: the same config gives the same run
-    model, tokenizer, bt = load_model_and_tokenizer(
-        model_args.model_name_or_path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code,
-        revision=model_args.revision)
     if config.dataloader_num_workers > 0:
         raise ValueError(
             "dataloader_num_workers must be 0: the curriculum's cap lives in the main process (workers would keep "
             "a stale copy) and self-generated errors sample from the model there"
         )
+    check_head(script.backtrack_head)
+    set_seed(config.seed)  # before the LoRA weights are drawn: the same config gives the same run
+    model, tokenizer, bt = load_model_and_tokenizer(
+        model_args.model_name_or_path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code,
+        revision=model_args.revision)
     problems = load_problems(script.task, "train", script.num_train_problems, script.data_files, seed=script.task_seed)
     source = make_error_source(script, model, config.seed)
     curriculum = Curriculum(caps=tuple(script.curriculum_caps), boundaries=tuple(script.curriculum_boundaries),
@@ -145,7 +146,7 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
                          processing_class=tokenizer, data_collator=collator,
                          callbacks=[CurriculumCallback(curriculum_ds)])
     trainer.backtrack_id = bt
-    trainer.backtrack_head = check_head(script.backtrack_head)
+    trainer.backtrack_head = script.backtrack_head
     return trainer
 
 
