@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"halluc-rl eval: {err}", file=sys.stderr)
         return 2
     try:
-        model, tokenizer, backtrack_id = load_eval_policy(args.policy)
+        model, tokenizer, _ = load_eval_policy(args.policy)
     except OSError as err:  # the embedded model missing, or a directory that holds no model
         print(f"halluc-rl eval: {err}", file=sys.stderr)
         return 2
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer, problems, num_samples=args.num_samples, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, loop_guard=args.loop_guard,
         sampled_loop_guard=args.sampled_loop_guard,
-        seed=args.seed, stop_strings=tuple(args.stop_strings), backtrack_id=backtrack_id,
+        seed=args.seed, stop_strings=tuple(args.stop_strings),
     )
 
     out_dir = Path(args.output_dir)

@@ -20,7 +20,14 @@ from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, Curriculum
 from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
 from halluc_rl.data.tasks import load_problems
 from halluc_rl.losses import check_head, factorized_backtrack_loss
-from halluc_rl.modeling import check_same_base, load_model_and_tokenizer, make_lora_model, save_policy_meta
+from halluc_rl.modeling import (
+    check_same_base,
+    load_model_and_tokenizer,
+    make_lora_model,
+    policy_backtrack,
+    set_policy_backtrack,
+    write_policy_config,
+)
 
 
 @dataclass
@@ -53,24 +60,29 @@ class SFTScriptArgs:
 
 
 class MaskedErrorSFTTrainer(SFTTrainer):
-    """``SFTTrainer`` whose loss runs through the model's own forward.
+    """``SFTTrainer`` whose loss runs through the model's own forward, under the policy's backtrack head.
 
     TRL 1.16 computes the loss from ``lm_head.weight`` directly (a fused, chunked LM head). That bypasses PEFT's
     trainable-token rows on the head, so the backtrack logit would never be trained (and the untied-head wrapper
     has no ``bias``, which that path reads). The plain causal-LM loss over the collator's labels is the same
-    quantity, computed through every wrapper; the price is materialising the logits of a batch.
+    quantity, computed through every wrapper; the price is materialising the logits of a batch. The head and the
+    backtrack id are read from ``model.config`` (their one home), and every save writes them with the policy.
     """
 
-    backtrack_head = "softmax"
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            write_policy_config(self.model, output_dir or self.args.output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from transformers import Trainer
 
-        if self.backtrack_head == "factorized":
+        backtrack_id, head = policy_backtrack(self.model)
+        if head == "factorized":
             inputs = dict(inputs)
             labels = inputs.pop("labels")
             outputs = model(**inputs)
-            loss = factorized_backtrack_loss(outputs.logits, labels, self.backtrack_id, num_items_in_batch)
+            loss = factorized_backtrack_loss(outputs.logits, labels, backtrack_id, num_items_in_batch)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does, for DDP's mean
             return (loss, outputs) if return_outputs else loss
@@ -129,12 +141,14 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     model, tokenizer, bt = load_model_and_tokenizer(
         model_args.model_name_or_path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code,
         revision=model_args.revision)
+    set_policy_backtrack(model, bt, script.backtrack_head)  # the head lives on the config from here on
     problems = load_problems(script.task, "train", script.num_train_problems, script.data_files, seed=script.task_seed)
     source = make_error_source(script, model, config.seed)
     curriculum = Curriculum(caps=tuple(script.curriculum_caps), boundaries=tuple(script.curriculum_boundaries),
                             unit=script.curriculum_unit)
     curriculum_ds = CurriculumDataset(problems, tokenizer, source, curriculum)
-    collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id, train_errors=script.train_errors,
+    collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id, backtrack_token_id=bt,
+                                   train_errors=script.train_errors,
                                    layout=script.layout, hard_attention=script.hard_attention,
                                    rewind_positions=script.rewind_positions, max_length=config.max_length,
                                    mask_dtype=model.dtype)  # an additive 4D mask in the model's dtype (bf16 on GPU)
@@ -145,8 +159,6 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     trainer = MaskedErrorSFTTrainer(model=model, args=config, train_dataset=curriculum_dataset(curriculum_ds),
                          processing_class=tokenizer, data_collator=collator,
                          callbacks=[CurriculumCallback(curriculum_ds)])
-    trainer.backtrack_id = bt
-    trainer.backtrack_head = script.backtrack_head
     return trainer
 
 
@@ -163,7 +175,6 @@ def train(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: 
     trainer.save_model(config.output_dir)  # the adapter (with the backtrack rows) or the full model
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(config.output_dir)
-        save_policy_meta(config.output_dir, backtrack_head=script.backtrack_head)
         history = Path(config.output_dir) / "log_history.json"
         history.write_text(json.dumps(trainer.state.log_history, indent=1))
     return trainer

@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    _, tokenizer, _ = load_model_and_tokenizer("tiny")
+    _, tokenizer, bt = load_model_and_tokenizer("tiny")
     problems = ArithmeticTask(seed=0).problems("train", args.steps * args.batch)
     examples = build_examples(problems, tokenizer, PlausibleErrors(error_rate=0.5, max_errors=3,
                                                                     error_length=(1, 2), seed=0))
@@ -59,7 +59,7 @@ def main() -> None:
     ours_ds = datasets.Dataset.from_list(features)
     trl_ds = datasets.Dataset.from_list([{"input_ids": f["input_ids"]} for f in features])
     tokens = sum(len(f["input_ids"]) for f in features)
-    ours_collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id)
+    ours_collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id, backtrack_token_id=bt)
     run(SFTTrainer, trl_ds, None, tokenizer, 3, args.batch)  # warm-up
     t_trl = t_ours = float("inf")
     for _ in range(args.repeats):  # round-robin, so drift in the machine's speed hits both alike

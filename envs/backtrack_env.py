@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -10,9 +11,14 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, backtrack_token_id
+from halluc_rl.backtrack import (
+    ActionKind,
+    BatchedBacktrackState,
+    StepEvent,
+    backtrack_token_id,
+    stop_token_ids,
+)
 from halluc_rl.data.tasks import Problem, encode_problem, format_prompt, load_problems
-from halluc_rl.generation import StepEvent
 from halluc_rl.rewards import RewardMixer, RewardSpec, Shaping
 
 
@@ -58,7 +64,8 @@ class BacktrackEnv(gym.Env):
 
     ## Episode End
 
-    * Termination: the answer ends with EOS (appended, not deleted), or its text ends with one of ``stop_strings``.
+    * Termination: an end-of-sequence id is appended (the tokenizer's EOS plus the generation config's EOS ids, as in
+      generation: :func:`halluc_rl.backtrack.stop_token_ids`), or the answer's text ends with one of ``stop_strings``.
     * Truncation: ``max_new_tokens`` actions were taken, backspaces included.
 
     ## Arguments
@@ -68,7 +75,11 @@ class BacktrackEnv(gym.Env):
       backtrack token.
     * ``data_files``: local GSM8K jsonl/parquet file(s) or directory (GSM8K; default: the Hub's ``openai/gsm8k``).
     * ``split``: ``train``, ``validation`` or ``test``. ``num_problems``: how many arithmetic problems (default 1000).
-    * ``max_new_tokens``: actions per episode (default 256). ``max_prompt_tokens``: prompt room (default 256).
+    * ``max_new_tokens``: actions per episode (default: twice the longest reference answer of the split, room for
+      backtracks). ``max_prompt_tokens``: prompt room (default: the split's longest prompt). Both are sized from the
+      data when not given, so every problem of the split resets.
+    * ``generation_config``: a ``GenerationConfig`` (or a path) whose ``eos_token_id`` adds stop ids (default: the
+      one saved beside a tokenizer given by name). ``eos_token_id``: the stop ids, overriding both.
     * ``backtrack_budget``, ``backtrack_cost``, ``failed_backtrack_penalty``, ``budget_penalty``: shaping.
     * ``rewards``: reward models, each an object, a ``(model, weight)`` pair or a callable ``fn(text, problem)``.
     * ``prompt_format``: ``fn(question, tokenizer) -> str`` (default: the library's one prompt format).
@@ -84,8 +95,8 @@ class BacktrackEnv(gym.Env):
         data_files: Any = None,
         split: str = "train",
         num_problems: int = 1000,
-        max_new_tokens: int = 256,
-        max_prompt_tokens: int = 256,
+        max_new_tokens: int | None = None,
+        max_prompt_tokens: int | None = None,
         backtrack_budget: int | None = None,
         backtrack_cost: float = 0.0,
         failed_backtrack_penalty: float = 0.0,
@@ -95,23 +106,39 @@ class BacktrackEnv(gym.Env):
         stop_strings: Sequence[str] = (),
         task_kwargs: dict | None = None,
         problems: Sequence[Problem] | None = None,
+        generation_config: Any = None,
+        eos_token_id: int | Sequence[int] | None = None,
         render_mode: str | None = None,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
+            if value is not None and int(value) <= 0:
+                raise ValueError(f"{name} must be a positive number of tokens, got {value}")
         if isinstance(tokenizer, str) or tokenizer is None:
-            from halluc_rl.modeling import load_tokenizer
+            from halluc_rl.modeling import load_tokenizer, resolve_model_path
 
-            tokenizer = load_tokenizer(tokenizer or "tiny")
+            name = tokenizer or "tiny"
+            tokenizer = load_tokenizer(name)
+            if generation_config is None and (Path(resolve_model_path(name)) / "generation_config.json").exists():
+                generation_config = resolve_model_path(name)
+        if isinstance(generation_config, (str, Path)):
+            from transformers import GenerationConfig
+
+            generation_config = GenerationConfig.from_pretrained(str(generation_config))
         self.tokenizer = tokenizer
         self.backtrack_id = backtrack_token_id(tokenizer)
-        self.eos_id = tokenizer.eos_token_id
+        self.stop_ids = frozenset(stop_token_ids(tokenizer, generation_config, eos_token_id))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.problems = list(problems) if problems is not None else load_problems(
             task, split, num_problems if task == "arithmetic" else 0, data_files, **(task_kwargs or {}))
         if not self.problems:
             raise ValueError(f"no problems in split {split!r} of task {task!r}")
         self.prompt_format = prompt_format
+        if max_new_tokens is None or max_prompt_tokens is None:
+            longest_prompt, longest_answer = self._longest(self.problems)
+            max_prompt_tokens = longest_prompt if max_prompt_tokens is None else max_prompt_tokens
+            max_new_tokens = 2 * longest_answer if max_new_tokens is None else max_new_tokens
         self.max_new_tokens, self.max_prompt_tokens = int(max_new_tokens), int(max_prompt_tokens)
         self.stop_strings = tuple(stop_strings)
         self.shaping = Shaping(backtrack_cost, failed_backtrack_penalty, budget_penalty, backtrack_budget)
@@ -137,6 +164,12 @@ class BacktrackEnv(gym.Env):
         text = self.prompt_format(problem.question, self.tokenizer)
         bos = getattr(self.tokenizer, "bos_token", None)
         return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    def _longest(self, problems: Sequence[Problem]) -> tuple[int, int]:
+        """The longest prompt and reference answer (EOS included) of ``problems``, in tokens."""
+        prompts = [len(self.encode_prompt(p)) for p in problems]
+        answers = [len(encode_problem(p, self.tokenizer)[1]) for p in problems]
+        return max(prompts), max(answers)
 
     @property
     def visible_ids(self) -> list[int]:
@@ -207,7 +240,7 @@ class BacktrackEnv(gym.Env):
         kind = ActionKind(int(kinds[0]))
         text = self.text
         terminated = kind is ActionKind.APPEND and (
-            action == self.eos_id or any(text.endswith(s) for s in self.stop_strings))
+            action in self.stop_ids or any(text.endswith(s) for s in self.stop_strings))
         truncated = not terminated and self._steps >= self.max_new_tokens
         if terminated or truncated:
             self._done = True

@@ -18,6 +18,10 @@ Three views of the same rule live here, and the tests hold them equal:
 * :class:`BacktrackState` - an incremental state (push/pop) for one sequence (the env uses it);
 * :class:`BatchedBacktrackState` - the same rule on a batch of rows as tensor operations (generation and rollouts
   use it, so a step costs no Python loop over rows).
+
+The MDP's other shared pieces live here too: :class:`StepEvent`, the one record of a step that reward models and
+followers receive; :func:`stop_token_ids`, the one definition of an episode's end (generation and the env); and
+:func:`rewind_layout`, the semantics replayed for one teacher-forced forward (the scorer and the collator pack it).
 """
 
 from __future__ import annotations
@@ -215,6 +219,38 @@ class BatchedBacktrackState:
 
 
 @dataclass
+class StepEvent:
+    """The one record of an MDP step on a batch of rows: what one action did, for followers that mirror the policy
+    (reward models with their own caches, value followers) and for the env's reward plug-ins.
+
+    A follower with its own :class:`~halluc_rl.cache.RewindableCache` stays exact with
+    ``cache.follow(event.state.lengths, event.state.last_tokens(pad), event.active)``.
+    """
+
+    step: int
+    actions: torch.Tensor  # [B] action per row (pad where inactive)
+    kinds: torch.Tensor  # [B] ActionKind codes, -1 where the row was already done
+    deleted: torch.Tensor  # [B] deleted token, -1 where none
+    active: torch.Tensor  # [B] rows that took an action this step (a row that just stopped included)
+    state: BatchedBacktrackState
+
+
+def stop_token_ids(tokenizer, generation_config=None, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+    """The actions that end an episode: the one definition generation and the env share.
+
+    ``eos_token_id`` when given (``[]``: nothing stops), else the tokenizer's EOS plus the generation config's EOS ids
+    (Llama-3 and SmolLM2 stop on several), as ``model.generate`` does. An EOS ends an episode when it is appended.
+    """
+    def as_list(value) -> list[int]:
+        return [] if value is None else [int(value)] if isinstance(value, (int, np.integer)) else [int(v) for v in value]
+
+    if eos_token_id is not None:
+        return as_list(eos_token_id)
+    ids = as_list(getattr(tokenizer, "eos_token_id", None)) + as_list(getattr(generation_config, "eos_token_id", None))
+    return list(dict.fromkeys(ids))
+
+
+@dataclass
 class RewindLayout:
     """A backtrack action stream laid out for one teacher-forced forward pass that sees what generation sees.
 
@@ -227,21 +263,25 @@ class RewindLayout:
       its parent's chain and itself, the visible text when it was typed (:func:`ancestor_mask`);
     * ``labels[i + 1] = t`` trains action ``t`` from the state whose last visible token is flat token ``i``
       (Hugging Face models shift labels by one), so the loss on every action uses exactly the logits generation
-      computes for that state. ``-100`` elsewhere.
+      computes for that state. ``-100`` elsewhere;
+    * ``predictors[j]`` is the flat index of the last visible token of the state response action ``j`` was taken
+      from: the scorer reads action ``j``'s logits there (several actions can share a state, which labels cannot).
     """
 
     input_ids: list[int]
     position_ids: list[int]
     parents: list[int]
     labels: list[int]
+    predictors: list[int]
 
 
-def rewind_layout(actions: Sequence[int], trained: Sequence[bool], backtrack_id: int, prompt_length: int,
+def rewind_layout(actions: Sequence[int], trained: Sequence[bool] | None, backtrack_id: int, prompt_length: int,
                   ignore_index: int = -100, pad_id: int = 0) -> RewindLayout:
     """Lay out ``actions`` (prompt ids, then the response's action stream) as a :class:`RewindLayout`.
 
-    ``trained[k]`` says whether action ``k`` (``k >= prompt_length``) is a training target. When two trained
-    actions are taken from the same state (rare), the later one wins.
+    ``trained[k]`` says whether action ``k`` (``k >= prompt_length``) is a training target (None: every action).
+    When two trained actions are taken from the same state (rare), the later one wins in ``labels``;
+    ``predictors`` keeps every action's state.
     """
     if prompt_length < 1:
         raise ValueError("the action stream needs at least one prompt token to predict the first action from")
@@ -249,10 +289,13 @@ def rewind_layout(actions: Sequence[int], trained: Sequence[bool], backtrack_id:
     pos: list[int] = []
     parents: list[int] = []
     targets: dict[int, int] = {}  # predictor flat index -> trained action
+    predictors: list[int] = []  # per response action: flat index of its state's last visible token
     stack: list[int] = []  # flat indices of the visible tokens, prompt included
     for k, action in enumerate(actions):
-        if k >= prompt_length and trained[k]:
-            targets[stack[-1]] = int(action)
+        if k >= prompt_length:
+            predictors.append(stack[-1])
+            if trained is None or trained[k]:
+                targets[stack[-1]] = int(action)
         if action == backtrack_id and k >= prompt_length:
             if len(stack) > prompt_length:  # never into the prompt (a failed backtrack is a no-op)
                 stack.pop()
@@ -268,7 +311,7 @@ def rewind_layout(actions: Sequence[int], trained: Sequence[bool], backtrack_id:
     labels = [ignore_index] * len(ids)
     for predictor, target in targets.items():
         labels[predictor + 1] = target
-    return RewindLayout(ids, pos, parents, labels)
+    return RewindLayout(ids, pos, parents, labels, predictors)
 
 
 def ancestor_mask(parents: Sequence[int]) -> np.ndarray:

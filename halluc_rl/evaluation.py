@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from halluc_rl.backtrack import ActionKind, BacktrackState, backtrack_token_id
+from halluc_rl.backtrack import ActionKind, BacktrackState
 from halluc_rl.data.grading import reward
 from halluc_rl.data.tasks import Problem, encode_problem
 from halluc_rl.generation import BacktrackGenerationOutput, generate
+from halluc_rl.modeling import policy_backtrack
 
 # ----------------------------------------------------------------------------------------------------------------
 # Backtrack metrics from a trace
@@ -232,7 +233,7 @@ def evaluate_policy(
         raise ValueError("no problems to evaluate")
     if num_samples < 0 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("need num_samples >= 0, batch_size >= 1 and max_new_tokens >= 1")
-    bt = backtrack_token_id(tokenizer) if backtrack_id is None else int(backtrack_id)
+    bt, _ = policy_backtrack(model, backtrack_id)
     device = next(model.parameters()).device
     encoded = [encode_problem(p, tokenizer) for p in problems]
     prompts = [prompt for prompt, _ in encoded]

@@ -15,9 +15,10 @@ from typing import Protocol
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, backtrack_token_id
+from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, StepEvent, stop_token_ids
 from halluc_rl.cache import RewindableCache
 from halluc_rl.losses import action_log_probs
+from halluc_rl.modeling import policy_backtrack
 
 
 @dataclass
@@ -56,22 +57,6 @@ class BacktrackGenerationConfig:
     """Compact the cache once this many dead slots (and a quarter of its length) pile up."""
 
 
-@dataclass
-class StepEvent:
-    """What one decoding step did, for followers that mirror the policy (an incremental reward model, say).
-
-    A follower with its own :class:`RewindableCache` stays exact with
-    ``cache.follow(event.state.lengths, event.state.last_tokens(pad), event.active)``.
-    """
-
-    step: int
-    actions: torch.Tensor  # [B] action per row (pad where inactive)
-    kinds: torch.Tensor  # [B] ActionKind codes, -1 where the row was already done
-    deleted: torch.Tensor  # [B] deleted token, -1 where none
-    active: torch.Tensor  # [B] rows that took an action this step (a row that just stopped included)
-    state: BatchedBacktrackState
-
-
 class StepCallback(Protocol):
     def on_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None: ...
     def on_step(self, event: StepEvent) -> None: ...
@@ -104,6 +89,9 @@ class BacktrackGenerationOutput:
     finished: torch.Tensor  # [B] stopped by EOS or a stop string (False: ran out of actions)
     logprobs: torch.Tensor | None = None  # [B, S]
     prompt_ids: list[list[int]] = field(default_factory=list)
+    config: BacktrackGenerationConfig | None = None  # the options it ran with (the scorer applies the same rules)
+    backtrack_id: int = -1
+    backtrack_head: str = "softmax"
 
     @property
     def action_mask(self) -> torch.Tensor:
@@ -147,28 +135,20 @@ def _encode_prompts(tokenizer, prompts, device) -> tuple[torch.Tensor, torch.Ten
     return ids.to(device), mask.to(device)
 
 
-def _stop_ids(config: BacktrackGenerationConfig, tokenizer, model) -> list[int]:
-    """The configured stop ids, else the tokenizer's EOS plus the model's generation-config EOS list (Llama-3 stops on
-    several ids), as ``model.generate`` does."""
-    def as_list(value) -> list[int]:
-        return [] if value is None else [int(value)] if isinstance(value, int) else [int(v) for v in value]
+class LoopGuard:
+    """Bans re-typing a token at a position after it was deleted there ``limit`` times (per row).
 
-    if config.eos_token_id is not None:
-        return as_list(config.eos_token_id)
-    gen_config = getattr(model, "generation_config", None)
-    ids = as_list(tokenizer.eos_token_id) + as_list(getattr(gen_config, "eos_token_id", None))
-    return list(dict.fromkeys(ids))
-
-
-class _LoopGuard:
-    """Bans re-typing a token at a position after it was deleted there ``limit`` times."""
+    Generation records each step's deletions and asks for the bans of the current states; the scorer replays an
+    action stream through the same object, so both mask the same tokens.
+    """
 
     def __init__(self, limit: int):
         self.limit = limit
         self.counts: dict[tuple[int, int, int], int] = {}
-        self.bans: dict[int, dict[int, list[int]]] = {}
+        self.bans: dict[int, dict[int, list[int]]] = {}  # row -> response length -> banned tokens
 
     def record(self, kinds: torch.Tensor, deleted: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Count this step's deletions: ``kinds``, ``deleted`` and the new ``lengths`` are [B]."""
         rows = torch.nonzero(kinds == int(ActionKind.DELETE)).flatten().tolist()
         for b in rows:
             key = (b, int(lengths[b]), int(deleted[b]))
@@ -176,13 +156,46 @@ class _LoopGuard:
             if self.counts[key] == self.limit:
                 self.bans.setdefault(b, {}).setdefault(key[1], []).append(key[2])
 
-    def apply(self, scores: torch.Tensor, lengths: torch.Tensor) -> None:
-        if not self.bans:
-            return
+    def banned(self, lengths: torch.Tensor) -> list[tuple[int, int]]:
+        """(row, token) pairs banned at the rows' current response ``lengths`` [B]."""
+        out = []
         for b, by_pos in self.bans.items():
-            tokens = by_pos.get(int(lengths[b]))
-            if tokens:
-                scores[b, tokens] = float("-inf")
+            out += [(b, t) for t in by_pos.get(int(lengths[b]), ())]
+        return out
+
+
+def mask_scores(scores: torch.Tensor, backtrack_id: int, config: BacktrackGenerationConfig, lengths: torch.Tensor,
+                num_backtracks: torch.Tensor, bans: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """Apply the decoding rules to ``scores`` [..., V] in place and return it: the one home of these masks.
+
+    The backtrack bias; the budget (``num_backtracks`` [...] spent: no backtrack); the empty-response mask
+    (``lengths`` [...] zero: a backtrack would be a no-op); the loop guard's ``bans`` (index tensors into ``scores``,
+    the last one the token). Generation applies it to each step's [B, V] scores, the scorer to [B, S, V].
+    """
+    if config.backtrack_bias:
+        scores[..., backtrack_id] += config.backtrack_bias
+    if config.backtrack_budget is not None:
+        spent = num_backtracks >= config.backtrack_budget  # [...]
+        scores[..., backtrack_id] = scores[..., backtrack_id].masked_fill(spent, float("-inf"))
+    if not config.allow_failed_backtracks:
+        scores[..., backtrack_id] = scores[..., backtrack_id].masked_fill(lengths == 0, float("-inf"))
+    if bans is not None and bans[0].numel():
+        scores[bans] = float("-inf")
+    return scores
+
+
+def decoding_scores(logits: torch.Tensor, backtrack_id: int, head: str) -> torch.Tensor:
+    """What the decoding rules act on: raw logits for the softmax head, the factorised log-probs otherwise."""
+    return logits if head == "softmax" else action_log_probs(logits, backtrack_id, head)
+
+
+def decoding_log_probs(scores: torch.Tensor, config: BacktrackGenerationConfig) -> torch.Tensor:
+    """Log-probs [..., V] of the masked ``scores``: ``log_softmax(scores / temperature)`` when sampling (fp32).
+
+    This is the RL convention of ``return_logprobs``: top-k/top-p are not part of it.
+    """
+    temperature = config.temperature if config.do_sample else 1.0
+    return torch.log_softmax(scores.float() / temperature, dim=-1)
 
 
 def generate(
@@ -219,7 +232,7 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
     if unknown:
         raise TypeError(f"unknown generation option(s): {sorted(unknown)}; see BacktrackGenerationConfig")
     config = replace(config or BacktrackGenerationConfig(), **overrides)
-    bt = backtrack_token_id(tokenizer) if backtrack_id is None else int(backtrack_id)
+    bt, head = policy_backtrack(model, backtrack_id)
     vocab_rows = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
     if vocab_rows is not None and bt >= vocab_rows:
         raise ValueError(
@@ -229,7 +242,8 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
     device = next(model.parameters()).device
     input_ids, attention_mask = _encode_prompts(tokenizer, prompts, device)
     batch = input_ids.shape[0]
-    eos_ids = torch.tensor(_stop_ids(config, tokenizer, model), dtype=torch.long, device=device)
+    stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None), config.eos_token_id)
+    eos_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if forced_actions is not None:
         forced_actions = forced_actions.to(device)
@@ -246,20 +260,22 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
             warpers.append(TopKLogitsWarper(config.top_k))
         if config.top_p < 1.0:
             warpers.append(TopPLogitsWarper(config.top_p))
-    guard = _LoopGuard(config.loop_guard) if config.loop_guard else None
+    guard = LoopGuard(config.loop_guard) if config.loop_guard else None
     max_stop = max((len(s) for s in config.stop_strings), default=0)
 
     was_training = model.training
     model.eval()
     try:
-        return _decode(model, tokenizer, config, bt, input_ids, attention_mask, eos_ids, pad, max_stop, warpers,
-                       guard, forced_actions, generator, callbacks, device)
+        out = _decode(model, tokenizer, config, bt, head, input_ids, attention_mask, eos_ids, pad, max_stop,
+                      warpers, guard, forced_actions, generator, callbacks, device)
     finally:
         if was_training:
             model.train()
+    out.config, out.backtrack_id, out.backtrack_head = config, bt, head
+    return out
 
 
-def _decode(model, tokenizer, config, bt, input_ids, attention_mask, eos_ids, pad, max_stop, warpers, guard,
+def _decode(model, tokenizer, config, bt, head, input_ids, attention_mask, eos_ids, pad, max_stop, warpers, guard,
             forced_actions, generator, callbacks, device) -> BacktrackGenerationOutput:
     """The decoding loop itself (see :func:`generate`)."""
     batch, steps = input_ids.shape[0], int(config.max_new_tokens)
@@ -278,20 +294,16 @@ def _decode(model, tokenizer, config, bt, input_ids, attention_mask, eos_ids, pa
     single_eos = int(eos_ids[0]) if eos_ids.numel() == 1 else None
     all_active = True
     ran = 0
-    head = getattr(model.config, "backtrack_head", "softmax")  # how the policy reads its backtrack logit
     for step in range(steps):
         ran = step + 1
         # [B, V] a fresh tensor each step (or a copy of the prompt logits): safe to edit in place
-        scores = logits if head == "softmax" else action_log_probs(logits, bt, head)
-        if config.backtrack_bias:
-            scores[:, bt] += config.backtrack_bias
-        if config.backtrack_budget is not None:
-            spent = state.num_backtracks >= config.backtrack_budget  # [B]
-            scores[:, bt] = torch.where(spent, float("-inf"), scores[:, bt])
-        if not config.allow_failed_backtracks:
-            scores[:, bt] = torch.where(state.lengths == 0, float("-inf"), scores[:, bt])
-        if guard is not None:
-            guard.apply(scores, state.lengths)
+        scores = decoding_scores(logits, bt, head)
+        bans = None
+        if guard is not None and guard.bans:
+            pairs = guard.banned(state.lengths)
+            if pairs:
+                bans = tuple(torch.tensor(list(col), device=device) for col in zip(*pairs))  # (rows, tokens)
+        mask_scores(scores, bt, config, state.lengths, state.num_backtracks, bans)
         if config.do_sample:
             probs = torch.softmax(warpers(state.ids, scores.float()), dim=-1)  # [B, V] in fp32, even for bf16 models
             action = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
@@ -300,7 +312,7 @@ def _decode(model, tokenizer, config, bt, input_ids, attention_mask, eos_ids, pa
         if forced_actions is not None and step < forced_actions.shape[1]:
             action = torch.where(forced_actions[:, step] >= 0, forced_actions[:, step], action)
         if t_logp is not None:
-            logp = torch.log_softmax(scores.float() / (config.temperature if config.do_sample else 1.0), dim=-1)
+            logp = decoding_log_probs(scores, config)  # [B, V]
             t_logp[step] = logp.gather(1, action.unsqueeze(1)).squeeze(1)
         if not all_active:
             action = torch.where(active, action, fill)

@@ -68,7 +68,8 @@ def add_backtrack_token(
         known = False
     if known:
         if model.get_input_embeddings().weight.shape[0] > bt_id:
-            return bt_id  # already set up (and perhaps trained): change nothing
+            set_policy_backtrack(model, bt_id)  # already set up (and perhaps trained): only record the id
+            return bt_id
     else:
         vocab = tokenizer.get_vocab()
         reserved = next((t for t in RESERVED_TOKENS if reuse_reserved and t in vocab), None)
@@ -103,7 +104,34 @@ def init_backtrack_rows(model, tokenizer, bt_id: int, init_words: Sequence[str] 
         weight[bt_id] = rows.float().mean(0).to(weight.dtype)
         if getattr(emb, "bias", None) is not None:
             emb.bias[bt_id] = emb.bias[seed_ids].mean() if seed_ids else emb.bias.mean()
-    model.config.backtrack_token_id = bt_id
+    set_policy_backtrack(model, bt_id)
+
+
+def set_policy_backtrack(model, backtrack_id: int, head: str | None = None) -> None:
+    """Record a policy's backtrack settings on ``model.config``, their one home (saved with every copy).
+
+    ``head`` None keeps a head already recorded, else ``softmax``. A PEFT model's ``config`` is its base's, so the
+    settings travel with the base config whatever wraps it.
+    """
+    from halluc_rl.losses import check_head
+
+    config = model.config
+    config.backtrack_token_id = int(backtrack_id)
+    config.backtrack_head = check_head(head or getattr(config, "backtrack_head", None) or "softmax")
+
+
+def policy_backtrack(model, backtrack_id: int | None = None) -> tuple[int, str]:
+    """``(backtrack id, head)`` of a policy, read from ``model.config`` (generation, the scorer and the trainers
+    call this; nothing re-derives them). ``backtrack_id`` overrides the id for raw models used without a tokenizer
+    (benchmarks)."""
+    config = model.config
+    bt = getattr(config, "backtrack_token_id", None) if backtrack_id is None else backtrack_id
+    if bt is None:
+        raise ValueError(
+            f"{type(model).__name__} has no backtrack token on its config; call "
+            "halluc_rl.modeling.add_backtrack_token(model, tokenizer) first (or load it with load_policy)"
+        )
+    return int(bt), getattr(config, "backtrack_head", None) or "softmax"
 
 
 def _offline_hint(name: str, err: Exception) -> str:
@@ -298,28 +326,46 @@ def check_same_base(checkpoint: str | Path, expected_base: str) -> None:
         )
 
 
-POLICY_META = "halluc_rl.json"
-"""Written beside a saved policy: how to read its backtrack logit (``backtrack_head``), which a PEFT adapter's
-files cannot carry."""
+def write_policy_config(model, path: str | Path) -> Path:
+    """Write the policy's model config, backtrack settings included, into ``path`` (``config.json``).
+
+    A full model's ``save_pretrained`` writes it already; a PEFT adapter's files cannot carry it, so every saved
+    adapter (final folder and checkpoints alike) gets its base's config with the settings beside it.
+    """
+    config = model.config
+    if getattr(config, "backtrack_token_id", None) is None:
+        raise ValueError("the policy has no backtrack settings on model.config; call add_backtrack_token first")
+    config.save_pretrained(str(path))
+    return Path(path) / "config.json"
 
 
-def save_policy_meta(path: str | Path, backtrack_head: str = "softmax") -> Path:
+def _saved_backtrack_settings(path: Path) -> dict:
+    """The backtrack settings recorded in a saved policy's ``config.json`` ({} when it records none)."""
     import json
 
-    out = Path(path) / POLICY_META
-    out.write_text(json.dumps({"backtrack_head": backtrack_head}, indent=1))
-    return out
+    file = path / "config.json"
+    if not file.exists():
+        return {}
+    data = json.loads(file.read_text())
+    return {k: data[k] for k in ("backtrack_token_id", "backtrack_head") if data.get(k) is not None}
 
 
 def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                 add_missing_backtrack: bool = False):
     """Load a saved policy for generation: a full model directory, or a PEFT adapter on its base.
 
-    Returns (model, tokenizer, backtrack_id). An adapter directory must hold the tokenizer saved with it. A full model
-    without a backtrack token (a base model) raises, or with ``add_missing_backtrack`` gets an untrained one (with a
-    warning), so that it can still be evaluated with and without backtracking.
+    Returns (model, tokenizer, backtrack_id), with the backtrack settings on ``model.config``, read from the saved
+    config (never guessed: a policy folder that records none is read as ``softmax`` with a warning). An adapter
+    directory must hold the tokenizer saved with it. A full model without a backtrack token (a base model) raises,
+    or with ``add_missing_backtrack`` gets an untrained one (with a warning), so that it can still be evaluated with
+    and without backtracking.
     """
-    base = base_model_name(path)
+    import warnings
+
+    from halluc_rl.backtrack import backtrack_token_id
+
+    folder = Path(resolve_model_path(str(path)))
+    base = base_model_name(folder)
     tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
     if base is None:
         model = load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
@@ -329,20 +375,20 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
         model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model = PeftModel.from_pretrained(model, str(path))
-    from halluc_rl.backtrack import backtrack_token_id
-
-    if add_missing_backtrack and base is None:
-        try:
-            backtrack_token_id(tokenizer)
-        except ValueError:
-            import warnings
-
-            warnings.warn(f"{path} has no backtrack token; adding an untrained one", stacklevel=2)
-            add_backtrack_token(model, tokenizer)
-    meta = Path(resolve_model_path(str(path))) / POLICY_META
-    if meta.exists():  # generation reads model.config.backtrack_head
-        import json
-
-        model.config.backtrack_head = json.loads(meta.read_text()).get("backtrack_head", "softmax")
-    return model.eval(), tokenizer, backtrack_token_id(tokenizer)
+        model = PeftModel.from_pretrained(model, str(folder))
+    try:
+        bt = backtrack_token_id(tokenizer)
+    except ValueError:
+        if not (add_missing_backtrack and base is None):
+            raise
+        warnings.warn(f"{path} has no backtrack token; adding an untrained one", stacklevel=2)
+        return model.eval(), tokenizer, add_backtrack_token(model, tokenizer)
+    saved = _saved_backtrack_settings(folder)
+    if saved.get("backtrack_token_id", bt) != bt:
+        raise ValueError(f"{path}: config.json records backtrack id {saved['backtrack_token_id']} but the tokenizer "
+                         f"saved with it has {bt}; save the policy's tokenizer and config together")
+    if "backtrack_head" not in saved and folder != TINY_MODEL_DIR:
+        warnings.warn(f"{path} records no backtrack head in config.json; reading its backtrack logit as softmax "
+                      "(re-save the policy with this version of halluc-rl to record it)", stacklevel=2)
+    set_policy_backtrack(model, bt, saved.get("backtrack_head", "softmax"))
+    return model.eval(), tokenizer, bt

@@ -4,7 +4,7 @@ Two small protocols, both batched over rows (the env is a batch of one):
 
 * an **outcome** reward scores finished responses: ``score(texts, problems) -> [B]``;
 * a **process** reward scores each action as it happens: ``start(input_ids, attention_mask)`` once per batch of
-  prompts, then ``step(event) -> [B]`` after every action (``event`` is a :class:`~halluc_rl.generation.StepEvent`).
+  prompts, then ``step(event) -> [B]`` after every action (``event`` is a :class:`~halluc_rl.backtrack.StepEvent`).
 
 :class:`RewardMixer` combines any number of them with weights plus :class:`Shaping` terms, and is itself a
 generation callback, so a rollout computes process rewards in lock-step with decoding.
@@ -29,7 +29,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from halluc_rl.backtrack import ActionKind
+from halluc_rl.backtrack import ActionKind, StepEvent
 from halluc_rl.cache import RewindableCache
 from halluc_rl.data.grading import reward as grade
 from halluc_rl.data.tasks import Problem
@@ -50,7 +50,7 @@ class ProcessReward(Protocol):
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None: ...
 
-    def step(self, event: Any) -> torch.Tensor: ...
+    def step(self, event: StepEvent) -> torch.Tensor: ...
 
 
 class RuleGrader:
@@ -84,7 +84,7 @@ class CallableReward:
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self._prompts = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(input_ids.shape[0])]
 
-    def step(self, event) -> torch.Tensor:
+    def step(self, event: StepEvent) -> torch.Tensor:
         out = torch.zeros(len(self._prompts))
         for b in torch.nonzero(event.active).flatten().tolist():
             out[b] = float(self.fn(self._prompts[b], event.state.visible(b)))
@@ -118,7 +118,7 @@ class IncrementalScorer:
         self.current = self._score(self.cache.prefill(input_ids.to(device), attention_mask.to(device)))
         return self.current
 
-    def follow(self, event) -> torch.Tensor:
+    def follow(self, event: StepEvent) -> torch.Tensor:
         """Advance with one policy step; returns the new score of each acting row's prefix [B]."""
         state, device = event.state, self.current.device  # the policy may live on another device
         lengths = state.lengths.to(device)
@@ -164,7 +164,7 @@ class HFProcessReward:
         self.potential = prompt_score.clone()
         self._steps = [[(0, float(score))] for score in prompt_score]
 
-    def _step_potential(self, event, scores: torch.Tensor) -> torch.Tensor:
+    def _step_potential(self, event: StepEvent, scores: torch.Tensor) -> torch.Tensor:
         """Phi per row: push a step when a delimiter is typed, pop the steps a deletion undoes."""
         kinds = event.kinds.cpu()
         typed = (kinds == int(ActionKind.APPEND)) & torch.isin(event.actions.cpu(), self.step_token_ids)
@@ -178,7 +178,7 @@ class HFProcessReward:
                 stack.append((int(lengths[b]), float(scores[b])))
         return torch.tensor([stack[-1][1] for stack in self._steps])
 
-    def step(self, event) -> torch.Tensor:
+    def step(self, event: StepEvent) -> torch.Tensor:
         scores = self.scorer.follow(event).cpu()  # the cache follows every action, step delimiter or not
         before = self.potential
         after = scores if self.step_token_ids is None else self._step_potential(event, scores)
@@ -201,7 +201,7 @@ class Shaping:
     budget: int | None = None
     """Backtracks allowed per episode (None: unlimited)."""
 
-    def step(self, event) -> dict[str, torch.Tensor]:
+    def step(self, event: StepEvent) -> dict[str, torch.Tensor]:
         if not (self.backtrack_cost or self.failed_backtrack_penalty or self.budget_penalty):
             return {}  # nothing configured: no work on the rollout's hot path
         kinds = event.kinds.cpu()  # [B]
@@ -250,10 +250,10 @@ class RewardMixer:
         for reward, _ in self.process:
             reward.start(input_ids, attention_mask)
 
-    def on_step(self, event) -> None:
+    def on_step(self, event: StepEvent) -> None:
         self.steps.append(self.step(event))
 
-    def step(self, event) -> dict[str, torch.Tensor]:
+    def step(self, event: StepEvent) -> dict[str, torch.Tensor]:
         """Reward parts [B] of one action (process rewards, weighted, and shaping)."""
         parts = {r.name: w * torch.as_tensor(r.step(event), dtype=torch.float32).cpu() for r, w in self.process}
         parts.update(self.shaping.step(event))

@@ -182,7 +182,7 @@ def test_works_in_a_dataloader_and_sft_trainer(tokenizer, tmp_path):
 
 def test_rewind_layout_exact_tensors():
     """prompt 10 11 | correct 20 | error 30 31 | BT BT | correction 21 2, in the default rewind layout."""
-    batch = MaskedErrorCollator(pad_token_id=0, mask_dtype=torch.bool)([ERR, CLEAN])
+    batch = MaskedErrorCollator(pad_token_id=0, backtrack_token_id=BT, mask_dtype=torch.bool)([ERR, CLEAN])
     # backtracks are not inputs; the correction 21 sits at position 3, where the error was typed
     assert batch["input_ids"].tolist() == [[10, 11, 20, 30, 31, 21, 2], [10, 12, 22, 2, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4], [0, 1, 2, 3, 4, 5, 6]]
@@ -207,8 +207,8 @@ def test_rewind_layout_trains_on_the_logits_generation_computes(tokenizer, arch)
     model = make_model(arch, tokenizer)
     _, examples = _batch(tokenizer, n=3, seed=2)
     features = [e.to_features() for e in examples]
-    batch = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id)(features)
     bt = backtrack_token_id(tokenizer)
+    batch = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id, backtrack_token_id=bt)(features)
     with torch.no_grad():
         logits = model(**batch).logits  # [B, L, V]
     assert int((batch["input_ids"] == bt).sum()) == 0

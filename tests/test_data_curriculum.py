@@ -3,6 +3,7 @@ from collections import Counter
 import pytest
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
+from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
 from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors
@@ -69,7 +70,8 @@ def test_items_are_fresh_each_epoch_and_reproducible(tokenizer):
 def test_trainer_sees_more_errors_each_epoch(tokenizer, tmp_path):
     """End to end: a real Trainer with the callback gets batches whose error counts follow the caps."""
     dataset = CurriculumDataset(PROBLEMS[:8], tokenizer, RandomTokenErrors(error_rate=1.0, seed=1), Curriculum())
-    collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id)
+    collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id,
+                                   backtrack_token_id=backtrack_token_id(tokenizer))
     seen: list[list[int]] = []
 
     def recording(features):

@@ -7,7 +7,7 @@ from transformers import AutoModelForTokenClassification
 
 import halluc_rl  # noqa: F401  (registers the envs)
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.data.tasks import ArithmeticTask
+from halluc_rl.data.tasks import ArithmeticTask, encode_problem
 from halluc_rl.modeling import tiny_config
 from halluc_rl.rewards import CallableReward, HFProcessReward, RewardMixer, RuleGrader, Shaping
 from halluc_rl.rollout import rollout
@@ -107,7 +107,9 @@ def test_make_vec(tokenizer):
     envs = gym.make_vec("Backtrack-Arithmetic-v0", num_envs=3, tokenizer=tokenizer, num_problems=20,
                         max_new_tokens=8)
     obs, _ = envs.reset(seed=1)
-    assert obs["prompt_ids"].shape == (3, 256)
+    problems = ArithmeticTask().problems("train", 20)  # the env's default split and task seed
+    longest = max(len(encode_problem(p, tokenizer)[0]) for p in problems)  # prompt room is sized from the data
+    assert obs["prompt_ids"].shape == (3, longest)
     obs, rewards, *_ = envs.step(np.array([5, 6, 7]))
     assert obs["response_length"].tolist() == [1, 1, 1] and rewards.shape == (3,)
     envs.close()
@@ -220,3 +222,19 @@ def test_prm_scores_steps_when_given_step_tokens(tokenizer):
     assert seen[2:5] == pytest.approx([step_score] * 3, abs=1e-4)
     assert seen[5:] == pytest.approx([prompt_score] * 3, abs=1e-4)
     assert step_score != pytest.approx(prompt_score, abs=1e-4)
+
+
+def test_every_gsm8k_test_problem_resets_with_the_default_sizes(tokenizer, gsm8k_dir):
+    """Prompt room and the action budget are sized from the split: no problem is too long for its env."""
+    env = gym.make("Backtrack-GSM8K-v0", tokenizer=tokenizer, data_files=str(gsm8k_dir), split="test").unwrapped
+    longest_answer = max(len(encode_problem(p, tokenizer)[1]) for p in env.problems)
+    assert env.max_new_tokens == 2 * longest_answer > 256 and env.max_prompt_tokens > 256
+    for index in range(len(env.problems)):
+        obs, _ = env.reset(options={"index": index})
+        assert 0 < obs["prompt_length"] <= env.max_prompt_tokens
+    assert index == 1318
+
+
+def test_non_positive_sizes_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive"):
+        arithmetic_env(tokenizer, max_new_tokens=0)

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 
-from halluc_rl.backtrack import ancestor_mask, rewind_layout
 from halluc_rl.data.errors import Span, normalize_spans, spans_labels_mask
 
 IGNORE_INDEX = -100
@@ -104,13 +103,15 @@ class MaskedErrorCollator:
     ``transformers.Trainer`` and TRL's ``SFTTrainer`` (set ``remove_unused_columns=False`` so ``spans`` reaches it,
     and ``dataset_kwargs={"skip_prepare_dataset": True}`` for SFTTrainer), or with a plain ``DataLoader``.
 
-    ``hard_attention`` replaces ``attention_mask`` with a 4D [B, 1, L, L] mask: additive (0 / dtype minimum) in
+    ``backtrack_token_id`` is the policy's (``model.config.backtrack_token_id``); the rewind layout needs it once
+    an example holds a backtrack. ``hard_attention`` replaces ``attention_mask`` with a 4D [B, 1, L, L] mask: additive (0 / dtype minimum) in
     ``mask_dtype``, which works with eager and SDPA attention; ``mask_dtype=torch.bool`` gives a boolean mask
     (True = attend) for SDPA. Use the model's dtype under half precision. ``rewind_positions`` adds
     ``position_ids`` [B, L]. ``max_length`` truncates on the right; ``pad_to_multiple_of`` rounds L up.
     """
 
     pad_token_id: int = 0
+    backtrack_token_id: int | None = None
     train_errors: bool = False
     layout: str = "rewind"
     hard_attention: bool = False
@@ -155,30 +156,25 @@ class MaskedErrorCollator:
             )
 
     def _rewind(self, features: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        """The ``rewind`` layout: every action trained from the visible state generation sees (no backtrack inputs)."""
-        layouts = []
+        """The ``rewind`` layout: the scorer's packing (:func:`halluc_rl.scoring.pack_streams`), with labels."""
+        from halluc_rl.scoring import pack_streams
+
+        streams, prompts, masks = [], [], []
         for feature in features:
             ids, mask, spans = self._prepare(feature)
             if spans is None:
                 raise ValueError("layout='rewind' needs 'spans' in each feature (or use layout='retry')")
-            prompt = sum(end - start for kind, start, end in spans if kind == "prompt")
-            bt = next((ids[start] for kind, start, _ in spans if kind == "backtrack"), -1)
-            layouts.append(rewind_layout(ids, mask, bt, prompt, IGNORE_INDEX, self.pad_token_id))
-        batch, width = len(layouts), self._width(max(len(lay.input_ids) for lay in layouts))
-        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)  # [B, L]
-        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)  # [B, L]
-        positions = torch.zeros((batch, width), dtype=torch.long)  # [B, L]
-        allowed = torch.eye(width, dtype=torch.bool).repeat(batch, 1, 1)  # [B, L, L] padding sees itself
-        for b, lay in enumerate(layouts):
-            n = len(lay.input_ids)
-            input_ids[b, :n] = torch.tensor(lay.input_ids)
-            labels[b, :n] = torch.tensor(lay.labels)
-            positions[b, :n] = torch.tensor(lay.position_ids)
-            positions[b, n:] = torch.arange(lay.position_ids[-1] + 1, lay.position_ids[-1] + 1 + width - n)
-            allowed[b, :n, :n] = torch.from_numpy(ancestor_mask(lay.parents))
-        out = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
-        out["attention_mask"] = self._mask_tensor(allowed.unsqueeze(1))  # [B, 1, L, L]
-        return out
+            if self.backtrack_token_id is None and any(kind == "backtrack" for kind, _, _ in spans):
+                raise ValueError("the examples hold backtracks: give the collator backtrack_token_id "
+                                 "(model.config.backtrack_token_id)")
+            streams.append(ids)
+            prompts.append(sum(end - start for kind, start, end in spans if kind == "prompt"))
+            masks.append(mask)
+        bt = -1 if self.backtrack_token_id is None else self.backtrack_token_id
+        packed = pack_streams(streams, prompts, bt, masks, pad_id=self.pad_token_id,
+                              pad_to_multiple_of=self.pad_to_multiple_of, mask_dtype=self.mask_dtype)
+        return {"input_ids": packed.input_ids, "labels": packed.labels, "position_ids": packed.position_ids,
+                "attention_mask": packed.attention_mask}
 
     def _mask_tensor(self, allowed: torch.Tensor) -> torch.Tensor:
         if self.mask_dtype == torch.bool:

@@ -1,0 +1,239 @@
+"""Log-probabilities of action streams: the one scorer every trainer uses (SFT's collator, DPO, the PRMs, PPO).
+
+An action stream is a prompt and the actions a policy took, backtracks included (``Rollout.actions``: [B, S], -1
+after the end). Generation rewinds its KV cache on every backspace, so each action was chosen from the *visible*
+text alone. The scorer reproduces that in one batched forward with gradients:
+
+* **one packing** (:func:`pack_streams`): each stream is replayed with the backtrack stack
+  (:func:`halluc_rl.backtrack.rewind_layout`). Typed tokens are packed flat, each at its visible position and
+  attending to its chain of visible ancestors only (a 4D mask), so a correction typed after a backtrack never
+  attends to the deleted token, and backtrack tokens are never inputs. The masked-error collator lays out SFT
+  batches with the same function;
+* **the same decoding rules** (:func:`halluc_rl.generation.mask_scores`): the policy's head, the backtrack bias,
+  the budget, the empty-response mask, the loop guard's bans and the temperature are applied to each action's
+  logits exactly as generation applied them when it sampled. A state's rule inputs (response length, backtracks so
+  far, bans) come from replaying the stream through the decoder's own state objects.
+
+The contract is exactness: the log-probs equal the rollout's sampling log-probs (fp32, tested to 1e-5 on Llama,
+Qwen2 and GPT-2 under LoRA), so the first PPO ratio is exactly 1. Top-k/top-p are not part of the log-prob (the RL
+convention ``return_logprobs`` follows too): sample with ``top_k=0, top_p=1`` for exact ratios.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from halluc_rl.backtrack import BatchedBacktrackState, ancestor_mask, rewind_layout
+from halluc_rl.generation import (
+    BacktrackGenerationConfig,
+    LoopGuard,
+    decoding_log_probs,
+    decoding_scores,
+    mask_scores,
+)
+from halluc_rl.losses import IGNORE_INDEX
+from halluc_rl.modeling import policy_backtrack
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one packing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackedStreams:
+    """Action streams laid out for one teacher-forced forward that sees what generation saw."""
+
+    input_ids: torch.Tensor  # [B, L] typed tokens: prompt, appended actions (never a backtrack); pad after
+    position_ids: torch.Tensor  # [B, L] visible position of each token when it was typed
+    attention_mask: torch.Tensor  # [B, 1, L, L] a token sees its visible ancestors and itself (bool or additive)
+    labels: torch.Tensor  # [B, L] trained actions in the Hugging Face shifted layout, -100 elsewhere
+    predictors: torch.Tensor  # [B, S] flat index of the state each response action was taken from; -1 padding
+
+
+def pack_streams(
+    streams: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    backtrack_id: int,
+    trained: Sequence[Sequence[bool]] | None = None,
+    *,
+    pad_id: int = 0,
+    pad_to_multiple_of: int | None = None,
+    num_actions: int | None = None,
+    mask_dtype: torch.dtype = torch.bool,
+    sliding_window: int | None = None,
+) -> PackedStreams:
+    """Pack ``streams`` (prompt ids then the response's actions, one list per row) in the rewind layout.
+
+    ``trained[b][k]`` marks the actions that get a label (None: every response action). ``num_actions`` sets S of
+    ``predictors`` (default: the longest response). ``mask_dtype`` bool gives True = attend; a float dtype gives an
+    additive mask (0 / the dtype's minimum), which eager and SDPA attention both take. ``sliding_window`` also hides
+    ancestors ``window`` or more visible positions back (what a sliding-window layer sees).
+    """
+    layouts = [rewind_layout(s, None if trained is None else trained[b], backtrack_id, prompt_lengths[b],
+                             IGNORE_INDEX, pad_id) for b, s in enumerate(streams)]
+    batch = len(layouts)
+    longest = max(len(lay.input_ids) for lay in layouts)
+    width = longest if not pad_to_multiple_of else -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    steps = max((len(lay.predictors) for lay in layouts), default=0) if num_actions is None else num_actions
+    input_ids = np.full((batch, width), pad_id, dtype=np.int64)  # [B, L]
+    labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)  # [B, L]
+    positions = np.zeros((batch, width), dtype=np.int64)  # [B, L]
+    predictors = np.full((batch, steps), -1, dtype=np.int64)  # [B, S]
+    allowed = np.zeros((batch, width, width), dtype=bool)  # [B, L, L]
+    allowed[:, np.arange(width), np.arange(width)] = True  # padding sees itself
+    for b, lay in enumerate(layouts):
+        n = len(lay.input_ids)
+        input_ids[b, :n] = lay.input_ids
+        labels[b, :n] = lay.labels
+        positions[b, :n] = lay.position_ids
+        positions[b, n:] = np.arange(lay.position_ids[-1] + 1, lay.position_ids[-1] + 1 + width - n)
+        sees = ancestor_mask(lay.parents)  # [n, n]
+        if sliding_window is not None:
+            pos = np.asarray(lay.position_ids)
+            sees &= (pos[:, None] - pos[None, :]) < sliding_window
+        allowed[b, :n, :n] = sees
+        predictors[b, : len(lay.predictors)] = lay.predictors[:steps]
+    mask = torch.from_numpy(allowed).unsqueeze(1)  # [B, 1, L, L]
+    if mask_dtype != torch.bool:
+        mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill(~mask, torch.finfo(mask_dtype).min)
+    return PackedStreams(torch.from_numpy(input_ids), torch.from_numpy(positions), mask,
+                         torch.from_numpy(labels), torch.from_numpy(predictors))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The decoder's state, replayed
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DecodeContext:
+    """What the decoding rules read at the state before each action, replayed from an action stream."""
+
+    lengths: torch.Tensor  # [B, S] visible response length before the action
+    num_backtracks: torch.Tensor  # [B, S] backtracks taken before it
+    bans: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (rows, steps, tokens) the loop guard banned there
+    mask: torch.Tensor  # [B, S] true where an action was taken
+
+
+def decode_context(actions: torch.Tensor, backtrack_id: int, config: BacktrackGenerationConfig) -> DecodeContext:
+    """Replay ``actions`` [B, S] (-1 padding) through the decoder's own state objects (no model)."""
+    actions = actions.cpu()
+    batch, steps = actions.shape
+    state = BatchedBacktrackState(batch, max(steps, 1), backtrack_id)
+    guard = LoopGuard(config.loop_guard) if config.loop_guard else None
+    lengths = torch.zeros(batch, steps, dtype=torch.long)  # [B, S]
+    spent = torch.zeros(batch, steps, dtype=torch.long)  # [B, S]
+    bans: list[tuple[int, int, int]] = []
+    mask = actions >= 0  # [B, S]
+    for s in range(steps):
+        lengths[:, s] = state.lengths
+        spent[:, s] = state.num_backtracks
+        if guard is not None and guard.bans:
+            bans += [(b, s, t) for b, t in guard.banned(state.lengths)]
+        kinds, deleted = state.step(actions[:, s].clamp(min=0), mask[:, s])
+        if guard is not None:
+            guard.record(kinds, deleted, state.lengths)
+    rows, cols, toks = (torch.tensor(list(c), dtype=torch.long) for c in zip(*bans)) if bans else (
+        torch.zeros(0, dtype=torch.long) for _ in range(3))
+    return DecodeContext(lengths, spent, (rows, cols, toks), mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scorer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActionScores:
+    """Per-action results of :func:`score_actions` ([B, S], zero where ``mask`` is false)."""
+
+    logprobs: torch.Tensor  # [B, S] log-prob of each action under the decoding distribution
+    entropy: torch.Tensor  # [B, S] entropy of that distribution at the action's state
+    mask: torch.Tensor  # [B, S] true where an action was taken
+    hidden: torch.Tensor | None = None  # [B, S, H] final hidden state at the action's state (for value heads)
+
+
+def _sliding_window(config) -> int | None:
+    """The window of a model whose every layer slides (Mistral-style); models mixing layer kinds are refused."""
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or [])
+    if window is None or (types and "sliding_attention" not in types):
+        return None
+    if types and types != {"sliding_attention"}:
+        raise NotImplementedError(
+            f"{type(config).__name__} mixes sliding-window and full-attention layers, which need different "
+            "attention masks per layer; score it with a model whose layers are all alike"
+        )
+    return int(window)
+
+
+def score_actions(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    actions: torch.Tensor,
+    config: BacktrackGenerationConfig | None = None,
+    *,
+    backtrack_id: int | None = None,
+    return_hidden: bool = False,
+    **overrides,
+) -> ActionScores:
+    """Log-probs [B, S] of ``actions`` (-1 padding) after ``prompt_ids``, from one batched forward with gradients.
+
+    ``config`` (and keyword ``overrides``) are the decoding options the actions were sampled with: pass
+    ``rollout.generation.config`` to reproduce a rollout's log-probs exactly. The backtrack id and head are read
+    from ``model.config``. Run the model in eval mode (no dropout) where the ratio to old log-probs must be exact.
+    """
+    config = replace(config or BacktrackGenerationConfig(), **overrides)
+    bt, head = policy_backtrack(model, backtrack_id)
+    if actions.ndim != 2 or actions.shape[0] != len(prompt_ids):
+        raise ValueError(f"actions must be [B, S] with B = {len(prompt_ids)} prompts, got {tuple(actions.shape)}")
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token to predict the first action from")
+    device = next(model.parameters()).device
+    cpu_actions = actions.detach().cpu()
+    batch, steps = cpu_actions.shape
+    context = decode_context(cpu_actions, bt, config)
+    streams = [list(map(int, prompt_ids[b])) + cpu_actions[b][context.mask[b]].tolist() for b in range(batch)]
+    dtype = next(model.parameters()).dtype
+    packed = pack_streams(streams, [len(p) for p in prompt_ids], bt, num_actions=steps,
+                          mask_dtype=dtype if dtype.is_floating_point else torch.float32,
+                          sliding_window=_sliding_window(model.config))
+    # logits are needed from the last prompt token on: keep only that tail (the prompt's other logits are waste)
+    width = packed.input_ids.shape[1]
+    keep = width - (min(len(p) for p in prompt_ids) - 1)
+    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    offset = width - keep if kwargs else 0
+    out = model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+                position_ids=packed.position_ids.to(device), use_cache=False, output_hidden_states=return_hidden,
+                **kwargs)
+    rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]
+    where = packed.predictors.clamp(min=0).to(device)  # [B, S]
+    logits = out.logits[rows, where - offset]  # [B, S, V]
+    mask = context.mask.to(device)  # [B, S]
+    scores = decoding_scores(logits, bt, head)  # [B, S, V]
+    bans = tuple(t.to(device) for t in context.bans)
+    scores = mask_scores(scores, bt, config, context.lengths.to(device), context.num_backtracks.to(device), bans)
+    logp = decoding_log_probs(scores, config)  # [B, S, V]
+    taken = actions.to(device).clamp(min=0).unsqueeze(-1)  # [B, S, 1]
+    logprobs = logp.gather(-1, taken).squeeze(-1).masked_fill(~mask, 0.0)  # [B, S]
+    probs = logp.exp()  # [B, S, V]
+    entropy = -(probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1).masked_fill(~mask, 0.0)  # [B, S]
+    hidden = out.hidden_states[-1][rows, where] if return_hidden else None  # [B, S, H]
+    return ActionScores(logprobs, entropy, mask, hidden)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def score_rollout(model, rollout, *, return_hidden: bool = False) -> ActionScores:
+    """:func:`score_actions` on a :class:`~halluc_rl.rollout.Rollout` with the options it was sampled with."""
+    gen = rollout.generation
+    return score_actions(model, rollout.prompt_ids, rollout.actions, gen.config, backtrack_id=gen.backtrack_id,
+                         return_hidden=return_hidden)
