@@ -217,6 +217,8 @@ def evaluate_policy(
     * the :func:`backtrack_metrics` of the greedy run under their own names (``backtrack_rate``,
       ``backtrack_precision``, ``false_backtrack_rate``, ``failed_backtracks``, ``num_deletions``) and of the
       sampled run prefixed ``sampled_``;
+    * ``reference_nll`` - the mean negative log-likelihood per token of the reference solutions (EOS included),
+      teacher-forced through the action-stream scorer with the policy's head (how sure the policy is of clean text);
     * ``tokens_per_solved`` - greedy actions spent in total (backtracks included) / problems solved greedily;
       ``mean_actions`` - greedy actions per problem; ``truncated_rate`` - share of greedy episodes that ran out
       of ``max_new_tokens`` before EOS or a stop string;
@@ -268,12 +270,31 @@ def evaluate_policy(
     results.update(greedy.counts.metrics())
     sampled_metrics = sampled.counts.metrics() if sampled else dict.fromkeys(BacktrackCounts().metrics())
     results.update({f"sampled_{k}": v for k, v in sampled_metrics.items()})
+    results["reference_nll"] = reference_nll(model, prompts, references, batch_size=batch_size, backtrack_id=bt)
     results["tokens_per_solved"] = greedy.actions / greedy.correct if greedy.correct else None
     results["mean_actions"] = greedy.actions / n
     results["truncated_rate"] = greedy.truncated / n
     results["num_problems"] = n
     results["num_samples"] = num_samples
     return results
+
+
+@torch.no_grad()
+def reference_nll(model, prompts: Sequence[Sequence[int]], references: Sequence[Sequence[int]], *,
+                  batch_size: int = 64, backtrack_id: int | None = None) -> float:
+    """Mean NLL per reference token under the policy's decoding distribution (greedy rules, temperature 1)."""
+    from halluc_rl.scoring import score_actions
+
+    total, count = 0.0, 0
+    for i in range(0, len(prompts), batch_size):
+        refs = references[i : i + batch_size]
+        actions = torch.full((len(refs), max(map(len, refs))), -1, dtype=torch.long)  # [B, S]
+        for b, ref in enumerate(refs):
+            actions[b, : len(ref)] = torch.tensor(ref)
+        scores = score_actions(model, prompts[i : i + batch_size], actions, backtrack_id=backtrack_id)
+        total -= float(scores.logprobs.sum())
+        count += int(scores.mask.sum())
+    return total / count
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:

@@ -212,8 +212,8 @@ def score_actions(
                 position_ids=packed.position_ids.to(device), use_cache=False, output_hidden_states=return_hidden,
                 **kwargs)
     rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]
-    where = packed.predictors.clamp(min=0).to(device)  # [B, S]
-    logits = out.logits[rows, where - offset]  # [B, S, V]
+    where = packed.predictors.to(device)  # [B, S] -1 where there is no action
+    logits = out.logits[rows, (where - offset).clamp(min=0)]  # [B, S, V]
     mask = context.mask.to(device)  # [B, S]
     scores = decoding_scores(logits, bt, head)  # [B, S, V]
     bans = tuple(t.to(device) for t in context.bans)
@@ -223,7 +223,7 @@ def score_actions(
     logprobs = logp.gather(-1, taken).squeeze(-1).masked_fill(~mask, 0.0)  # [B, S]
     probs = logp.exp()  # [B, S, V]
     entropy = -(probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1).masked_fill(~mask, 0.0)  # [B, S]
-    hidden = out.hidden_states[-1][rows, where] if return_hidden else None  # [B, S, H]
+    hidden = out.hidden_states[-1][rows, where.clamp(min=0)] if return_hidden else None  # [B, S, H]
     return ActionScores(logprobs, entropy, mask, hidden)
 
 

@@ -182,3 +182,22 @@ def test_a_second_eos_from_the_generation_config_ends_env_episodes_and_rollouts_
     plain = gym.make("Backtrack-Arithmetic-v0", tokenizer=tokenizer, problems=PROBLEMS[:1], max_new_tokens=5)
     plain.reset(seed=0)
     assert [plain.step(a)[2] for a in [7, 8, second]] == [False, False, False]
+
+
+def test_evaluation_reads_the_reference_nll_through_the_scorer(tokenizer):
+    """``reference_nll`` (an evaluation metric) equals the teacher-forced NLL of a fresh causal forward."""
+    from halluc_rl.data.tasks import encode_problem
+    from halluc_rl.evaluation import reference_nll
+
+    model = make_model("llama", tokenizer)
+    pairs = [encode_problem(p, tokenizer) for p in PROBLEMS[:3]]
+    prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    total, count = 0.0, 0
+    for prompt, ref in pairs:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + ref])).logits[0, len(prompt) - 1 : -1]
+        logits[0, backtrack_token_id(tokenizer)] = float("-inf")  # the empty-response mask, as generation applies it
+        logp = torch.log_softmax(logits, -1)
+        total -= float(logp.gather(1, torch.tensor(ref).unsqueeze(1)).sum())
+        count += len(ref)
+    assert reference_nll(model, prompts, refs, batch_size=2) == pytest.approx(total / count, rel=1e-5)
