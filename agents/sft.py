@@ -14,25 +14,35 @@ from pathlib import Path
 
 from trl import SFTConfig, SFTTrainer
 
-from halluc_rl.config import LoraArgs, ModelArgs, parse_config, save_config
+from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
 from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
-from halluc_rl.data.tasks import load_problems
-from halluc_rl.losses import check_head, factorized_backtrack_loss
+from halluc_rl.data.tasks import TASKS, load_problems
+from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
 from halluc_rl.modeling import (
     check_same_base,
     load_model_and_tokenizer,
     make_lora_model,
     policy_backtrack,
     set_policy_backtrack,
-    write_policy_config,
+)
+from halluc_rl.runs import (
+    SafeTrainerMixin,
+    UsageError,
+    check_choice,
+    check_model_name,
+    check_positive,
+    cli,
+    parse_cli,
+    prepare_run_dir,
+    train_and_save,
 )
 
 
 @dataclass
-class SFTScriptArgs:
-    """What to train on: the task, the errors and how they are laid out."""
+class SFTScriptArgs(RunArgs):
+    """What to train on: the task, the errors and how they are laid out (and, from RunArgs, resume settings)."""
 
     task: str = field(default="arithmetic", metadata={"help": "arithmetic (offline) or gsm8k."})
     data_files: str | None = field(default=None, metadata={"help": "Local GSM8K jsonl/parquet path (None: the Hub)."})
@@ -55,24 +65,20 @@ class SFTScriptArgs:
     backtrack_head: str = field(default="softmax", metadata={
         "help": "softmax (the backtrack token is one more vocabulary entry) or factorized (a sigmoid delete-or-not "
                 "decision; see halluc_rl.losses)."})
-    resume: bool = field(default=True, metadata={
-        "help": "Resume from the newest checkpoint in output_dir when there is one (false: start afresh)."})
+    validation_size: int = field(default=500, metadata={
+        "help": "GSM8K: train problems held out as validation (capped for small files)."})
 
 
-class MaskedErrorSFTTrainer(SFTTrainer):
+class MaskedErrorSFTTrainer(SafeTrainerMixin, SFTTrainer):
     """``SFTTrainer`` whose loss runs through the model's own forward, under the policy's backtrack head.
 
     TRL 1.16 computes the loss from ``lm_head.weight`` directly (a fused, chunked LM head). That bypasses PEFT's
     trainable-token rows on the head, so the backtrack logit would never be trained (and the untied-head wrapper
     has no ``bias``, which that path reads). The plain causal-LM loss over the collator's labels is the same
     quantity, computed through every wrapper; the price is materialising the logits of a batch. The head and the
-    backtrack id are read from ``model.config`` (their one home), and every save writes them with the policy.
+    backtrack id are read from ``model.config`` (their one home); :class:`~halluc_rl.runs.SafeTrainerMixin` stops
+    on non-finite values, saves atomically and writes those settings with every copy.
     """
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            write_policy_config(self.model, output_dir or self.args.output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from transformers import Trainer
@@ -121,28 +127,18 @@ def curriculum_dataset(curriculum_ds: CurriculumDataset):
     return base
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` under ``output_dir`` (None if there is none)."""
-    ckpts = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return str(max(ckpts, key=lambda p: int(p.name.split("-")[-1]))) if ckpts else None
-
-
 def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> SFTTrainer:
     """Everything up to ``trainer.train()``: model, tokenizer, LoRA, data, collator and curriculum."""
     from transformers import set_seed
 
-    if config.dataloader_num_workers > 0:
-        raise ValueError(
-            "dataloader_num_workers must be 0: the curriculum's cap lives in the main process (workers would keep "
-            "a stale copy) and self-generated errors sample from the model there"
-        )
-    check_head(script.backtrack_head)
+    validate(script, model_args, lora, config)
     set_seed(config.seed)  # before the LoRA weights are drawn: the same config gives the same run
     model, tokenizer, bt = load_model_and_tokenizer(
         model_args.model_name_or_path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code,
         revision=model_args.revision)
     set_policy_backtrack(model, bt, script.backtrack_head)  # the head lives on the config from here on
-    problems = load_problems(script.task, "train", script.num_train_problems, script.data_files, seed=script.task_seed)
+    problems = load_problems(script.task, "train", script.num_train_problems, script.data_files, seed=script.task_seed,
+                             validation_size=script.validation_size)
     source = make_error_source(script, model, config.seed)
     curriculum = Curriculum(caps=tuple(script.curriculum_caps), boundaries=tuple(script.curriculum_boundaries),
                             unit=script.curriculum_unit)
@@ -162,31 +158,56 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     return trainer
 
 
+def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> None:
+    """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
+    check_choice("task", script.task, TASKS)
+    check_choice("error_source", script.error_source, ("random", "plausible", "self", "none"))
+    check_choice("layout", script.layout, ("rewind", "retry"))
+    check_choice("backtrack_head", script.backtrack_head, BACKTRACK_HEADS)
+    check_choice("curriculum_unit", script.curriculum_unit, ("epoch", "step"))
+    check_positive(script, "num_train_problems", "validation_size", allow_zero=("num_train_problems",
+                                                                                 "validation_size"))
+    check_positive(script, "error_length_min", "error_length_max", "self_error_temperature")
+    check_positive(config, "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
+    check_positive(lora, "lora_r", "lora_alpha")
+    if not 0.0 <= script.error_rate <= 1.0:
+        raise UsageError(f"error_rate: must be in [0, 1], got {script.error_rate}")
+    if not script.curriculum_caps or any(c < 1 for c in script.curriculum_caps):
+        raise UsageError(f"curriculum_caps: need a list of positive caps, got {script.curriculum_caps}")
+    if config.dataloader_num_workers > 0:
+        raise UsageError("dataloader_num_workers: must be 0: the curriculum's cap lives in the main process "
+                         "(workers would keep a stale copy) and self-generated errors sample from the model there")
+    if script.task == "arithmetic" and script.num_train_problems == 0:
+        raise UsageError("num_train_problems: the arithmetic task is endless; give a number > 0")
+    if script.data_files is not None and not Path(script.data_files).exists():
+        raise UsageError(f"data_files: no such file or directory {script.data_files}")
+    check_model_name(model_args.model_name_or_path)
+
+
 def train(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> SFTTrainer:
-    """Train (resuming from the newest checkpoint in ``output_dir`` when there is one) and save the policy."""
-    save_config(Path(config.output_dir) / "config.yaml", script, model_args, lora, config)
-    resume = config.resume_from_checkpoint
-    if resume is None and script.resume:
-        resume = last_checkpoint(config.output_dir)
+    """Validate, then train (resuming from the newest complete checkpoint in ``output_dir``) and save the policy."""
+    validate(script, model_args, lora, config)
+    resume = prepare_run_dir(config.output_dir, [script, model_args, lora, config],
+                             resume=script.resume and not config.resume_from_checkpoint,
+                             allow_change=script.allow_config_change) or config.resume_from_checkpoint
     if resume:
         check_same_base(resume, model_args.model_name_or_path)
     trainer = build_trainer(script, model_args, lora, config)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)  # the adapter (with the backtrack rows) or the full model
-    if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(config.output_dir)
-        history = Path(config.output_dir) / "log_history.json"
-        history.write_text(json.dumps(trainer.state.log_history, indent=1))
+    train_and_save(trainer, config.output_dir, resume)
     return trainer
 
 
 def main(argv: list[str] | None = None) -> int:
-    script, model_args, lora, config = parse_config([SFTScriptArgs, ModelArgs, LoraArgs, SFTConfig], argv)
-    trainer = train(script, model_args, lora, config)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print(f"saved the policy to {config.output_dir}; final training loss {losses[-1]:.4f}" if losses else
-          f"saved the policy to {config.output_dir}")
-    return 0
+    def run() -> int:
+        parsed = parse_cli([SFTScriptArgs, ModelArgs, LoraArgs, SFTConfig], argv, prog="halluc-rl sft")
+        trainer = train(*parsed)
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        out = parsed[-1].output_dir
+        print(f"saved the policy to {out}; final training loss {losses[-1]:.4f}" if losses else
+              f"saved the policy to {out}")
+        return 0
+
+    return cli("halluc-rl sft", run)
 
 
 if __name__ == "__main__":

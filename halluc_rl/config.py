@@ -6,9 +6,8 @@ tokenizer and LoRA options live in :class:`ModelArgs` and :class:`LoraArgs`, sha
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -26,6 +25,16 @@ class ModelArgs:
 
 
 @dataclass
+class RunArgs:
+    """How a training run treats its output folder (shared by every trainer)."""
+
+    resume: bool = field(default=True, metadata={
+        "help": "Resume from the newest complete checkpoint in output_dir when there is one (false: start afresh)."})
+    allow_config_change: bool = field(default=False, metadata={
+        "help": "Let a resumed run continue under a config that differs from the one saved in output_dir."})
+
+
+@dataclass
 class LoraArgs:
     """PEFT LoRA settings (``use_lora: false`` trains every weight)."""
 
@@ -39,23 +48,26 @@ class LoraArgs:
     )
 
 
-def parse_config(types: Sequence[type], argv: Sequence[str] | None = None) -> tuple:
-    """Instances of ``types`` from defaults, ``--config file.yaml`` and ``--key value`` overrides."""
+def parse_config(types: Sequence[type], argv: Sequence[str] | None = None, prog: str | None = None) -> tuple:
+    """Instances of ``types`` from defaults, ``--config file.yaml`` and ``--key value`` overrides.
+
+    ``prog`` names the command in ``--help`` (``halluc-rl sft``), whose usage line also lists ``--config``.
+    """
     from trl import TrlParser
 
-    parser = TrlParser(tuple(types))
+    kwargs = {}
+    if prog:
+        kwargs = {"prog": prog, "usage": f"{prog} [--config FILE.yaml] [--option value ...]",
+                  "description": "Options come from the defaults below, then --config FILE.yaml (unknown keys are "
+                                 "rejected), then --option value on the command line."}
+    parser = TrlParser(tuple(types), **kwargs)
     return parser.parse_args_and_config(list(argv) if argv is not None else None)
 
 
 def save_config(path: str | Path, *configs) -> Path:
-    """Write the resolved config (every dataclass, merged) as YAML next to a run's outputs."""
+    """Write the resolved config (every dataclass, merged) as YAML next to a run's outputs, atomically."""
     import yaml
 
-    merged: dict = {}
-    for cfg in configs:
-        data = cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg) if is_dataclass(cfg) else dict(cfg)
-        merged.update(json.loads(json.dumps(data, default=str)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(merged, sort_keys=True))
-    return path
+    from halluc_rl.runs import atomic_write_text, resolved_config
+
+    return atomic_write_text(path, yaml.safe_dump(resolved_config(*configs), sort_keys=True))

@@ -146,6 +146,10 @@ def _offline_hint(name: str, err: Exception) -> str:
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
+KNOWN_MODELS: tuple[str, ...] = ("tiny",)
+"""Names the loader resolves on any machine; an adapter records its base by such a name, so it is portable."""
+
+
 def resolve_model_path(name: str) -> str:
     """Map the shortcut ``tiny`` to the embedded model; leave anything else as given."""
     if name in ("tiny", "halluc-rl/tiny"):
@@ -187,7 +191,7 @@ def load_model(
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
@@ -197,6 +201,10 @@ def load_model(
         )
     except OSError as err:
         raise OSError(_offline_hint(name_or_path, err)) from err
+    # the name an adapter records for its base: a known name as such (portable), a local path made absolute
+    model.name_or_path = name_or_path if name_or_path in KNOWN_MODELS else (
+        str(Path(path).resolve()) if Path(path).exists() else name_or_path)
+    return model
 
 
 def load_model_and_tokenizer(name_or_path: str, add_backtrack: bool = True, **kwargs):
@@ -283,14 +291,35 @@ def _module_name(model, module) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
+def base_fingerprint(model) -> str:
+    """A short hash of a base model's weights (the first and last matrices outside the embeddings, rounded to
+    bf16 so fp32 and bf16 loads agree): an adapter records it and refuses a base of the same shape but other weights.
+    """
+    import hashlib
+
+    skip = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        skip.add(id(model.get_output_embeddings().weight))
+    matrices = [(n, p) for n, p in model.named_parameters() if p.ndim == 2 and id(p) not in skip]
+    if not matrices:
+        return ""
+    digest = hashlib.sha256()
+    for name, param in {matrices[0][0]: matrices[0][1], matrices[-1][0]: matrices[-1][1]}.items():
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def make_lora_model(model, lora_args, backtrack_id: int):
     """Wrap ``model`` in a PEFT LoRA adapter whose backtrack rows are trainable and saved with it.
 
     The input row always; the output row too when the head is untied (PEFT ``trainable_token_indices`` on both
-    the embedding and the ``lm_head`` Linear). Everything else of the base stays frozen.
+    the embedding and the ``lm_head`` Linear). Everything else of the base stays frozen. The base's fingerprint
+    goes on ``model.config`` (saved with the adapter), so loading it on another base is refused.
     """
     from peft import LoraConfig, get_peft_model
 
+    model.config.base_fingerprint = base_fingerprint(model)
     targets = [m for m in lora_args.lora_target_modules
                if any(name.endswith(m) for name, _ in model.named_modules())]
     if not targets:
@@ -339,6 +368,29 @@ def write_policy_config(model, path: str | Path) -> Path:
     return Path(path) / "config.json"
 
 
+SHAPE_KEYS: tuple[str, ...] = ("model_type", "hidden_size", "num_hidden_layers", "n_embd", "n_layer",
+                               "intermediate_size", "num_attention_heads")
+
+
+def _check_adapter_base(folder: Path, base: str, model) -> None:
+    """Refuse a base whose shape or weights differ from the adapter's, in one line naming both."""
+    import json
+
+    file = folder / "config.json"
+    if not file.exists():
+        return
+    saved = json.loads(file.read_text())
+    have = model.config.to_dict()
+    diff = [f"{k} {saved[k]} vs {have.get(k)}" for k in SHAPE_KEYS if k in saved and saved[k] != have.get(k)]
+    if diff:
+        raise ValueError(f"adapter {folder} was trained on a base of another shape than {base!r} ({', '.join(diff)}); "
+                         "point it at the base model it was trained from")
+    expected = saved.get("base_fingerprint")
+    if expected and expected != base_fingerprint(model):
+        raise ValueError(f"adapter {folder} was trained on a base with other weights than {base!r} (fingerprint "
+                         f"{expected} vs {base_fingerprint(model)}); point it at the base model it was trained from")
+
+
 def _saved_backtrack_settings(path: Path) -> dict:
     """The backtrack settings recorded in a saved policy's ``config.json`` ({} when it records none)."""
     import json
@@ -373,9 +425,14 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
         from peft import PeftModel
 
         model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        _check_adapter_base(folder, base, model)
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model = PeftModel.from_pretrained(model, str(folder))
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param.detach()).all()):
+            raise ValueError(f"policy {path} has non-finite weights ({name}); the run that saved it diverged: "
+                             "retrain it with a lower learning rate")
     try:
         bt = backtrack_token_id(tokenizer)
     except ValueError:
