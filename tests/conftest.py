@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from halluc_rl.modeling import add_backtrack_token, build_tiny_model, train_tokenizer
+# The suite never needs the Hub. huggingface_hub reads these once, when it is first imported, so they are set here,
+# before anything below imports it: a test of the offline error path then fails in milliseconds instead of
+# spending tens of seconds on connection retries. setdefault: an explicit setting in the shell still wins.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
+
+from halluc_rl.modeling import add_backtrack_token, build_tiny_model, train_tokenizer  # noqa: E402
 
 FULL = os.environ.get("HALLUC_RL_FULL") == "1"
 """Run the full versions of slow end-to-end tests (CI runs their short versions)."""

@@ -12,6 +12,9 @@ from halluc_rl.data.grading import evaluate, extract_answer, extract_hash_answer
         ("#### 5\nThe answer is 6", "5"),  # #### wins over 'The answer is'
         ("So 3 + 4 = 7. The answer is 7. Then 9 more.", "7"),  # 'The answer is' wins over the last number
         ("the final answer is: $1,000.", "1,000"),
+        # two 'The answer is': the last one (a model that corrects itself), even before a later bare number
+        ("The answer is 5. Wait, 3 + 4 = 7, so the answer is 7. Check: 7 - 4 = 3", "7"),
+        ("The answer is 12.\nNo: the final answer is -2.\n", "-2"),
         ("I got 3, then 4, then 12 apples", "12"),  # else the last number
         ("it went from 5-3=2", "2"),
         ("it is -4", "-4"),
@@ -23,6 +26,11 @@ from halluc_rl.data.grading import evaluate, extract_answer, extract_hash_answer
 )
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
+
+
+def test_evaluate_grades_the_last_the_answer_is():
+    assert evaluate("The answer is 5. Wait, 3 + 4 = 7, so the answer is 7.", "7")
+    assert not evaluate("The answer is 7. Wait, 3 + 4 = 8, so the answer is 8.", "7")
 
 
 def test_extract_hash_answer_needs_the_marker():

@@ -16,7 +16,9 @@ from halluc_rl.data.tasks import (
     format_prompt,
     format_solution,
     load_gsm8k,
+    load_problems,
     load_reasoning_gym,
+    validation_count,
 )
 
 ROWS = [
@@ -93,6 +95,76 @@ def test_nothing_parseable_names_column_and_format(tmp_path):
         load_gsm8k("test", bad)
 
 
+def test_malformed_jsonl_line_names_the_file_and_its_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    # line 1: a question holding U+2028 (a line separator to str.splitlines, not to JSON lines); line 2 is blank
+    good = json.dumps({"question": "Q\u2028?", "answer": "#### 1"}, ensure_ascii=False)
+    path.write_text(good + "\n\n" + json.dumps(ROWS[0]) + "\r\n" + '{"question": "Q", "answer": \n', encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        load_gsm8k("test", path)
+    assert str(err.value) == f"{path}, line 4: malformed JSON (Expecting value, column 29)"
+    path.write_text(good + "\n" + json.dumps(ROWS[0]) + "\n\n" + "[1, 2]\n")
+    with pytest.raises(ValueError) as err:
+        load_gsm8k("test", path)
+    assert str(err.value) == f"{path}, line 4: expected a JSON object (one row), got list"
+    path.write_text(good + "\n" + json.dumps(ROWS[0]) + "\n")
+    assert [(p.question, p.answer) for p in load_gsm8k("test", path)] == [("Q\u2028?", "1"), ("Q1?", "2")]
+
+
+def test_malformed_json_array_names_the_file_and_its_line(tmp_path):
+    path = tmp_path / "test.json"
+    path.write_text("[\n" + json.dumps(ROWS[0]) + ",\n" + json.dumps(ROWS[1]) + ",\n" + "{oops}\n]\n")
+    with pytest.raises(ValueError) as err:
+        load_gsm8k("test", path)
+    assert str(err.value) == (f"{path}, line 4: malformed JSON (Expecting property name enclosed in double quotes, "
+                              "column 2)")
+    path.write_text(json.dumps([ROWS[0], "not a row"]))
+    with pytest.raises(ValueError) as err:
+        load_gsm8k("test", path)
+    assert str(err.value) == f"{path}, item 1: expected a JSON object (one row), got str"
+    path.write_text(json.dumps([ROWS[0], ROWS[1]], indent=1))
+    assert [p.answer for p in load_gsm8k("test", path)] == ["2", "1000"]
+
+
+def test_a_first_row_without_answer_does_not_reject_the_file(tmp_path):
+    path = _write_jsonl(tmp_path / "test.jsonl", [{"question": "Q0?"}, ROWS[0], ROWS[1]])
+    with pytest.warns(UserWarning, match="skipped 1 of 3 rows"):
+        problems = load_gsm8k("test", path)
+    assert [p.answer for p in problems] == ["2", "1000"]
+    nowhere = _write_jsonl(tmp_path / "none.jsonl", [{"question": "Q0?"}, {"question": "Q1?", "solution": "#### 1"}])
+    with pytest.raises(ValueError) as err:
+        load_gsm8k("test", nowhere)
+    assert str(err.value) == f"{nowhere} has no column 'answer' in any row (columns: ['question', 'solution'])"
+
+
+def test_validation_size_is_capped_for_small_files(tmp_path):
+    assert [validation_count(n, 500) for n in (7473, 5000, 50, 5, 2, 1, 0)] == [500, 500, 5, 1, 1, 0, 0]
+    assert [validation_count(50, k) for k in (0, 2, 5, 6)] == [0, 2, 5, 5]
+    with pytest.raises(ValueError, match="validation_size must be >= 0, got -1"):
+        validation_count(50, -1)
+    rows = [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(30)]
+    path = _write_jsonl(tmp_path / "train.jsonl", rows)
+    train, validation = load_gsm8k("train", path), load_gsm8k("validation", path)
+    assert (len(train), len(validation)) == (27, 3)  # the default 500 capped at 10%
+    assert sorted(int(p.answer) for p in train + validation) == list(range(30))
+    single = _write_jsonl(tmp_path / "one.jsonl", rows[:1])
+    assert [p.answer for p in load_gsm8k("train", single)] == ["0"] and load_gsm8k("validation", single) == []
+
+
+def test_load_problems_passes_validation_size(tmp_path, gsm8k_dir):
+    rows = [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(30)]
+    path = _write_jsonl(tmp_path / "train.jsonl", rows)
+    validation = load_problems("gsm8k", "validation", 0, path, validation_size=2)
+    assert validation == load_gsm8k("validation", path, validation_size=2) and len(validation) == 2
+    assert len(load_problems("gsm8k", "train", 0, path, validation_size=2)) == 28
+    assert len(load_problems("gsm8k", "train", 0, path)) == 27
+    assert len(load_problems("gsm8k", "validation", 0, gsm8k_dir)) == 500  # the default for the full file
+    assert len(load_problems("gsm8k", "validation", 0, gsm8k_dir, validation_size=100)) == 100
+    # the arithmetic task's splits are fixed: validation_size is not passed to ArithmeticTask
+    assert load_problems("arithmetic", "validation", 3, validation_size=7) == ArithmeticTask().problems(
+        "validation", 3)
+
+
 def test_missing_files_name_the_path(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
@@ -112,8 +184,13 @@ def test_hub_failure_points_to_data_files(monkeypatch):
         raise ConnectionError("Couldn't reach the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ConnectionError, match="data_files="):
+    with pytest.raises(ConnectionError) as err:
         load_gsm8k("train")
+    message = str(err.value)
+    assert message.startswith("could not load 'openai/gsm8k' from the Hugging Face Hub (ConnectionError: "
+                              "Couldn't reach the Hub). Offline?")
+    assert "on the command line --data_files path/to/gsm8k," in message  # the CLI flag of sft, eval, rl
+    assert "load_gsm8k(split, data_files='path/to/gsm8k')" in message  # the Python argument
 
 
 def test_hub_rows_are_used(monkeypatch):

@@ -124,7 +124,11 @@ def test_evaluate_policy_keys_and_ranges(model, tokenizer):
         assert res[key] is None or 0.0 <= res[key] <= 1.0
     assert 1 <= res["mean_actions"] <= 10
     assert res["num_problems"] == 3 and res["num_samples"] == 2
-    assert res["failed_backtracks"] >= 0 and res["num_deletions"] >= 0
+    # the greedy trace metrics are exactly those of the same greedy decode (loop_guard=1 is evaluate_policy's default)
+    refs = [encode_problem(p, tokenizer) for p in problems]
+    greedy = generate(model, tokenizer, [p for p, _ in refs], max_new_tokens=10, loop_guard=1)
+    expected = backtrack_counts(greedy, [r for _, r in refs]).metrics()
+    assert {k: res[k] for k in expected} == expected
     skipped = evaluate_policy(model, tokenizer, problems[:1], num_samples=0, max_new_tokens=4, progress=False)
     assert skipped["accuracy_sampled"] is None and skipped["sampled_backtrack_rate"] is None
 
@@ -145,7 +149,7 @@ def _sevens_problems(n_right: int, n_wrong: int, digits: int) -> list[Problem]:
 
 def test_evaluate_policy_grades_and_masks_backtracking(tokenizer):
     model = make_model("llama", tokenizer, seed=2)
-    seven = tokenizer("7", add_special_tokens=False)["input_ids"][0]
+    seven, eight, nine = (tokenizer(d, add_special_tokens=False)["input_ids"][0] for d in ("7", "8", "9"))
     bt = backtrack_token_id(tokenizer)
     problems = _sevens_problems(n_right=2, n_wrong=1, digits=6)
     kw = dict(num_samples=2, max_new_tokens=6, batch_size=2, progress=False)
@@ -161,7 +165,10 @@ def test_evaluate_policy_grades_and_masks_backtracking(tokenizer):
     assert res["tokens_per_solved"] == pytest.approx(18 / 2)
     assert res["backtrack_rate"] == 0.0 and res["truncated_rate"] == 1.0 and res["mean_actions"] == 6
 
-    handle = _bias_head(model, {seven: 100.0, bt: 200.0})  # deletes every token it types
+    # deletes every token it types. Greedy (loop_guard=1): 7, delete, 8 (7 is banned at 0 now), delete, 9, delete.
+    # Sampled (no guard): 7, delete, three times over. A backtrack on the empty response would be a no-op, so
+    # decoding never picks one.
+    handle = _bias_head(model, {seven: 100.0, eight: 90.0, nine: 80.0, bt: 200.0})
     try:
         res = evaluate_policy(model, tokenizer, problems, **kw)
     finally:
@@ -169,13 +176,41 @@ def test_evaluate_policy_grades_and_masks_backtracking(tokenizer):
     assert res["accuracy_greedy"] == 0.0 and res["accuracy_sampled"] == 0.0
     assert res["accuracy_greedy_no_backtrack"] == pytest.approx(2 / 3)
     assert res["accuracy_sampled_no_backtrack"] == pytest.approx(2 / 3)
-    # type, delete, type, delete...: a backtrack on the empty response would be a no-op, so decoding never picks one
-    # it alternates type / delete (at most half its actions are backtracks; a row may stop early on EOS once its
-    # tokens are banned), and never picks a no-op backtrack on the empty response
-    for prefix in ("", "sampled_"):
-        assert 0.3 < res[f"{prefix}backtrack_rate"] <= 0.5
-        assert res[f"{prefix}failed_backtracks"] == 0 and res[f"{prefix}num_deletions"] >= 6
-    assert res["tokens_per_solved"] is None
+    for prefix, episodes in (("", 3), ("sampled_", 3 * 2)):
+        assert res[f"{prefix}backtrack_rate"] == 0.5
+        assert res[f"{prefix}failed_backtracks"] == 0.0 and res[f"{prefix}num_deletions"] == 3 * episodes
+        assert res[f"{prefix}backtrack_precision"] == 1.0  # the reference starts with " ####": all off it
+        assert res[f"{prefix}false_backtrack_rate"] is None  # no token on the reference was typed
+    assert res["tokens_per_solved"] is None and res["mean_actions"] == 6 and res["truncated_rate"] == 1.0
+
+
+def test_evaluate_policy_counts_on_a_hand_made_trace(tokenizer):
+    """A policy whose traces are known by hand, with correct and wrong tokens deleted: exact counts."""
+    model = make_model("llama", tokenizer, seed=2)
+    space, hashes = tokenizer(" ####", add_special_tokens=False)["input_ids"]
+    seven, eight = (tokenizer(d, add_special_tokens=False)["input_ids"][0] for d in ("7", "8"))
+    bt = backtrack_token_id(tokenizer)
+    problems = _sevens_problems(n_right=1, n_wrong=1, digits=2)
+    assert all(encode_problem(p, tokenizer)[1][:2] == [space, hashes] for p in problems)  # " #### 77</s>"...
+    handle = _bias_head(model, {bt: 300.0, space: 200.0, seven: 100.0, eight: 90.0})
+    try:
+        res = evaluate_policy(model, tokenizer, problems, num_samples=2, max_new_tokens=6, batch_size=4,
+                              progress=False)
+    finally:
+        handle.remove()
+    # greedy (loop_guard=1): " " (on the reference), delete it (false), "7" (" " is banned at 0; off the
+    # reference), delete it (precise), "8" (7 banned too), delete it (precise): per episode 3 of 6 actions are
+    # backtracks, 1 correct append, 1 false and 2 precise deletions.
+    # sampled (no guard): " ", delete, three times over: 3 correct appends, 3 false deletions.
+    assert res == {
+        "accuracy_greedy": 0.0, "accuracy_sampled": 0.0, "accuracy_greedy_no_backtrack": 0.0,
+        "accuracy_sampled_no_backtrack": 0.0,
+        "backtrack_rate": 6 / 12, "backtrack_precision": 4 / 6, "false_backtrack_rate": 2 / 2,
+        "failed_backtracks": 0.0, "num_deletions": 6,
+        "sampled_backtrack_rate": 12 / 24, "sampled_backtrack_precision": 0 / 12,
+        "sampled_false_backtrack_rate": 12 / 12, "sampled_failed_backtracks": 0.0, "sampled_num_deletions": 12,
+        "tokens_per_solved": None, "mean_actions": 6.0, "truncated_rate": 1.0, "num_problems": 2, "num_samples": 2,
+    }
 
 
 def test_evaluate_policy_sampling_is_seeded_and_matches_generate(tokenizer):

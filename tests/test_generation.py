@@ -55,19 +55,49 @@ def test_trace_records_every_action(tokenizer):
     assert (int(out.num_backtracks[0]), int(out.num_deleted[0]), int(out.num_failed[0])) == (2, 1, 1)
 
 
-def test_budget_bias_and_loop_guard(tokenizer):
+def test_budget_and_bias(tokenizer):
     model = make_model("llama", tokenizer)
-    bt = backtrack_token_id(tokenizer)
     # a huge bias makes the model backtrack at every step; the budget caps it
     out = generate(model, tokenizer, PROMPTS, max_new_tokens=12, backtrack_bias=1e4, backtrack_budget=3)
     assert out.num_backtracks.tolist() == [3, 3, 3]
     never = generate(model, tokenizer, PROMPTS, max_new_tokens=12, backtrack_bias=float("-inf"))
     assert int(never.num_backtracks.sum()) == 0
-    # type 7, delete it, over and over: after 2 deletions 7 is banned at position 0
-    forced = torch.tensor([[7, bt, 7, bt, -1, -1]])
-    out = generate(model, tokenizer, ["A box"], max_new_tokens=6, forced_actions=forced, loop_guard=2,
-                   backtrack_budget=2, eos_token_id=[])
-    assert out.actions[0, 4].item() != 7
+
+
+def test_budget_zero_means_no_backtracks_at_all(tokenizer):
+    """``backtrack_budget=0`` is a budget of zero, not "unlimited" (that is None)."""
+    model = make_model("llama", tokenizer)
+    kw = dict(max_new_tokens=8, backtrack_bias=1e4, eos_token_id=[])
+    unlimited = generate(model, tokenizer, PROMPTS, backtrack_budget=None, **kw)
+    assert unlimited.num_backtracks.tolist() == [4, 4, 4]  # type, delete, type, delete...: the bias wins
+    zero = generate(model, tokenizer, PROMPTS, backtrack_budget=0, **kw)
+    assert zero.num_backtracks.tolist() == [0, 0, 0] and zero.kinds.eq(int(ActionKind.APPEND)).all()
+    assert [len(s) for s in zero.sequences] == [8, 8, 8]
+
+
+def test_loop_guard_bans_a_token_typed_and_deleted_too_often(tokenizer):
+    """Type the greedy choice t, delete it, twice; at the next free greedy step t is still the argmax. Without the
+    guard (or with a limit not yet reached) the model types t a third time; with ``loop_guard=2`` it cannot, and
+    takes the runner-up instead."""
+    model = make_model("llama", tokenizer)
+    bt = backtrack_token_id(tokenizer)
+    prompt = tokenizer("A box")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[0, -1]
+    logits[bt] = float("-inf")  # a backtrack on the empty response is masked
+    first, runner_up = logits.topk(2).indices.tolist()
+    forced = torch.tensor([[first, bt, first, bt, -1]])  # step 4 is free; the budget of 2 masks the backtrack there
+
+    def free_step(loop_guard: int | None) -> int:
+        out = generate(model, tokenizer, [prompt], max_new_tokens=5, forced_actions=forced, loop_guard=loop_guard,
+                       backtrack_budget=2, eos_token_id=[])
+        assert out.kinds[0, :4].tolist() == [int(ActionKind.APPEND), int(ActionKind.DELETE)] * 2
+        return int(out.actions[0, 4])
+
+    assert free_step(None) == first  # what the guard must prevent: the same token again, at the same place
+    assert free_step(3) == first  # two deletions are under a limit of three
+    assert free_step(2) == runner_up
+    assert free_step(1) == runner_up
 
 
 def test_stops_on_eos_and_stop_strings(tokenizer):

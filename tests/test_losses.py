@@ -62,7 +62,7 @@ def test_generation_samples_from_the_factorized_head(tokenizer):
         torch.testing.assert_close(out.logprobs[0, step], expected, atol=1e-5, rtol=0)
 
 
-def test_sft_with_the_factorized_head_trains_saves_and_reloads_it(tmp_path, tokenizer):
+def test_sft_with_the_factorized_head_trains_saves_and_reloads_it(tmp_path, tokenizer, monkeypatch):
     sft = importlib.import_module("halluc_rl.agents.sft")
     from halluc_rl.config import LoraArgs, ModelArgs, parse_config
 
@@ -74,9 +74,29 @@ def test_sft_with_the_factorized_head_trains_saves_and_reloads_it(tmp_path, toke
             "--report_to", "none", "--use_cpu", "true", "--gradient_checkpointing", "false",
             "--save_strategy", "no", "--disable_tqdm", "true", "--error_rate", "1.0",
             "--backtrack_head", "factorized", "--logging_steps", "1"]
+    calls: list[dict] = []
+
+    def spy(logits, labels, backtrack_id, num_items=None):
+        """The real factorised loss, recording what the trainer gave it and what it returned."""
+        loss = factorized_backtrack_loss(logits, labels, backtrack_id, num_items)
+        calls.append({"logits": logits.detach().float(), "labels": labels, "backtrack_id": backtrack_id,
+                      "num_items": num_items, "loss": float(loss.detach())})
+        return loss
+
+    monkeypatch.setattr(sft, "factorized_backtrack_loss", spy)  # the name compute_loss calls
     trainer = sft.train(*parse_config([sft.SFTScriptArgs, ModelArgs, LoraArgs, sft.SFTConfig], argv))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    # every training step's loss is the factorised one: one call per step, and the logged loss is what it returned
+    assert len(calls) == len(losses) == 3
+    assert losses == pytest.approx([c["loss"] for c in calls], rel=1e-6)
+    first = calls[0]
+    bt = backtrack_token_id(tokenizer)
+    assert first["backtrack_id"] == bt and int((first["labels"] == bt).sum()) > 0  # backtrack labels in the batch
+    # ...and on that first batch the softmax cross-entropy (what compute_loss gives without the head) differs
+    logits, labels = first["logits"][:, :-1], first["labels"][:, 1:]
+    softmax = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                              reduction="sum") / first["num_items"]
+    assert abs(float(softmax) - first["loss"]) > 0.1
     model, tok, _ = load_policy(tmp_path / "run")
     assert model.config.backtrack_head == "factorized"
     plain, _, _ = load_policy(base)

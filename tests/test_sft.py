@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import yaml
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from halluc_rl.backtrack import backtrack_token_id
@@ -69,11 +69,29 @@ def test_lora_sft_trains_adapter_and_backtrack_rows_only(base_dir, tmp_path, tok
 def test_sft_saves_a_policy_that_reloads_and_generates_with_backtracks(base_dir, tmp_path):
     script, model_args, lora, config = configs(base_dir, tmp_path / "run", "--max_steps", "2",
                                                "--save_strategy", "no")
-    sft.train(script, model_args, lora, config)
+    trained = sft.train(script, model_args, lora, config).model
     model, tokenizer, bt = load_policy(tmp_path / "run")
     assert isinstance(model, PeftModel)
-    raw = PeftModel.from_pretrained(make_model("llama", tokenizer, hidden_size=32), str(tmp_path / "run"))
-    assert raw is not None
+    base = make_model("llama", tokenizer, hidden_size=32)  # the base_dir model, rebuilt from its seed
+    ids = torch.tensor([tokenizer("Question: Tom has 3 apples.\nAnswer: 3 + 4 = 7")["input_ids"]])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        raw = PeftModel.from_pretrained(base, str(tmp_path / "run")).eval()
+        raw_logits, loaded_logits = raw(input_ids=ids).logits, model(input_ids=ids).logits
+    # the saved adapter holds exactly the trained LoRA weights and backtrack rows (trainer.model's own forward runs
+    # under the trainer's bf16 autocast, so weights are compared, not its logits)
+    weights = get_peft_model_state_dict(trained)
+    assert sum("lora_B" in k for k in weights) == 14 and sum("trainable_tokens" in k for k in weights) == 2
+    for reloaded in (model, raw):
+        again = get_peft_model_state_dict(reloaded)
+        assert again.keys() == weights.keys()
+        for key, value in weights.items():
+            assert torch.equal(again[key], value.detach()), key
+    torch.testing.assert_close(loaded_logits, raw_logits, atol=1e-6, rtol=0)  # load_policy == plain PEFT
+    # ...and training moved them: the LoRA weights change the vocabulary logits, the backtrack row its own
+    vocab = torch.arange(base_logits.shape[-1]) != bt
+    assert (loaded_logits - base_logits)[..., vocab].abs().max() > 1e-3
+    assert (loaded_logits - base_logits)[..., bt].abs().min() > 1e-3
     forced = torch.tensor([[7, bt, 8, -1, -1]])
     out = generate(model, tokenizer, ["Question: Tom has 3 apples.\nAnswer:"], max_new_tokens=5,
                    forced_actions=forced, eos_token_id=[])

@@ -121,18 +121,43 @@ def _resolve_local(data_files, split: str) -> tuple[list[Path], bool]:
     return paths, True  # explicit file(s): the data of the split asked for (train and validation share them)
 
 
+def _row(value, path: Path, where: str) -> dict:
+    """``value`` if it is a JSON object (one row), else a ValueError naming ``path`` and ``where`` it is."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}, {where}: expected a JSON object (one row), got {type(value).__name__}")
+    return value
+
+
 def _read_rows(path: Path) -> list[dict]:
-    """Rows of one jsonl, json or parquet file."""
+    """Rows of one jsonl, json or parquet file.
+
+    A line that is not valid JSON, or not a JSON object, raises a ValueError naming the file and its 1-based line
+    number (blank lines are skipped but counted). Lines are split on ``\\n`` only, so a JSON string holding a
+    Unicode line separator (U+2028, U+0085...) stays one row.
+    """
     if not path.exists():
         raise FileNotFoundError(f"GSM8K data file not found: {path}")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first row
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {err.lineno}: malformed JSON ({err.msg}, column {err.colno})") from err
+        return [_row(item, path, f"item {i}") for i, item in enumerate(items)]
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: malformed JSON ({err.msg}, column {err.colno})") from err
+        rows.append(_row(value, path, f"line {number}"))
+    return rows
 
 
 def _hub_rows(split: str) -> list[dict]:
@@ -144,8 +169,9 @@ def _hub_rows(split: str) -> list[dict]:
     except Exception as err:  # offline, rate limited, not found: every failure gets the same hint
         raise ConnectionError(
             f"could not load {GSM8K_HUB_ID!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Offline? Pass local files: load_gsm8k(split, data_files='path/to/gsm8k') with train.jsonl/test.jsonl "
-            "(or .parquet) in that directory, or data_files={'train': ..., 'test': ...}."
+            "Offline? Pass local files: on the command line --data_files path/to/gsm8k, in Python "
+            "load_gsm8k(split, data_files='path/to/gsm8k'), with train.jsonl/test.jsonl (or .parquet) in that "
+            "directory, or data_files={'train': ..., 'test': ...}."
         ) from err
     return dataset.to_list()
 
@@ -153,11 +179,15 @@ def _hub_rows(split: str) -> list[dict]:
 def rows_to_problems(rows: Sequence[Mapping], source: str, keep_calculator: bool = False) -> list[Problem]:
     """Problems from GSM8K-style rows (``question``, ``answer`` ending in ``#### N``); other rows are skipped.
 
-    Calculator annotations such as ``<<48/2=24>>`` are removed unless ``keep_calculator``: no tool runs them here.
+    A column that no row has is an error naming it; rows that lack it while others have it are skipped (and
+    counted in one warning). Calculator annotations such as ``<<48/2=24>>`` are removed unless
+    ``keep_calculator``: no tool runs them here.
     """
-    for column in ("question", "answer"):
-        if rows and column not in rows[0]:
-            raise ValueError(f"{source} has no column {column!r} (columns: {sorted(rows[0])})")
+    if rows:
+        columns = sorted({key for row in rows for key in row})
+        for column in ("question", "answer"):
+            if column not in columns:
+                raise ValueError(f"{source} has no column {column!r} in any row (columns: {columns})")
     problems: list[Problem] = []
     for row in rows:
         answer, question = row.get("answer"), row.get("question")
@@ -173,10 +203,23 @@ def rows_to_problems(rows: Sequence[Mapping], source: str, keep_calculator: bool
         )
     if len(problems) < len(rows):
         warnings.warn(
-            f"skipped {len(rows) - len(problems)} of {len(rows)} rows of {source} whose 'answer' has no '#### N' line",
+            f"skipped {len(rows) - len(problems)} of {len(rows)} rows of {source} without a 'question' or whose "
+            "'answer' has no '#### N' line",
             stacklevel=3,
         )
     return problems
+
+
+def validation_count(num_problems: int, validation_size: int) -> int:
+    """How many of ``num_problems`` train problems are carved into validation when ``validation_size`` is asked.
+
+    ``validation_size``, capped at 10% of the problems (at least 1) and so that at least one train problem is left:
+    ``min(validation_size, max(1, num_problems // 10), num_problems - 1)``. GSM8K's 7,473 train problems give the
+    default 500; a 50-problem file gives 5, a 5-problem file 1, a 1-problem file 0.
+    """
+    if validation_size < 0:
+        raise ValueError(f"validation_size must be >= 0, got {validation_size}")
+    return max(0, min(validation_size, max(1, num_problems // 10), num_problems - 1))
 
 
 def split_validation(
@@ -206,6 +249,10 @@ def load_gsm8k(
     ``train``/``test`` jsonl or parquet files, a dict ``split -> path(s)``, or file(s) holding the asked split's
     data (for ``train``/``validation``, the train data). ``validation`` is carved from train with ``seed`` unless a
     validation file is given; ``train`` is what is left. ``test`` is never carved.
+
+    ``validation_size`` is capped for small files (:func:`validation_count`): at most 10% of the train problems
+    (at least one) and always leaving one train problem, so GSM8K's full train file gives 500 and a file of a few
+    dozen rows is usable.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
@@ -219,7 +266,7 @@ def load_gsm8k(
     problems = rows_to_problems(rows, source, keep_calculator)
     if split == "test" or not carve:
         return problems
-    train, validation = split_validation(problems, validation_size, seed)
+    train, validation = split_validation(problems, validation_count(len(problems), validation_size), seed)
     return validation if split == "validation" else train
 
 
@@ -378,11 +425,13 @@ TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
 
 
 def load_problems(task: str, split: str, num_problems: int, data_files=None, seed: int = 0,
-                  **task_kwargs) -> list[Problem]:
+                  validation_size: int = 500, **task_kwargs) -> list[Problem]:
     """The first ``num_problems`` problems of ``task``'s ``split``: the one loader SFT, evaluation and the env use.
 
     ``num_problems=0`` means the whole split (GSM8K only: the arithmetic task is endless). ``task_kwargs`` configure
-    :class:`ArithmeticTask`; ``data_files`` points GSM8K at local files (None: the Hub).
+    :class:`ArithmeticTask`; ``data_files`` points GSM8K at local files (None: the Hub). ``validation_size`` is how
+    many GSM8K train problems are carved into validation (capped for small files, see :func:`load_gsm8k`; the
+    arithmetic task's splits are fixed and ignore it).
     """
     if num_problems < 0:
         raise ValueError(f"num_problems must be >= 0, got {num_problems}")
@@ -391,6 +440,6 @@ def load_problems(task: str, split: str, num_problems: int, data_files=None, see
             raise ValueError("the arithmetic task is endless: give num_problems > 0")
         return ArithmeticTask(seed=seed, **task_kwargs).problems(split, num_problems)
     if task == "gsm8k":
-        problems = load_gsm8k(split, data_files=data_files, seed=seed)
+        problems = load_gsm8k(split, data_files=data_files, validation_size=validation_size, seed=seed)
         return problems if num_problems == 0 else problems[:num_problems]
     raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
