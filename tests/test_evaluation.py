@@ -19,6 +19,7 @@ from halluc_rl.evaluation import (
     format_table,
     load_results,
     print_table,
+    reference_nll,
     write_report,
 )
 from halluc_rl.generation import generate
@@ -109,7 +110,7 @@ EVAL_KEYS = {
     "backtrack_rate", "backtrack_precision", "false_backtrack_rate", "failed_backtracks", "num_deletions",
     "sampled_backtrack_rate", "sampled_backtrack_precision", "sampled_false_backtrack_rate",
     "sampled_failed_backtracks", "sampled_num_deletions", "tokens_per_solved", "mean_actions", "truncated_rate",
-    "num_problems", "num_samples",
+    "num_problems", "num_samples", "reference_nll",
 }
 
 
@@ -196,6 +197,8 @@ def test_evaluate_policy_counts_on_a_hand_made_trace(tokenizer):
     try:
         res = evaluate_policy(model, tokenizer, problems, num_samples=2, max_new_tokens=6, batch_size=4,
                               progress=False)
+        nll = res.pop("reference_nll")  # teacher-forced under the same biased head; the scorer is tested elsewhere
+        assert nll == pytest.approx(reference_nll(model, *zip(*[encode_problem(p, tokenizer) for p in problems])))
     finally:
         handle.remove()
     # greedy (loop_guard=1): " " (on the reference), delete it (false), "7" (" " is banned at 0; off the

@@ -13,6 +13,7 @@ from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.config import LoraArgs, ModelArgs, parse_config
 from halluc_rl.generation import generate
 from halluc_rl.modeling import load_policy
+from halluc_rl.runs import UsageError
 from tests.conftest import make_model
 
 sft = importlib.import_module("halluc_rl.agents.sft")  # agents/ is mapped into the package
@@ -122,8 +123,11 @@ def test_resume_from_checkpoint_gives_the_same_run(base_dir, tmp_path):
 
 def test_checkpoint_from_another_base_is_refused(base_dir, tmp_path, tokenizer):
     ckpt = tmp_path / "run" / "checkpoint-1"
-    ckpt.mkdir(parents=True)
+    ckpt.mkdir(parents=True)  # a complete-looking checkpoint of another base
     (ckpt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "some/other-model"}))
+    (ckpt / "adapter_model.safetensors").write_bytes(b"")
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
     with pytest.raises(ValueError, match="some/other-model.*" + str(base_dir).replace("/", ".")):
         sft.train(*configs(base_dir, tmp_path / "run", "--max_steps", "1", "--save_strategy", "steps"))
 
@@ -152,5 +156,5 @@ def test_missing_model_names_it_and_the_offline_alternative(tmp_path):
     script, model_args, lora, config = parse_config(
         [sft.SFTScriptArgs, ModelArgs, LoraArgs, sft.SFTConfig],
         ["--model_name_or_path", "not-a-local/model-xyz", "--output_dir", str(tmp_path), "--use_cpu", "true"])
-    with pytest.raises(OSError, match="not-a-local/model-xyz.*tiny"):
+    with pytest.raises(UsageError, match="not-a-local/model-xyz.*HF_HUB_OFFLINE.*tiny"):
         sft.build_trainer(script, model_args, lora, config)
