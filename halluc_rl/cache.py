@@ -9,6 +9,11 @@ Two levels:
   rows that rewind alike, never leave holes), and when holes pile up in the middle the cache is compacted with one
   gather per layer. The next-token logits equal a fresh forward over each row's live tokens (tests: atol 1e-4 on
   Llama, Qwen2 and GPT-2). A rewind costs no forward pass.
+
+Sliding-window layers (Mistral, Gemma-2) keep their past: transformers' ``crop`` would keep only window - 1 states,
+so two rewinds in a row could not restore the window. Here a crop only drops the rewound states, and a
+:class:`RewindableCache` keeps the last window - 1 prompt states plus the whole response, which is what a rewind
+down to the prompt needs (tests: Mistral and Gemma-2, window 8).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticCache
 
 
 def _check_rewindable(cache: Cache) -> None:
@@ -27,11 +32,34 @@ def _check_rewindable(cache: Cache) -> None:
         )
 
 
+def _sliding_loss(layer: DynamicSlidingWindowLayer, n: int) -> int:
+    """How many states a crop of ``n`` would be short of on a sliding-window ``layer`` (0: the crop is exact).
+
+    After the crop the layer holds ``L - n`` tokens and its next forward reads the last ``min(L - n, window - 1)``
+    of them; the layer still has ``stored - n`` of its states.
+    """
+    stored = layer.keys.shape[-2] if layer.keys is not None else 0
+    length = layer.get_seq_length()
+    return max(0, min(length - n, layer.sliding_window - 1) - (stored - n))
+
+
+def _crop_sliding(layer: DynamicSlidingWindowLayer, n: int) -> None:
+    """Drop the last ``n`` states of a sliding-window layer and keep all the others.
+
+    transformers' ``crop`` would also cut the layer back to window - 1 states, so that a second rewind could not
+    restore the window; the states it keeps here are what make every later rewind exact.
+    """
+    layer.keys = layer.keys[:, :, : layer.keys.shape[-2] - n, :]  # [B, H, S - n, D]
+    layer.values = layer.values[:, :, : layer.values.shape[-2] - n, :]  # [B, H, S - n, D]
+    layer.cumulative_length -= n
+
+
 def rewind_cache(cache: Cache, n: int) -> None:
     """Remove the last ``n`` positions of every row of ``cache`` (``crop(-n)`` in transformers 5).
 
-    Sliding-window layers must record their past (``cache.activate_past_recording()``, done by
-    :class:`RewindableCache`) to rewind once their window is full; otherwise this raises rather than corrupt them.
+    A sliding-window layer whose window is full is rewound exactly only if it kept the states the rewound window
+    needs: a cache that records its past (``cache.activate_past_recording()`` before the first forward, as
+    :class:`RewindableCache` does) keeps them all; any other raises rather than corrupt the window.
     """
     _check_rewindable(cache)
     if not isinstance(n, int) or isinstance(n, bool):
@@ -43,16 +71,30 @@ def rewind_cache(cache: Cache, n: int) -> None:
         raise ValueError(f"cannot rewind {n} tokens: the cache holds only {length}")
     if n == 0:
         return
+    sliding = [layer for layer in cache.layers if getattr(layer, "is_sliding", False) and layer.is_initialized]
+    if not sliding:
+        cache.crop(-n)
+        return
+    for layer in sliding:  # check every layer before touching any
+        if not isinstance(layer, DynamicSlidingWindowLayer):
+            raise TypeError(
+                f"cannot rewind a {type(layer).__name__}: it keeps no past to restore its window from; use a "
+                "DynamicCache (drop `cache_implementation` from the generation config)"
+            )
+        missing = _sliding_loss(layer, n)
+        if missing:
+            raise RuntimeError(
+                f"cannot rewind {n} tokens on a sliding-window layer (window {layer.sliding_window}): it holds "
+                f"{layer.get_seq_length()} tokens but kept only the last {layer.keys.shape[-2]} states, {missing} "
+                "short of the rewound window. Call cache.activate_past_recording() before the first forward (or use "
+                "RewindableCache, which does), and rewind with this function rather than cache.crop"
+            )
     for layer in cache.layers:
-        if getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.sliding_window:
-            stored = layer.keys.shape[-2] if layer.keys is not None else 0
-            if not getattr(layer, "record_past", False) or stored < layer.sliding_window - 1 + n:
-                raise RuntimeError(
-                    f"cannot rewind {n} tokens on a sliding-window layer (window {layer.sliding_window}) whose window "
-                    "is full and whose past was not recorded; call cache.activate_past_recording() before generating, "
-                    "or keep responses shorter than the window"
-                )
-    cache.crop(-n)
+        if type(layer) is DynamicSlidingWindowLayer:
+            if layer.is_initialized:
+                _crop_sliding(layer, n)
+        else:
+            layer.crop(-n)
 
 
 class RewindableCache:
@@ -115,6 +157,8 @@ class RewindableCache:
         mask = attention_mask.long()  # [B, P]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
         out = self._forward(input_ids, mask, positions)
+        if self.sliding:
+            self._forget_prompt_past()
         batch, width = mask.shape
         order = torch.argsort(mask * width + torch.arange(width, device=mask.device), dim=1)  # dead first, then live
         self.live_len = mask.sum(1)  # [B]
@@ -173,6 +217,19 @@ class RewindableCache:
             self.live.scatter_(1, idx, torch.where(write, slot, self.live.gather(1, idx).squeeze(1)).unsqueeze(1))
             self.live_len = self.live_len + write.long()
         return out.logits[:, -1]  # [B, V]
+
+    def _forget_prompt_past(self) -> None:
+        """Keep the last window - 1 prompt states of each sliding-window layer, the most a rewind can bring back.
+
+        Past recording keeps every state until a crop; rewinds never reach into the prompt, so older prompt states
+        are never read again, while the response's states all stay (any rewind down to the prompt is exact).
+        """
+        for layer in self.cache.layers:
+            if type(layer) is DynamicSlidingWindowLayer and layer.is_initialized:
+                drop = layer.keys.shape[-2] - (layer.sliding_window - 1)
+                if drop > 0:
+                    layer.keys = layer.keys[:, :, drop:, :]  # [B, H, window - 1, D]
+                    layer.values = layer.values[:, :, drop:, :]  # [B, H, window - 1, D]
 
     # -- rewinds ----------------------------------------------------------------------------------------------
     @torch.no_grad()
