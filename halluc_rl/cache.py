@@ -13,7 +13,9 @@ Two levels:
 Sliding-window layers (Mistral, Gemma-2) keep their past: transformers' ``crop`` would keep only window - 1 states,
 so two rewinds in a row could not restore the window. Here a crop only drops the rewound states, and a
 :class:`RewindableCache` keeps the last window - 1 prompt states plus the whole response, which is what a rewind
-down to the prompt needs (tests: Mistral and Gemma-2, window 8).
+down to the prompt needs. A window spans slots, not live tokens, so a row must not read through a hole: before a
+row with a hole is written, the cache is compacted (rows rewound by different amounts cost one gather per layer at
+their next step). Tests: Mistral and Gemma-2, window 8.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class RewindableCache:
         self.live: torch.Tensor | None = None  # [B, cap] slot index of each live token, in order
         self.live_len: torch.Tensor | None = None  # [B] live tokens per row (= next position id)
         self.floor: torch.Tensor | None = None  # [B] prompt tokens, never rewound
+        self._check_holes = False  # sliding models: a row may hold a hole (set by rewinds and masked writes)
 
     # -- forward passes ---------------------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor):
@@ -164,6 +167,7 @@ class RewindableCache:
         self.live_len = mask.sum(1)  # [B]
         self.floor = self.live_len.clone()  # [B]
         self._pad = width - self.live_len  # [B] left padding, the only holes a sliding-window model tolerates
+        self._check_holes = False
         cap = max(2 * width, 64)
         self.live = torch.zeros(batch, cap, dtype=torch.long, device=mask.device)  # [B, cap]
         for b in range(batch):  # once per prompt, not per step
@@ -200,6 +204,10 @@ class RewindableCache:
     def step(self, tokens: torch.Tensor, write: torch.Tensor | None = None) -> torch.Tensor:
         """Feed one token per row [B]; rows with ``write`` false get a dead slot. Returns logits [B, V]."""
         assert self.live_len is not None, "call prefill() first"
+        if self.sliding:
+            if self._check_holes:
+                self._close_holes(write)
+            self._check_holes = write is not None  # rows not written now get a hole
         slot = self._width
         self._width += 1
         if write is not None or self._mask is not None:
@@ -261,11 +269,7 @@ class RewindableCache:
         self._max_live = int(self.live_len.max())
         self._mask = mask
         self._trim()
-        if self.sliding and bool((self._width - self.live_len > self._pad).any()):
-            raise NotImplementedError(
-                "rows rewound by different amounts leave holes, which a sliding-window layer would count inside "
-                "its window; generate with batch size 1 (or rewind all rows alike) for this model"
-            )
+        self._check_holes = self.sliding  # rows rewound by different amounts keep holes
         self._maybe_compact()
         self._set_mask(self._mask)
 
@@ -289,6 +293,16 @@ class RewindableCache:
             self._mask = self._mask[:, :needed]
             self._width = needed
 
+    def _close_holes(self, write: torch.Tensor | None) -> None:
+        """Compact before a row with a hole is written: a sliding window spans slots, so the hole would cost the row
+        a token of its window. Rows not written (``write`` false) may keep theirs: their logits are not used."""
+        holes = self._width - self.live_len > self._pad  # [B] a dead slot between the padding and the last token
+        if write is not None:
+            holes &= write
+        if bool(holes.any()):
+            self.compact()
+            self._set_mask(self._mask)
+
     @property
     def num_holes(self) -> int:
         """Dead slots the widest row carries (left padding included)."""
@@ -307,13 +321,26 @@ class RewindableCache:
         new_width = int(self.live_len.max())
         order = torch.argsort(mask * width + torch.arange(width, device=self.mask.device), dim=1)  # [B, T]
         keep = order[:, width - new_width :]  # [B, T'] the live slots (plus left padding), in order
+        reach = int((self.live_len - self.floor).max()) if self.sliding else 0  # the longest response
         for layer in self.cache.layers:
-            if type(layer) is not DynamicLayer:
-                raise NotImplementedError(f"cannot compact a {type(layer).__name__}; only DynamicLayer is supported")
+            if type(layer) is DynamicLayer:
+                slots = keep  # [B, T']
+            elif type(layer) is DynamicSlidingWindowLayer:
+                # a sliding layer stores the states of its last S slots; it keeps what a rewind down to the
+                # prompt reads. Slots clamped to 0 are left padding or prompt tokens no window reaches again.
+                stored = layer.keys.shape[-2] if layer.is_initialized else 0
+                kept = min(new_width, reach + layer.sliding_window - 1)
+                slots = (keep[:, new_width - kept :] - (width - stored)).clamp(min=0)  # [B, kept]
+                layer.cumulative_length = new_width
+            else:
+                raise NotImplementedError(
+                    f"cannot compact a {type(layer).__name__}; only DynamicLayer and DynamicSlidingWindowLayer are "
+                    "supported"
+                )
             if layer.keys is None or layer.keys.numel() == 0:
                 continue
             _, heads, _, dim = layer.keys.shape
-            index = keep[:, None, :, None].expand(batch, heads, new_width, dim)  # [B, H, T', D]
+            index = slots[:, None, :, None].expand(batch, heads, slots.shape[1], dim)  # [B, H, T', D]
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index.expand(-1, -1, -1, layer.values.shape[-1]))
         new_slot = torch.zeros_like(mask)  # [B, T] old slot -> new slot
@@ -322,4 +349,5 @@ class RewindableCache:
         self._mask = mask.gather(1, keep)
         self._width = new_width
         self._pad = new_width - self.live_len
+        self._check_holes = False
         self.num_compactions += 1

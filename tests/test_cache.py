@@ -120,26 +120,16 @@ def test_model_without_cache_is_refused():
         RewindableCache(NoCacheModel()).prefill(torch.tensor([[1, 2]]), torch.tensor([[1, 1]]))
 
 
-def test_sliding_window_rows_rewound_differently_are_refused(tokenizer):
-    model = make_model("qwen2", tokenizer, use_sliding_window=True, sliding_window=64,
-                       layer_types=["sliding_attention", "sliding_attention"])
-    rc = RewindableCache(model)
-    assert rc.sliding
-    rc.prefill(*left_pad([[5, 6, 7], [8, 9, 10]]))
-    for t in (11, 12):
-        rc.step(torch.tensor([t, t]))
-    rc.rewind(1)  # alike: a crop, fine
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        rc.rewind(torch.tensor([1, 0]))
-
-
 # -- sliding-window models ------------------------------------------------------------------------------------
 
 
 def sliding_model(arch, tokenizer, seed=0):
-    """A tiny Mistral (every layer slides) or Gemma-2 (sliding and full layers alternate) with a window of 8."""
+    """A tiny Mistral or Qwen2 (every layer slides) or Gemma-2 (sliding and full layers alternate), window 8."""
     from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
 
+    if arch == "qwen2":
+        return make_model("qwen2", tokenizer, seed=seed, use_sliding_window=True, sliding_window=WINDOW,
+                          layer_types=["sliding_attention", "sliding_attention"])
     kw = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
               max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -263,3 +253,38 @@ def test_generate_logprobs_on_a_sliding_window_model(tokenizer):
         expected = torch.log_softmax(fresh_logits(model, ids).float(), -1)[a]
         torch.testing.assert_close(out.logprobs[0, s], expected, atol=1e-4, rtol=0)
     assert longest >= 3 * WINDOW
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "qwen2"])
+def test_sliding_window_rows_rewound_differently_match_fresh_forward(arch, tokenizer):
+    """Per-row rewinds and masked writes leave holes; a row is compacted before it reads through one."""
+    model = sliding_model(arch, tokenizer, seed=2)
+    rng = random.Random(f"rows-{arch}")
+    vocab = len(tokenizer)
+    prompts = [[rng.randrange(5, vocab) for _ in range(n)] for n in (3, 11, 6)]
+    seqs = [list(p) for p in prompts]
+    rc = RewindableCache(model, compact_min_holes=10**6)  # only the sliding-window rule compacts
+    assert sliding_layers(rc)
+    rc.prefill(*left_pad(prompts))
+    uneven = 0  # rewinds that left rows apart while the window was full
+    for step in range(300):
+        for _ in range(rng.choice([1, 1, 2])):  # sometimes two rewinds back to back
+            counts = []
+            for b in range(3):
+                room = len(seqs[b]) - len(prompts[b])
+                n = rng.randint(1, min(4, room)) if room and rng.random() < 0.2 else 0
+                del seqs[b][len(seqs[b]) - n :]
+                counts.append(n)
+            uneven += len(set(counts)) > 1 and rc.cache.get_seq_length() > WINDOW
+            rc.rewind(torch.tensor(counts))
+        write = [rng.random() < 0.85 for _ in range(3)]
+        tokens = [rng.randrange(5, vocab) for _ in range(3)]
+        logits = rc.step(torch.tensor(tokens), torch.tensor(write))
+        for b in range(3):
+            if write[b]:
+                seqs[b].append(tokens[b])
+                torch.testing.assert_close(logits[b], fresh_logits(model, seqs[b]), atol=1e-4, rtol=0)
+        if step >= 80 and min(map(len, seqs)) >= 4 * WINDOW:
+            break
+    assert uneven >= 10
+    assert 0 < rc.num_compactions < step  # compacted when a written row had a hole, not at every step
