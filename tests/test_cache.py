@@ -288,3 +288,46 @@ def test_sliding_window_rows_rewound_differently_match_fresh_forward(arch, token
             break
     assert uneven >= 10
     assert 0 < rc.num_compactions < step  # compacted when a written row had a hole, not at every step
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_follow_matches_fresh_forward(arch, tokenizer):
+    """``follow`` (the path of generation and the reward scorers) after appends, per-row deletions, an emptied
+    response and a row gone inactive: each active row's logits equal a fresh forward over prompt + response."""
+    model = make_model(arch, tokenizer) if arch == "llama" else sliding_model(arch, tokenizer, seed=3)
+    rng = random.Random(f"follow-{arch}")
+    vocab = len(tokenizer)
+    prompts = [[rng.randrange(5, vocab) for _ in range(n)] for n in (4, 9, 2)]
+    responses = [[], [], []]
+    rc = RewindableCache(model, compact_min_holes=4)
+    rc.prefill(*left_pad(prompts))
+    active = [True, True, True]
+    emptied = uneven = 0
+    for step in range(80):
+        deletes = []
+        for b in range(3):
+            if not active[b]:
+                deletes.append(0)
+                continue
+            if b == 1 and 15 <= step < 15 + 12:  # row 1 deletes its whole response, then fails a few deletes
+                delete = True
+            else:
+                delete = bool(responses[b]) and rng.random() < 0.2
+            if delete:
+                del responses[b][-1:]
+            else:
+                responses[b].append(rng.randrange(5, vocab))
+            deletes.append(int(delete))
+        if step == 60:
+            active[2] = False  # row 2 is done: it is never fed again
+        lengths = torch.tensor([len(r) for r in responses])
+        last = torch.tensor([r[-1] if r else 0 for r in responses])
+        logits = rc.follow(lengths, last, torch.tensor(active))
+        emptied += not responses[1] and len(responses[0]) > 0 and active[0]
+        uneven += len(set(deletes)) > 1
+        for b in range(3):
+            if active[b]:
+                torch.testing.assert_close(logits[b], fresh_logits(model, prompts[b] + responses[b]), atol=1e-4,
+                                           rtol=0)
+    assert emptied >= 2 and uneven >= 10 and rc.num_compactions > 0
+    assert min(len(prompts[b]) + len(responses[b]) for b in range(2)) > 3 * WINDOW
