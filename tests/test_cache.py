@@ -232,27 +232,36 @@ def test_rewind_cache_refuses_a_sliding_layer_without_its_past(tokenizer):
     torch.testing.assert_close(out.logits[0, -1], fresh_logits(model, ids + [12]), atol=1e-4, rtol=0)
 
 
-def test_generate_logprobs_on_a_sliding_window_model(tokenizer):
-    """Backtrack-aware generation (batch 1) on Mistral: each action's log-prob equals a fresh forward's."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_logprobs_on_a_sliding_window_model(batch, tokenizer):
+    """Backtrack-aware generation on Mistral: each action's log-prob equals a fresh forward's (with 3 rows, each
+    backtracks on its own and the second one stops early)."""
     model = sliding_model("mistral", tokenizer, seed=1)
-    bt = backtrack_token_id(tokenizer)
-    rng = random.Random(3)
+    bt, eos = backtrack_token_id(tokenizer), tokenizer.eos_token_id
+    rng = random.Random(f"generate-{batch}")
     forced = []
-    while len(forced) < 80:  # runs of model-chosen tokens, then bursts of 1-5 backtracks
-        forced += [-1] * rng.randint(5, 9) + [bt] * rng.randint(1, 5)
+    for _ in range(batch):
+        row = []
+        while len(row) < 80:  # runs of model-chosen tokens, then bursts of 1-5 backtracks
+            row += [-1] * rng.randint(6, 10) + [bt] * rng.randint(1, 5)
+        forced.append(row[:80])
+    if batch > 1:
+        forced[1][60] = eos
     g = torch.Generator().manual_seed(0)
-    out = generate(model, tokenizer, ["Tom has 3 apples"], max_new_tokens=80, do_sample=True,
-                   forced_actions=torch.tensor([forced[:80]]), generator=g, return_logprobs=True, eos_token_id=[],
-                   loop_guard=None, allow_failed_backtracks=True)
-    actions = out.actions[0].tolist()
-    assert len(actions) == 80 and int(out.num_deleted[0]) >= 20
-    longest = 0
-    for s, a in enumerate(actions):
-        ids = out.prompt_ids[0] + apply_actions(actions[:s], bt).visible_ids
-        longest = max(longest, len(ids))
-        expected = torch.log_softmax(fresh_logits(model, ids).float(), -1)[a]
-        torch.testing.assert_close(out.logprobs[0, s], expected, atol=1e-4, rtol=0)
-    assert longest >= 3 * WINDOW
+    out = generate(model, tokenizer, ["Tom has 3 apples", "3 + 4 =", "A box"][:batch], max_new_tokens=80,
+                   do_sample=True, forced_actions=torch.tensor(forced), generator=g, return_logprobs=True,
+                   eos_token_id=[eos], loop_guard=None, allow_failed_backtracks=True)
+    assert out.finished.tolist() == [False, True, False][:batch]
+    for b in range(batch):
+        actions = [a for a in out.actions[b].tolist() if a >= 0]
+        assert int(out.num_deleted[b]) >= 15
+        longest = 0
+        for s, a in enumerate(actions):
+            ids = out.prompt_ids[b] + apply_actions(actions[:s], bt).visible_ids
+            longest = max(longest, len(ids))
+            expected = torch.log_softmax(fresh_logits(model, ids).float(), -1)[a]
+            torch.testing.assert_close(out.logprobs[b, s], expected, atol=1e-4, rtol=0)
+        assert longest > 3 * WINDOW
 
 
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "qwen2"])
