@@ -15,7 +15,7 @@ so two rewinds in a row could not restore the window. Here a crop only drops the
 :class:`RewindableCache` keeps the last window - 1 prompt states plus the whole response, which is what a rewind
 down to the prompt needs. A window spans slots, not live tokens, so a row must not read through a hole: before a
 row with a hole is written, the cache is compacted (rows rewound by different amounts cost one gather per layer at
-their next step). Tests: Mistral and Gemma-2, window 8.
+their next step). Tests: Mistral, Gemma-2 and a sliding Qwen2, window 8.
 """
 
 from __future__ import annotations
@@ -202,7 +202,10 @@ class RewindableCache:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, write: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed one token per row [B]; rows with ``write`` false get a dead slot. Returns logits [B, V]."""
+        """Feed one token per row [B]; rows with ``write`` false get a dead slot. Returns logits [B, V].
+
+        On a sliding-window model, a written row that holds a hole is compacted first (see :meth:`_close_holes`).
+        """
         assert self.live_len is not None, "call prefill() first"
         if self.sliding:
             if self._check_holes:
