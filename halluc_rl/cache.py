@@ -9,6 +9,13 @@ Two levels:
   rows that rewind alike, never leave holes), and when holes pile up in the middle the cache is compacted with one
   gather per layer. The next-token logits equal a fresh forward over each row's live tokens (tests: atol 1e-4 on
   Llama, Qwen2 and GPT-2). A rewind costs no forward pass.
+
+Sliding-window layers (Mistral, Gemma-2) keep their past: transformers' ``crop`` would keep only window - 1 states,
+so two rewinds in a row could not restore the window. Here a crop only drops the rewound states, and a
+:class:`RewindableCache` keeps the last window - 1 prompt states plus the whole response, which is what a rewind
+down to the prompt needs. A window spans slots, not live tokens, so a row must not read through a hole: before a
+row with a hole is written, the cache is compacted (rows rewound by different amounts cost one gather per layer at
+their next step). Tests: Mistral, Gemma-2 and a sliding Qwen2, window 8.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticCache
 
 
 def _check_rewindable(cache: Cache) -> None:
@@ -27,11 +34,34 @@ def _check_rewindable(cache: Cache) -> None:
         )
 
 
+def _sliding_loss(layer: DynamicSlidingWindowLayer, n: int) -> int:
+    """How many states a crop of ``n`` would be short of on a sliding-window ``layer`` (0: the crop is exact).
+
+    After the crop the layer holds ``L - n`` tokens and its next forward reads the last ``min(L - n, window - 1)``
+    of them; the layer still has ``stored - n`` of its states.
+    """
+    stored = layer.keys.shape[-2] if layer.keys is not None else 0
+    length = layer.get_seq_length()
+    return max(0, min(length - n, layer.sliding_window - 1) - (stored - n))
+
+
+def _crop_sliding(layer: DynamicSlidingWindowLayer, n: int) -> None:
+    """Drop the last ``n`` states of a sliding-window layer and keep all the others.
+
+    transformers' ``crop`` would also cut the layer back to window - 1 states, so that a second rewind could not
+    restore the window; the states it keeps here are what make every later rewind exact.
+    """
+    layer.keys = layer.keys[:, :, : layer.keys.shape[-2] - n, :]  # [B, H, S - n, D]
+    layer.values = layer.values[:, :, : layer.values.shape[-2] - n, :]  # [B, H, S - n, D]
+    layer.cumulative_length -= n
+
+
 def rewind_cache(cache: Cache, n: int) -> None:
     """Remove the last ``n`` positions of every row of ``cache`` (``crop(-n)`` in transformers 5).
 
-    Sliding-window layers must record their past (``cache.activate_past_recording()``, done by
-    :class:`RewindableCache`) to rewind once their window is full; otherwise this raises rather than corrupt them.
+    A sliding-window layer whose window is full is rewound exactly only if it kept the states the rewound window
+    needs: a cache that records its past (``cache.activate_past_recording()`` before the first forward, as
+    :class:`RewindableCache` does) keeps them all; any other raises rather than corrupt the window.
     """
     _check_rewindable(cache)
     if not isinstance(n, int) or isinstance(n, bool):
@@ -43,16 +73,30 @@ def rewind_cache(cache: Cache, n: int) -> None:
         raise ValueError(f"cannot rewind {n} tokens: the cache holds only {length}")
     if n == 0:
         return
+    sliding = [layer for layer in cache.layers if getattr(layer, "is_sliding", False) and layer.is_initialized]
+    if not sliding:
+        cache.crop(-n)
+        return
+    for layer in sliding:  # check every layer before touching any
+        if not isinstance(layer, DynamicSlidingWindowLayer):
+            raise TypeError(
+                f"cannot rewind a {type(layer).__name__}: it keeps no past to restore its window from; use a "
+                "DynamicCache (drop `cache_implementation` from the generation config)"
+            )
+        missing = _sliding_loss(layer, n)
+        if missing:
+            raise RuntimeError(
+                f"cannot rewind {n} tokens on a sliding-window layer (window {layer.sliding_window}): it holds "
+                f"{layer.get_seq_length()} tokens but kept only the last {layer.keys.shape[-2]} states, {missing} "
+                "short of the rewound window. Call cache.activate_past_recording() before the first forward (or use "
+                "RewindableCache, which does), and rewind with this function rather than cache.crop"
+            )
     for layer in cache.layers:
-        if getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.sliding_window:
-            stored = layer.keys.shape[-2] if layer.keys is not None else 0
-            if not getattr(layer, "record_past", False) or stored < layer.sliding_window - 1 + n:
-                raise RuntimeError(
-                    f"cannot rewind {n} tokens on a sliding-window layer (window {layer.sliding_window}) whose window "
-                    "is full and whose past was not recorded; call cache.activate_past_recording() before generating, "
-                    "or keep responses shorter than the window"
-                )
-    cache.crop(-n)
+        if type(layer) is DynamicSlidingWindowLayer:
+            if layer.is_initialized:
+                _crop_sliding(layer, n)
+        else:
+            layer.crop(-n)
 
 
 class RewindableCache:
@@ -85,6 +129,7 @@ class RewindableCache:
         self.live: torch.Tensor | None = None  # [B, cap] slot index of each live token, in order
         self.live_len: torch.Tensor | None = None  # [B] live tokens per row (= next position id)
         self.floor: torch.Tensor | None = None  # [B] prompt tokens, never rewound
+        self._check_holes = False  # sliding models: a row may hold a hole (set by rewinds and masked writes)
 
     # -- forward passes ---------------------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor):
@@ -115,11 +160,14 @@ class RewindableCache:
         mask = attention_mask.long()  # [B, P]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
         out = self._forward(input_ids, mask, positions)
+        if self.sliding:
+            self._forget_prompt_past()
         batch, width = mask.shape
         order = torch.argsort(mask * width + torch.arange(width, device=mask.device), dim=1)  # dead first, then live
         self.live_len = mask.sum(1)  # [B]
         self.floor = self.live_len.clone()  # [B]
         self._pad = width - self.live_len  # [B] left padding, the only holes a sliding-window model tolerates
+        self._check_holes = False
         cap = max(2 * width, 64)
         self.live = torch.zeros(batch, cap, dtype=torch.long, device=mask.device)  # [B, cap]
         for b in range(batch):  # once per prompt, not per step
@@ -154,8 +202,15 @@ class RewindableCache:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, write: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed one token per row [B]; rows with ``write`` false get a dead slot. Returns logits [B, V]."""
+        """Feed one token per row [B]; rows with ``write`` false get a dead slot. Returns logits [B, V].
+
+        On a sliding-window model, a written row that holds a hole is compacted first (see :meth:`_close_holes`).
+        """
         assert self.live_len is not None, "call prefill() first"
+        if self.sliding:
+            if self._check_holes:
+                self._close_holes(write)
+            self._check_holes = write is not None  # rows not written now get a hole
         slot = self._width
         self._width += 1
         if write is not None or self._mask is not None:
@@ -173,6 +228,19 @@ class RewindableCache:
             self.live.scatter_(1, idx, torch.where(write, slot, self.live.gather(1, idx).squeeze(1)).unsqueeze(1))
             self.live_len = self.live_len + write.long()
         return out.logits[:, -1]  # [B, V]
+
+    def _forget_prompt_past(self) -> None:
+        """Keep the last window - 1 prompt states of each sliding-window layer, the most a rewind can bring back.
+
+        Past recording keeps every state until a crop; rewinds never reach into the prompt, so older prompt states
+        are never read again, while the response's states all stay (any rewind down to the prompt is exact).
+        """
+        for layer in self.cache.layers:
+            if type(layer) is DynamicSlidingWindowLayer and layer.is_initialized:
+                drop = layer.keys.shape[-2] - (layer.sliding_window - 1)
+                if drop > 0:
+                    layer.keys = layer.keys[:, :, drop:, :]  # [B, H, window - 1, D]
+                    layer.values = layer.values[:, :, drop:, :]  # [B, H, window - 1, D]
 
     # -- rewinds ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,11 +272,7 @@ class RewindableCache:
         self._max_live = int(self.live_len.max())
         self._mask = mask
         self._trim()
-        if self.sliding and bool((self._width - self.live_len > self._pad).any()):
-            raise NotImplementedError(
-                "rows rewound by different amounts leave holes, which a sliding-window layer would count inside "
-                "its window; generate with batch size 1 (or rewind all rows alike) for this model"
-            )
+        self._check_holes = self.sliding  # rows rewound by different amounts keep holes
         self._maybe_compact()
         self._set_mask(self._mask)
 
@@ -232,6 +296,16 @@ class RewindableCache:
             self._mask = self._mask[:, :needed]
             self._width = needed
 
+    def _close_holes(self, write: torch.Tensor | None) -> None:
+        """Compact before a row with a hole is written: a sliding window spans slots, so the hole would cost the row
+        a token of its window. Rows not written (``write`` false) may keep theirs: their logits are not used."""
+        holes = self._width - self.live_len > self._pad  # [B] a dead slot between the padding and the last token
+        if write is not None:
+            holes &= write
+        if bool(holes.any()):
+            self.compact()
+            self._set_mask(self._mask)
+
     @property
     def num_holes(self) -> int:
         """Dead slots the widest row carries (left padding included)."""
@@ -250,13 +324,26 @@ class RewindableCache:
         new_width = int(self.live_len.max())
         order = torch.argsort(mask * width + torch.arange(width, device=self.mask.device), dim=1)  # [B, T]
         keep = order[:, width - new_width :]  # [B, T'] the live slots (plus left padding), in order
+        reach = int((self.live_len - self.floor).max()) if self.sliding else 0  # the longest response
         for layer in self.cache.layers:
-            if type(layer) is not DynamicLayer:
-                raise NotImplementedError(f"cannot compact a {type(layer).__name__}; only DynamicLayer is supported")
+            if type(layer) is DynamicLayer:
+                slots = keep  # [B, T']
+            elif type(layer) is DynamicSlidingWindowLayer:
+                # a sliding layer stores the states of its last S slots; it keeps what a rewind down to the
+                # prompt reads. Slots clamped to 0 are left padding or prompt tokens no window reaches again.
+                stored = layer.keys.shape[-2] if layer.is_initialized else 0
+                kept = min(new_width, reach + layer.sliding_window - 1)
+                slots = (keep[:, new_width - kept :] - (width - stored)).clamp(min=0)  # [B, kept]
+                layer.cumulative_length = new_width
+            else:
+                raise NotImplementedError(
+                    f"cannot compact a {type(layer).__name__}; only DynamicLayer and DynamicSlidingWindowLayer are "
+                    "supported"
+                )
             if layer.keys is None or layer.keys.numel() == 0:
                 continue
             _, heads, _, dim = layer.keys.shape
-            index = keep[:, None, :, None].expand(batch, heads, new_width, dim)  # [B, H, T', D]
+            index = slots[:, None, :, None].expand(batch, heads, slots.shape[1], dim)  # [B, H, T', D]
             layer.keys = layer.keys.gather(2, index)
             layer.values = layer.values.gather(2, index.expand(-1, -1, -1, layer.values.shape[-1]))
         new_slot = torch.zeros_like(mask)  # [B, T] old slot -> new slot
@@ -265,4 +352,5 @@ class RewindableCache:
         self._mask = mask.gather(1, keep)
         self._width = new_width
         self._pad = new_width - self.live_len
+        self._check_holes = False
         self.num_compactions += 1
