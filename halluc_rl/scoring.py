@@ -65,14 +65,12 @@ def pack_streams(
     pad_to_multiple_of: int | None = None,
     num_actions: int | None = None,
     mask_dtype: torch.dtype = torch.bool,
-    sliding_window: int | None = None,
 ) -> PackedStreams:
     """Pack ``streams`` (prompt ids then the response's actions, one list per row) in the rewind layout.
 
     ``trained[b][k]`` marks the actions that get a label (None: every response action). ``num_actions`` sets S of
     ``predictors`` (default: the longest response). ``mask_dtype`` bool gives True = attend; a float dtype gives an
-    additive mask (0 / the dtype's minimum), which eager and SDPA attention both take. ``sliding_window`` also hides
-    ancestors ``window`` or more visible positions back (what a sliding-window layer sees).
+    additive mask (0 / the dtype's minimum), which eager and SDPA attention both take.
     """
     layouts = [rewind_layout(s, None if trained is None else trained[b], backtrack_id, prompt_lengths[b],
                              IGNORE_INDEX, pad_id) for b, s in enumerate(streams)]
@@ -92,17 +90,25 @@ def pack_streams(
         labels[b, :n] = lay.labels
         positions[b, :n] = lay.position_ids
         positions[b, n:] = np.arange(lay.position_ids[-1] + 1, lay.position_ids[-1] + 1 + width - n)
-        sees = ancestor_mask(lay.parents)  # [n, n]
-        if sliding_window is not None:
-            pos = np.asarray(lay.position_ids)
-            sees &= (pos[:, None] - pos[None, :]) < sliding_window
-        allowed[b, :n, :n] = sees
+        allowed[b, :n, :n] = ancestor_mask(lay.parents)  # [n, n]
         predictors[b, : len(lay.predictors)] = lay.predictors[:steps]
-    mask = torch.from_numpy(allowed).unsqueeze(1)  # [B, 1, L, L]
-    if mask_dtype != torch.bool:
-        mask = torch.zeros(mask.shape, dtype=mask_dtype).masked_fill(~mask, torch.finfo(mask_dtype).min)
+    mask = as_attention_mask(torch.from_numpy(allowed).unsqueeze(1), mask_dtype)  # [B, 1, L, L]
     return PackedStreams(torch.from_numpy(input_ids), torch.from_numpy(positions), mask,
                          torch.from_numpy(labels), torch.from_numpy(predictors))
+
+
+def as_attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as ``dtype``: itself for bool, else additive (0 / the dtype's minimum)."""
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def windowed(allowed: torch.Tensor, position_ids: torch.Tensor, window: int) -> torch.Tensor:
+    """``allowed`` [B, 1, L, L] (bool) restricted to keys fewer than ``window`` visible positions back: what a
+    sliding-window layer sees (ancestors sit at distinct positions, so this counts visible tokens)."""
+    gap = position_ids.unsqueeze(2) - position_ids.unsqueeze(1)  # [B, L, L] query position - key position
+    return allowed & (gap < window).unsqueeze(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,18 +164,17 @@ class ActionScores:
     hidden: torch.Tensor | None = None  # [B, S, H] final hidden state at the action's state (for value heads)
 
 
-def _sliding_window(config) -> int | None:
-    """The window of a model whose every layer slides (Mistral-style); models mixing layer kinds are refused."""
+def _attention_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """The packed mask as the model takes it: windowed for sliding-window layers, and a mapping by layer kind for
+    models that mix kinds (Gemma-2), which transformers passes to each layer as it is."""
     window = getattr(config, "sliding_window", None)
-    types = set(getattr(config, "layer_types", None) or [])
-    if window is None or (types and "sliding_attention" not in types):
-        return None
-    if types and types != {"sliding_attention"}:
-        raise NotImplementedError(
-            f"{type(config).__name__} mixes sliding-window and full-attention layers, which need different "
-            "attention masks per layer; score it with a model whose layers are all alike"
-        )
-    return int(window)
+    kinds = set(getattr(config, "layer_types", None) or [])
+    if window is None or (kinds and "sliding_attention" not in kinds):
+        return as_attention_mask(allowed, dtype)
+    sliding = as_attention_mask(windowed(allowed, position_ids, int(window)), dtype)
+    if kinds and kinds != {"sliding_attention"}:
+        return {kind: sliding if kind == "sliding_attention" else as_attention_mask(allowed, dtype) for kind in kinds}
+    return sliding
 
 
 def score_actions(
@@ -200,15 +205,19 @@ def score_actions(
     context = decode_context(cpu_actions, bt, config)
     streams = [list(map(int, prompt_ids[b])) + cpu_actions[b][context.mask[b]].tolist() for b in range(batch)]
     dtype = next(model.parameters()).dtype
-    packed = pack_streams(streams, [len(p) for p in prompt_ids], bt, num_actions=steps,
-                          mask_dtype=dtype if dtype.is_floating_point else torch.float32,
-                          sliding_window=_sliding_window(model.config))
+    packed = pack_streams(streams, [len(p) for p in prompt_ids], bt, num_actions=steps)
+    attention = _attention_masks(model.config, packed.attention_mask, packed.position_ids,
+                                 dtype if dtype.is_floating_point else torch.float32)
+    if isinstance(attention, dict):
+        attention = {kind: m.to(device) for kind, m in attention.items()}
+    else:
+        attention = attention.to(device)
     # logits are needed from the last prompt token on: keep only that tail (the prompt's other logits are waste)
     width = packed.input_ids.shape[1]
     keep = width - (min(len(p) for p in prompt_ids) - 1)
     kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
     offset = width - keep if kwargs else 0
-    out = model(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+    out = model(input_ids=packed.input_ids.to(device), attention_mask=attention,
                 position_ids=packed.position_ids.to(device), use_cache=False, output_hidden_states=return_hidden,
                 **kwargs)
     rows = torch.arange(batch, device=device).unsqueeze(1)  # [B, 1]

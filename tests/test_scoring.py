@@ -201,3 +201,21 @@ def test_evaluation_reads_the_reference_nll_through_the_scorer(tokenizer):
         total -= float(logp.gather(1, torch.tensor(ref).unsqueeze(1)).sum())
         count += len(ref)
     assert reference_nll(model, prompts, refs, batch_size=2) == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_scorer_on_sliding_window_models(tokenizer, arch):
+    """Responses much longer than the window (8), with bursts of backtracks: the packed mask is windowed (per layer
+    kind for Gemma-2's alternating layers) and the scores equal generation's, which rewinds exactly."""
+    from tests.test_cache import WINDOW, sliding_model
+
+    model = sliding_model(arch, tokenizer, seed=1)
+    bt = backtrack_token_id(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    forced = torch.where(torch.rand(2, 40, generator=g) < 0.2, bt, -1)
+    forced[:, :10] = -1
+    out = generate(model, tokenizer, [p.question for p in PROBLEMS[:2]], max_new_tokens=40, do_sample=True,
+                   forced_actions=forced, return_logprobs=True, eos_token_id=[], loop_guard=None, generator=g)
+    assert min(len(s) for s in out.sequences) > 2 * WINDOW and int(out.num_deleted.sum()) > 4
+    scores = score_actions(model, out.prompt_ids, out.actions, out.config)
+    torch.testing.assert_close(scores.logprobs, out.logprobs, atol=1e-5, rtol=0)
