@@ -12,16 +12,17 @@ rewrites ``results.md`` and ``results.png``, so evaluating every stage into one 
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from halluc_rl.config import parse_config, save_config
+from halluc_rl.config import save_config
 from halluc_rl.data import tasks
-from halluc_rl.data.tasks import TASKS, Problem
+from halluc_rl.data.tasks import SPLITS, TASKS, Problem
 from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
+from halluc_rl.modeling import KNOWN_MODELS
+from halluc_rl.runs import UsageError, check_choice, check_positive, cli, parse_cli
 
 
 @dataclass
@@ -78,39 +79,48 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_config([EvalArgs], argv)
-    if args.policy not in ("tiny", "halluc-rl/tiny") and not Path(args.policy).exists():
-        print(f"halluc-rl eval: policy path {args.policy!r} does not exist. Give a saved policy directory (a full "
-              "model or a PEFT adapter saved with its tokenizer), or --policy tiny for the embedded model. To "
-              "evaluate a Hub model, download it first and pass its local directory.", file=sys.stderr)
-        return 2
-    if args.task not in TASKS:
-        print(f"halluc-rl eval: unknown task {args.task!r}; use one of {', '.join(TASKS)}", file=sys.stderr)
-        return 2
-    name = args.name or ("tiny" if args.policy in ("tiny", "halluc-rl/tiny") else Path(args.policy).resolve().name)
+def validate(args: EvalArgs) -> None:
+    """Every check that needs no model (one-line UsageErrors), before anything is loaded or written."""
+    if args.policy not in KNOWN_MODELS and not Path(args.policy).exists():
+        raise UsageError(f"policy: {args.policy!r} does not exist. Give a saved policy directory (a full model or a "
+                         "PEFT adapter saved with its tokenizer), or --policy tiny for the embedded model. To "
+                         "evaluate a Hub model, download it first and pass its local directory.")
+    check_choice("task", args.task, TASKS)
+    check_choice("split", args.split, SPLITS)
+    check_positive(args, "max_new_tokens", "batch_size", "temperature")
+    check_positive(args, "num_problems", "num_samples", "loop_guard", "sampled_loop_guard",
+                   allow_zero=("num_problems", "num_samples", "loop_guard", "sampled_loop_guard"))
+    if args.task == "arithmetic" and args.num_problems == 0:
+        raise UsageError("num_problems: the arithmetic task is endless; give a number > 0")
+    if args.data_files is not None and not Path(args.data_files).exists():
+        raise UsageError(f"data_files: no such file or directory {args.data_files}")
 
+
+def main(argv: list[str] | None = None) -> int:
+    return cli("halluc-rl eval", lambda: evaluate(parse_cli([EvalArgs], argv, prog="halluc-rl eval")[0]))
+
+
+def evaluate(args: EvalArgs) -> int:
+    """Validate, read the existing report (refusing a broken one before any work), evaluate, write atomically."""
+    validate(args)
+    name = args.name or ("tiny" if args.policy in KNOWN_MODELS else Path(args.policy).resolve().name)
+    out_dir = Path(args.output_dir)
     try:
+        results = load_results(out_dir) if args.append else {}
         problems = load_problems(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"halluc-rl eval: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, ConnectionError) as err:
+        raise UsageError(" ".join(str(err).split())) from err
     try:
         model, tokenizer, _ = load_eval_policy(args.policy)
-    except OSError as err:  # the embedded model missing, or a directory that holds no model
-        print(f"halluc-rl eval: {err}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as err:  # no model in that folder, another base, non-finite weights
+        raise UsageError(" ".join(str(err).split())) from err
     model.to(_device(args.device))
     print(f"evaluating {args.policy} as {name!r} on {len(problems)} {args.task} {args.split} problems")
     metrics = evaluate_policy(
         model, tokenizer, problems, num_samples=args.num_samples, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, loop_guard=args.loop_guard,
-        sampled_loop_guard=args.sampled_loop_guard,
-        seed=args.seed, stop_strings=tuple(args.stop_strings),
+        sampled_loop_guard=args.sampled_loop_guard, seed=args.seed, stop_strings=tuple(args.stop_strings),
     )
-
-    out_dir = Path(args.output_dir)
-    results = load_results(out_dir) if args.append else {}
     results[name] = metrics
     safe_name = re.sub(r"[^\w.-]+", "_", name)
     save_config(out_dir / f"eval_config_{safe_name}.yaml", args)

@@ -22,11 +22,20 @@ import torch
 from tqdm.auto import tqdm
 
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.config import parse_config, save_config
+from halluc_rl.config import save_config
 from halluc_rl.data.tasks import ArithmeticTask, encode_problem, format_prompt, format_solution
 from halluc_rl.generation import generate
-from halluc_rl.modeling import build_tiny_model, init_backtrack_rows, train_tokenizer
+from halluc_rl.modeling import build_tiny_model, init_backtrack_rows, set_policy_backtrack, train_tokenizer
 from halluc_rl.rewards import RuleGrader
+from halluc_rl.runs import (
+    NonFiniteError,
+    check_finite_weights,
+    check_positive,
+    cli,
+    parse_cli,
+    publish,
+    staging_dir,
+)
 
 
 @dataclass
@@ -75,9 +84,14 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, t
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_config([PretrainArgs], argv)
+    return cli("halluc-rl pretrain", lambda: pretrain(parse_cli([PretrainArgs], argv, prog="halluc-rl pretrain")[0]))
+
+
+def pretrain(args: PretrainArgs) -> int:
+    check_positive(args, "num_train_problems", "vocab_size", "hidden_size", "num_layers", "heads", "batch_size",
+                   "learning_rate", "max_train_steps", "eval_every", "eval_problems")
+    check_positive(args, "warmup_steps", allow_zero=("warmup_steps",))
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     save_config(out_dir / "pretrain_config.yaml", args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -92,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                              num_layers=args.num_layers, heads=args.heads)
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     model.config.bos_token_id = tokenizer.bos_token_id
+    set_policy_backtrack(model, backtrack_token_id(tokenizer))  # untrained until init_backtrack_rows below
     encoded = [encode_problem(p, tokenizer) for p in train]
     params = sum(p.numel() for p in model.parameters())
     print(f"tiny Llama: {params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, {len(train)} training problems")
@@ -109,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         batch = collate([encoded[gen.randrange(len(encoded))] for _ in range(args.batch_size)],
                         tokenizer.pad_token_id)
         loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"step {step}: the loss is {loss.item()}; nothing was saved (lower the learning "
+                                 f"rate, now {args.learning_rate})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                 break
     model.eval()
     init_backtrack_rows(model, tokenizer, backtrack_token_id(tokenizer))  # what add_backtrack_token gives a new token
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "pretrain_history.json").write_text(json.dumps(history, indent=1))
+    check_finite_weights(model, "the pretrained model")
+    staging = staging_dir(out_dir)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    (staging / "pretrain_history.json").write_text(json.dumps(history, indent=1))
+    publish(staging, out_dir)
     print(f"saved to {out_dir} after {history[-1]['step']} steps, {history[-1]['minutes']:.1f} min, "
           f"validation greedy accuracy {history[-1]['val_accuracy_greedy']:.3f}")
     return 0

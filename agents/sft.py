@@ -8,7 +8,6 @@ dataclasses below, then ``--config file.yaml``, then ``--key value`` overrides; 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

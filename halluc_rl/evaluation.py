@@ -16,6 +16,7 @@ wrong, even one that happens to equal the reference token at its position: the t
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -368,8 +369,8 @@ def print_table(results: Mapping[str, Mapping[str, Any]], title: str = "halluc-r
     console.print(table)
 
 
-def plot_accuracy(results: Mapping[str, Mapping[str, Any]], path: str | Path,
-                  title: str = "halluc-rl evaluation") -> Path:
+def plot_accuracy(results: Mapping[str, Mapping[str, Any]], path: str | Path | io.BytesIO,
+                  title: str = "halluc-rl evaluation") -> str | Path | io.BytesIO:
     """A grouped bar plot (PNG, Agg backend): per stage, greedy and sampled accuracy with and without backtracking.
 
     Missing values are left out (no bar); the pyplot state and the global backend are not touched.
@@ -400,7 +401,6 @@ def plot_accuracy(results: Mapping[str, Mapping[str, Any]], path: str | Path,
     ax.legend(fontsize="small", loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
     fig.savefig(path, format="png", dpi=120)
     return path
 
@@ -415,14 +415,18 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path,
     """
     if not results:
         raise ValueError("no results to report")
+    from halluc_rl.runs import atomic_write_bytes, atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "results.png"}
     payload = {"title": title, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "results": {str(k): {m: _finite(v) for m, v in metrics.items()} for k, metrics in results.items()}}
-    paths["json"].write_text(json.dumps(payload, indent=2, default=_json_default, allow_nan=False) + "\n")
-    paths["markdown"].write_text(f"# {title}\n\n{format_table(results)}")
-    plot_accuracy(results, paths["plot"], title=title)
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=_json_default, allow_nan=False) + "\n")
+    atomic_write_text(paths["markdown"], f"# {title}\n\n{format_table(results)}")
+    buffer = io.BytesIO()
+    plot_accuracy(results, buffer, title=title)
+    atomic_write_bytes(paths["plot"], buffer.getvalue())
     return paths
 
 
@@ -447,5 +451,13 @@ def load_results(path: str | Path) -> dict[str, dict[str, Any]]:
     path = path / "results.json" if path.is_dir() else path
     if not path.exists():
         return {}
-    data = json.loads(path.read_text())
-    return dict(data["results"] if "results" in data and "title" in data else data)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err.__class__.__name__}: {err}); move it away, or start a new "
+                         "report (--append false)") from err
+    rows = data.get("results") if isinstance(data, dict) and "title" in data else data
+    if not isinstance(rows, dict) or not all(isinstance(v, dict) for v in rows.values()):
+        raise ValueError(f"{path} does not hold a report ({{stage: metrics}}); move it away, or start a new report "
+                         "(--append false)")
+    return dict(rows)

@@ -116,7 +116,7 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _hint_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def check_types(obj: Any) -> None:
@@ -323,18 +323,30 @@ class SafeTrainerMixin:
     the optimiser applies them, never save non-finite weights, save checkpoints atomically, and save the policy's
     model config (its backtrack settings) with every copy."""
 
+    dead_steps_limit = 2
+    """Consecutive steps with a zero gradient norm but a positive loss after which the run counts as diverged (a
+    learning rate far too high saturates the network: the loss flattens and nothing trains any more)."""
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not is_finite(loss):
             raise NonFiniteError(f"step {self.state.global_step + 1}: the loss is {float(loss)}; nothing was saved "
                                  f"for this step (lower the learning rate, now {self.args.learning_rate})")
+        self._last_loss = float(loss)
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        step = self.state.global_step + 1
         if not is_finite(norm):
-            raise NonFiniteError(f"step {self.state.global_step + 1}: the gradient norm is {float(norm)}; nothing "
-                                 f"was saved for this step (lower the learning rate, now {self.args.learning_rate})")
+            raise NonFiniteError(f"step {step}: the gradient norm is {float(norm)}; nothing was saved for this step "
+                                 f"(lower the learning rate, now {self.args.learning_rate})")
+        dead = norm is not None and float(norm) == 0.0 and getattr(self, "_last_loss", 0.0) > 0
+        self._dead_steps = getattr(self, "_dead_steps", 0) + 1 if dead else 0
+        if self._dead_steps >= self.dead_steps_limit:
+            raise NonFiniteError(f"step {step}: the gradient norm has been 0 for {self._dead_steps} steps while the "
+                                 f"loss is {self._last_loss:.4g}: the run diverged and no longer learns; nothing "
+                                 f"was saved for these steps (lower the learning rate, now {self.args.learning_rate})")
         return norm
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -371,23 +383,35 @@ class SafeTrainerMixin:
         self.accelerator.wait_for_everyone()
 
 
-def save_policy(trainer, output_dir: str | Path) -> None:
-    """Save the trained policy into ``output_dir``: written into a staging folder first, then each file renamed into
-    place, so every file there is complete whatever happens (and nothing non-finite is saved)."""
-    out = Path(output_dir)
-    staging = out / ".staging-final"
-    if trainer.args.should_save and staging.exists():
+def staging_dir(output_dir: str | Path) -> Path:
+    """A fresh hidden folder inside ``output_dir`` to save into before :func:`publish`."""
+    staging = Path(output_dir) / ".staging-final"
+    if staging.exists():
         shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, output_dir: str | Path) -> None:
+    """Rename every file saved in ``staging`` into ``output_dir`` (each one arrives whole), then drop ``staging``."""
+    out = Path(output_dir)
+    for item in sorted(staging.iterdir()):
+        target = out / item.name
+        if item.is_dir() and target.exists():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    shutil.rmtree(staging)
+
+
+def save_policy(trainer, output_dir: str | Path) -> None:
+    """Save the trained policy into ``output_dir`` through a staging folder (:func:`publish`), so every file there
+    is complete whatever happens, and nothing non-finite is saved."""
+    staging = staging_dir(output_dir) if trainer.args.should_save else Path(output_dir) / ".staging-final"
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
-        for item in sorted(staging.iterdir()):
-            target = out / item.name
-            if item.is_dir():
-                if target.exists():
-                    shutil.rmtree(target)
-            os.replace(item, target)
-        shutil.rmtree(staging)
+        publish(staging, output_dir)
     trainer.accelerator.wait_for_everyone()
 
 
