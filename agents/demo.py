@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import SFTConfig
+from halluc_rl.agents.sft import SFTConfig
 
 from halluc_rl.config import LoraArgs, ModelArgs, parse_config, save_config
 from halluc_rl.data.tasks import ArithmeticTask

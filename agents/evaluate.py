@@ -22,7 +22,7 @@ from halluc_rl.data import tasks
 from halluc_rl.data.tasks import SPLITS, TASKS, Problem
 from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
 from halluc_rl.modeling import KNOWN_MODELS
-from halluc_rl.runs import UsageError, check_choice, check_positive, cli, parse_cli
+from halluc_rl.runs import UsageError, check_choice, check_model_name, check_positive, cli, parse_cli
 
 
 @dataclass
@@ -85,6 +85,7 @@ def validate(args: EvalArgs) -> None:
         raise UsageError(f"policy: {args.policy!r} does not exist. Give a saved policy directory (a full model or a "
                          "PEFT adapter saved with its tokenizer), or --policy tiny for the embedded model. To "
                          "evaluate a Hub model, download it first and pass its local directory.")
+    check_model_name(args.policy, "policy")
     check_choice("task", args.task, TASKS)
     check_choice("split", args.split, SPLITS)
     check_positive(args, "max_new_tokens", "batch_size", "temperature")

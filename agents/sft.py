@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trl import SFTConfig, SFTTrainer
+import trl
+from trl import SFTTrainer
 
-from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
+from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
 from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
@@ -66,6 +67,11 @@ class SFTScriptArgs(RunArgs):
                 "decision; see halluc_rl.losses)."})
     validation_size: int = field(default=500, metadata={
         "help": "GSM8K: train problems held out as validation (capped for small files)."})
+
+
+@dataclass
+class SFTConfig(PrecisionDefaults, trl.SFTConfig):
+    """TRL's ``SFTConfig``; ``bf16`` defaults to off on a CPU (see :class:`halluc_rl.config.PrecisionDefaults`)."""
 
 
 class MaskedErrorSFTTrainer(SafeTrainerMixin, SFTTrainer):
@@ -191,7 +197,10 @@ def train(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: 
                              allow_change=script.allow_config_change) or config.resume_from_checkpoint
     if resume:
         check_same_base(resume, model_args.model_name_or_path)
-    trainer = build_trainer(script, model_args, lora, config)
+    try:
+        trainer = build_trainer(script, model_args, lora, config)
+    except OSError as err:  # a model that does not load (the message names it and the offline alternative)
+        raise UsageError(" ".join(str(err).split())) from err
     train_and_save(trainer, config.output_dir, resume)
     return trainer
 

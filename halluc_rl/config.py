@@ -48,6 +48,22 @@ class LoraArgs:
     )
 
 
+class PrecisionDefaults:
+    """Mixed into TRL configs: ``bf16`` left unset means on where a CUDA GPU supports it and off elsewhere.
+
+    TRL turns bf16 on by default, which on a CPU autocasts every step to bf16: slower there, inexact against the
+    fp32 rollouts the RL trainers compare with, and an error ("doesn't support bf16/gpu") on a CPU machine unless
+    ``use_cpu`` is set. An explicit ``bf16: true`` is kept.
+    """
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16:
+            import torch
+
+            self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        super().__post_init__()
+
+
 def parse_config(types: Sequence[type], argv: Sequence[str] | None = None, prog: str | None = None) -> tuple:
     """Instances of ``types`` from defaults, ``--config file.yaml`` and ``--key value`` overrides.
 
