@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from halluc_rl.agents.sft import SFTConfig
 
+from halluc_rl.agents.sft import SFTConfig
 from halluc_rl.config import LoraArgs, ModelArgs, parse_config, save_config
 from halluc_rl.data.tasks import ArithmeticTask
 from halluc_rl.evaluation import evaluate_policy, print_table, write_report

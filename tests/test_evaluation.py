@@ -345,9 +345,9 @@ def test_eval_cli_errors(tmp_path, capsys):
     assert eval_agent.main(["--policy", str(missing), "--output_dir", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "--policy tiny" in err
-    assert eval_agent.main(["--policy", str(tmp_path), "--task", "mnist"]) == 2
+    assert eval_agent.main(["--policy", "tiny", "--task", "mnist"]) == 2
     assert "mnist" in capsys.readouterr().err
-    assert eval_agent.main(["--policy", str(tmp_path), "--num_problems", "0"]) == 2
+    assert eval_agent.main(["--policy", "tiny", "--num_problems", "0"]) == 2
     assert "endless" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
 
