@@ -269,13 +269,13 @@ def test_help_names_the_subcommand_and_lists_config(capsys):
 
 
 def test_a_diverged_run_whose_gradients_died_is_stopped(tmp_path, capsys):
-    """The issue's repro (the embedded model, bf16 autocast as TRL defaults, lr 1000): the loss jumps, then
-    flattens with a zero gradient norm. That is reported, not saved as success."""
+    """The issue's repro (the embedded model under bf16 autocast, which TRL defaulted to, lr 1000): the loss
+    jumps, then flattens with a zero gradient norm. That is reported, not saved as success."""
     out = tmp_path / "run"
     code = sft.main(["--model_name_or_path", "tiny", "--output_dir", str(out), "--learning_rate", "1000",
                      "--max_steps", "8", "--save_strategy", "no", "--num_train_problems", "64", "--warmup_steps",
-                     "10", "--per_device_train_batch_size", "8", "--use_cpu", "true", "--report_to", "none",
-                     "--disable_tqdm", "true"])
+                     "10", "--per_device_train_batch_size", "8", "--use_cpu", "true", "--bf16", "true",
+                     "--report_to", "none", "--disable_tqdm", "true"])
     err = capsys.readouterr().err
     assert code == 3 and "gradient norm has been 0" in err and "diverged" in err
     assert not (out / "adapter_model.safetensors").exists()
