@@ -219,6 +219,7 @@ class BacktrackEnv(gym.Env):
         self._steps = 0
         self._done = False
         ids = torch.tensor([self._prompt])
+        self.mixer.set_problems([self.problem])
         self.mixer.on_prefill(ids, torch.ones_like(ids))
         return self._obs(), self._info({}, [])
 

@@ -208,6 +208,14 @@ class BatchedBacktrackState:
         kinds = torch.where(is_bt, 2 - delete.long(), append.long() - 1)  # [B]
         return kinds, deleted
 
+    def load(self, responses: Sequence[Sequence[int]]) -> None:
+        """Start each row from a response already written (a state to go on from, say to branch from it)."""
+        for b, response in enumerate(responses):
+            if len(response) > self.capacity:
+                raise ValueError(f"a response of {len(response)} tokens does not fit the capacity {self.capacity}")
+            self.ids[b, : len(response)] = torch.as_tensor(list(response), dtype=torch.long)
+            self.lengths[b] = len(response)
+
     def visible(self, row: int) -> list[int]:
         """Row ``row``'s visible response ids."""
         return self.ids[row, : int(self.lengths[row])].tolist()

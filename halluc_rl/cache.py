@@ -132,9 +132,10 @@ class RewindableCache:
         self._check_holes = False  # sliding models: a row may hold a hole (set by rewinds and masked writes)
 
     # -- forward passes ---------------------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor):
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                 keep: int = 1):
         """One forward; ``attention_mask=None`` when the cache has no holes (transformers then builds no mask)."""
-        kwargs = {"logits_to_keep": 1} if self._keep_arg else {}
+        kwargs = {"logits_to_keep": keep} if self._keep_arg else {}
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -151,21 +152,31 @@ class RewindableCache:
         return out
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Encode left-padded prompts [B, P]; returns the next-token logits [B, V]."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode left-padded prompts [B, P]; returns the next-token logits [B, V].
+
+        ``response_lengths`` [B]: the last so many tokens of each row are a response already written (a state to
+        go on from, say to branch from it): they can be rewound, and ``prompt_logits`` are read where the prompt
+        ends.
+        """
         if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError("prefill expects input_ids and attention_mask of the same shape [batch, prompt_len]")
         if not bool(attention_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded (tokenizer.padding_side = 'left')")
         mask = attention_mask.long()  # [B, P]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
-        out = self._forward(input_ids, mask, positions)
-        if self.sliding:
-            self._forget_prompt_past()
+        responses = torch.zeros_like(mask[:, 0]) if response_lengths is None else response_lengths.to(mask.device)
+        longest = int(responses.max())
+        out = self._forward(input_ids, mask, positions, keep=longest + 1)
         batch, width = mask.shape
         order = torch.argsort(mask * width + torch.arange(width, device=mask.device), dim=1)  # dead first, then live
         self.live_len = mask.sum(1)  # [B]
-        self.floor = self.live_len.clone()  # [B]
+        if bool((responses >= self.live_len).any()):
+            raise ValueError("every row needs at least one prompt token before its response")
+        self.floor = self.live_len - responses  # [B]
+        if self.sliding:
+            self._forget_prompt_past()
         self._pad = width - self.live_len  # [B] left padding, the only holes a sliding-window model tolerates
         self._check_holes = False
         cap = max(2 * width, 64)
@@ -177,8 +188,29 @@ class RewindableCache:
         self._set_mask(mask)
         self._ones = torch.ones(batch, 1, dtype=torch.long, device=mask.device)  # [B, 1]
         self._max_live = int(self.live_len.max())
-        self.prompt_logits = out.logits[:, -1].clone()  # [B, V] what an empty response sees next
+        rows = torch.arange(batch, device=mask.device)
+        self.prompt_logits = out.logits[rows, -1 - responses].clone()  # [B, V] what an empty response sees next
         return out.logits[:, -1]  # [B, V]
+
+    @torch.no_grad()
+    def fork(self, k: int) -> None:
+        """Branch every row into ``k`` rows (row ``b`` becomes rows ``b*k .. b*k+k-1``), sharing nothing after.
+
+        One ``repeat_interleave`` per cached tensor: ``k`` continuations of a state cost no re-encoding.
+        """
+        assert self.live_len is not None, "call prefill() first"
+        if k == 1:
+            return
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                value = getattr(layer, name, None)
+                if isinstance(value, torch.Tensor) and value.numel():
+                    setattr(layer, name, value.repeat_interleave(k, dim=0))  # [B*k, H, T, D]
+        for name in ("_mask", "live", "live_len", "floor", "_pad", "prompt_logits"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.repeat_interleave(k, dim=0))
+        self._ones = torch.ones(self.live_len.shape[0], 1, dtype=torch.long, device=self.live_len.device)
 
     @torch.no_grad()
     def follow(
@@ -235,9 +267,10 @@ class RewindableCache:
         Past recording keeps every state until a crop; rewinds never reach into the prompt, so older prompt states
         are never read again, while the response's states all stay (any rewind down to the prompt is exact).
         """
+        response = int((self.live_len - self.floor).max())  # prefilled response tokens stay rewindable
         for layer in self.cache.layers:
             if type(layer) is DynamicSlidingWindowLayer and layer.is_initialized:
-                drop = layer.keys.shape[-2] - (layer.sliding_window - 1)
+                drop = layer.keys.shape[-2] - (layer.sliding_window - 1) - response
                 if drop > 0:
                     layer.keys = layer.keys[:, :, drop:, :]  # [B, H, window - 1, D]
                     layer.values = layer.values[:, :, drop:, :]  # [B, H, window - 1, D]

@@ -208,17 +208,27 @@ def generate(
     forced_actions: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     callbacks: Sequence[StepCallback] = (),
+    responses: Sequence[Sequence[int]] | None = None,
+    num_branches: int = 1,
     **overrides,
 ) -> BacktrackGenerationOutput:
     """Generate from a batch of prompts with ``<|BACKTRACK|>`` applied on the fly.
 
     ``forced_actions`` [B, S] (-1 = let the model choose) replaces the model's choice where set: teacher forcing,
     replaying an episode, or benchmarking a fixed backtrack pattern. Keyword ``overrides`` update ``config``.
+
+    Branching: ``responses`` gives each row a response already written (a state: its tokens are prefilled with the
+    prompt in one forward, and backtracks may delete them); ``num_branches`` K forks every prefilled row into K
+    rows (row ``b`` becomes rows ``b*K .. b*K+K-1``) by copying its KV cache, so K continuations of a state cost no
+    re-encoding. The outputs have ``B*K`` rows; ``sequences`` include the prefilled response, and the trace holds
+    the new actions only. Process-reward followers cannot start from a prefilled response (they are refused).
+
     Runs under ``torch.inference_mode``; the returned tensors are ordinary copies that trainers may use in autograd.
     """
     with torch.inference_mode():
         out = _generate(model, tokenizer, prompts, config, backtrack_id=backtrack_id, forced_actions=forced_actions,
-                        generator=generator, callbacks=callbacks, **overrides)
+                        generator=generator, callbacks=callbacks, responses=responses, num_branches=num_branches,
+                        **overrides)
     for name in ("actions", "kinds", "deleted", "positions", "num_backtracks", "num_deleted", "num_failed", "finished",
                  "logprobs"):
         value = getattr(out, name)
@@ -227,7 +237,8 @@ def generate(
     return out
 
 
-def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions, generator, callbacks, **overrides):
+def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions, generator, callbacks, responses,
+              num_branches, **overrides):
     unknown = set(overrides) - {f.name for f in fields(BacktrackGenerationConfig)}
     if unknown:
         raise TypeError(f"unknown generation option(s): {sorted(unknown)}; see BacktrackGenerationConfig")
@@ -241,7 +252,19 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
         )
     device = next(model.parameters()).device
     input_ids, attention_mask = _encode_prompts(tokenizer, prompts, device)
-    batch = input_ids.shape[0]
+    prefix = None
+    if responses is not None:
+        if callbacks:
+            raise NotImplementedError("reward followers cannot start from a prefilled response; score such "
+                                      "continuations with outcome rewards (halluc_rl.values.mc_values)")
+        if len(responses) != input_ids.shape[0]:
+            raise ValueError(f"{len(responses)} responses for {input_ids.shape[0]} prompts")
+        prefix = [list(map(int, r)) for r in responses]
+        rows = [input_ids[b][attention_mask[b].bool()].tolist() + prefix[b] for b in range(len(prefix))]
+        input_ids, attention_mask = _encode_prompts(tokenizer, rows, device)
+    if num_branches < 1:
+        raise ValueError(f"num_branches must be >= 1, got {num_branches}")
+    batch = input_ids.shape[0] * num_branches
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None), config.eos_token_id)
     eos_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -267,7 +290,7 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
     model.eval()
     try:
         out = _decode(model, tokenizer, config, bt, head, input_ids, attention_mask, eos_ids, pad, max_stop,
-                      warpers, guard, forced_actions, generator, callbacks, device)
+                      warpers, guard, forced_actions, generator, callbacks, device, prefix, num_branches)
     finally:
         if was_training:
             model.train()
@@ -276,14 +299,24 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
 
 
 def _decode(model, tokenizer, config, bt, head, input_ids, attention_mask, eos_ids, pad, max_stop, warpers, guard,
-            forced_actions, generator, callbacks, device) -> BacktrackGenerationOutput:
+            forced_actions, generator, callbacks, device, prefix=None, branches=1) -> BacktrackGenerationOutput:
     """The decoding loop itself (see :func:`generate`)."""
-    batch, steps = input_ids.shape[0], int(config.max_new_tokens)
+    steps = int(config.max_new_tokens)
     rc = RewindableCache(model, compact_min_holes=config.compact_min_holes)
-    logits = rc.prefill(input_ids, attention_mask)  # [B, V]
+    written = None if prefix is None else torch.tensor([len(r) for r in prefix], device=device)  # [B0]
+    logits = rc.prefill(input_ids, attention_mask, written)  # [B0, V]
+    if branches > 1:
+        rc.fork(branches)
+        logits = logits.repeat_interleave(branches, dim=0)  # [B, V]
+        input_ids = input_ids.repeat_interleave(branches, dim=0)  # [B, P]
+        attention_mask = attention_mask.repeat_interleave(branches, dim=0)  # [B, P]
+        prefix = None if prefix is None else [r for r in prefix for _ in range(branches)]
+    batch = input_ids.shape[0]
     for cb in callbacks:
         cb.on_prefill(input_ids, attention_mask)
-    state = BatchedBacktrackState(batch, steps, bt, device)
+    state = BatchedBacktrackState(batch, steps + max((len(r) for r in prefix or ()), default=0), bt, device)
+    if prefix is not None:
+        state.load(prefix)
     active = torch.ones(batch, dtype=torch.bool, device=device)  # [B]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
     # step-major trace buffers [S, B]: one contiguous copy per step, transposed once at the end
@@ -358,6 +391,8 @@ def _decode(model, tokenizer, config, bt, head, input_ids, attention_mask, eos_i
     sequences = [state.visible(b) for b in range(batch)]
     texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
     prompt_ids = [input_ids[b][attention_mask[b].bool()].tolist() for b in range(batch)]
+    if prefix is not None:  # the prompts without the prefilled responses
+        prompt_ids = [ids[: len(ids) - len(prefix[b])] for b, ids in enumerate(prompt_ids)]
     return BacktrackGenerationOutput(
         sequences=sequences,
         texts=texts,

@@ -188,6 +188,57 @@ class HFProcessReward:
         return torch.where(active, reward, 0.0)
 
 
+class OracleProcessReward:
+    """The offline task's ground truth as a process reward: its reference solution is the only right answer, so
+    every prefix is exactly right or wrong.
+
+    Phi(s) = 1 while the visible answer's text is a prefix of the reference solution (and, once it has ended, equal
+    to it), else 0: judged after every token (``granularity="token"``) or only on completed lines, the steps
+    (``"step"``). ``mode="delta"`` (default) rewards Phi(s') - Phi(s): -1 for the token that leaves the reference,
+    +1 for the backspace that returns to it. ``mode="raw"`` rewards Phi(s'). For tasks whose solutions are unique
+    (``ArithmeticTask``); GSM8K has no such oracle.
+    """
+
+    kind = "process"
+
+    def __init__(self, tokenizer, name: str = "oracle", mode: Literal["delta", "raw"] = "delta",
+                 granularity: Literal["token", "step"] = "token"):
+        if mode not in ("delta", "raw") or granularity not in ("token", "step"):
+            raise ValueError(f"mode must be delta or raw and granularity token or step, got {mode!r}, {granularity!r}")
+        self.tokenizer, self.name, self.mode, self.granularity = tokenizer, name, mode, granularity
+        self.references: list[str] = []
+        self.potential: torch.Tensor | None = None  # [B]
+
+    def set_problems(self, problems: Sequence[Problem]) -> None:
+        from halluc_rl.data.tasks import format_solution
+
+        self.references = [format_solution(p.solution, self.tokenizer) for p in problems]
+
+    def on_track(self, text: str, reference: str, ended: bool = False) -> bool:
+        """Whether ``text`` (an answer so far) is still right: a prefix of ``reference``, whole once ``ended``."""
+        if self.granularity == "step" and not ended:
+            text = text[: text.rfind("\n") + 1]
+        return text.strip() == reference.strip() if ended else reference.startswith(text)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        if len(self.references) != input_ids.shape[0]:
+            raise ValueError(f"the oracle knows {len(self.references)} references for {input_ids.shape[0]} rows; "
+                             "call set_problems (RewardMixer.set_problems) first")
+        self.potential = torch.ones(input_ids.shape[0])  # an empty answer is on track
+
+    def step(self, event: StepEvent) -> torch.Tensor:
+        state, before = event.state, self.potential
+        after = before.clone()
+        special = set(self.tokenizer.all_special_ids)
+        for b in torch.nonzero(event.active.cpu()).flatten().tolist():
+            ids = state.visible(b)
+            ended = bool(ids) and ids[-1] in special
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            after[b] = float(self.on_track(text, self.references[b], ended))
+        self.potential = after
+        return after - before if self.mode == "delta" else after
+
+
 @dataclass
 class Shaping:
     """Per-action shaping terms (each a cost, subtracted)."""
@@ -244,6 +295,13 @@ class RewardMixer:
         self.process = [(r, w) for r, w in pairs if r.kind == "process"]
         self.shaping = shaping or Shaping()
         self.steps: list[dict[str, torch.Tensor]] = []
+
+    def set_problems(self, problems: Sequence[Problem]) -> None:
+        """Tell the rewards which problem each row solves (a plug-in with ``set_problems`` gets them too: the
+        oracle reads its reference there). Call before each batch's prefill."""
+        for reward, _ in self.process + self.outcome:
+            if hasattr(reward, "set_problems"):
+                reward.set_problems(problems)
 
     def on_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self.steps = []

@@ -74,9 +74,11 @@ def rollout(
     prompt_ids: Sequence[Sequence[int]] | None = None,
     forced_actions: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    num_samples: int = 1,
     **overrides,
 ) -> Rollout:
-    """Run ``model`` on ``problems`` (one episode each) and score every action.
+    """Run ``model`` on ``problems`` and score every action: ``num_samples`` episodes per problem (a group, side
+    by side: rows ``i*G .. i*G+G-1`` belong to problem ``i``), each group branched from one prefilled prompt.
 
     Prompts are encoded in the library's one prompt format unless ``prompt_ids`` gives them ready-made.
     """
@@ -86,12 +88,15 @@ def rollout(
         prompts = [encode_problem(p, tokenizer)[0] for p in problems]
     else:
         prompts = [list(map(int, p)) for p in prompt_ids]
+    problems = [p for p in problems for _ in range(num_samples)]
+    mixer.set_problems(problems)
     callbacks: list = [mixer]
     value_follower = _ValueFollower(value_model) if value_model is not None else None
     if value_follower is not None:
         callbacks.append(value_follower)
     out = generate(model, tokenizer, prompts, config, forced_actions=forced_actions, generator=generator,
-                   callbacks=callbacks, return_logprobs=True, **overrides)
+                   callbacks=callbacks, return_logprobs=True, num_branches=num_samples, **overrides)
+    prompts = out.prompt_ids
     mask = out.action_mask.cpu()  # [B, S]; a Rollout's tensors live on the CPU whatever the model's device
     batch, steps = mask.shape
     last = (mask.sum(1) - 1).clamp(min=0)  # [B] index of each episode's last action

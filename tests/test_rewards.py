@@ -111,3 +111,32 @@ def test_delta_reward_with_step_tokens_scores_the_last_completed_step(tokenizer)
     _check_delta(ro, bt, phi)
     # rewards arrive only when a step is completed or undone: most actions get exactly 0
     assert 0 < int((ro.rewards != 0).sum()) < int(ro.action_mask.sum()) // 2
+
+
+def test_oracle_rewards_leaving_and_returning_to_the_reference(tokenizer):
+    """Token granularity: -1 for the token that leaves the reference, +1 for the backspace back; step
+    granularity: judged when a line ends; a premature EOS is wrong."""
+    from halluc_rl.data.tasks import encode_problem
+    from halluc_rl.rewards import OracleProcessReward
+
+    model = make_model("llama", tokenizer)
+    problem = ArithmeticTask(seed=0).problems("test", 1)[0]
+    _, ref = encode_problem(problem, tokenizer)
+    bt = backtrack_token_id(tokenizer)
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"][0]
+    cut = ref.index(newline)  # the first line's tokens are ref[:cut + 1]
+    wrong = ref[cut - 1] + 1 if ref[cut - 1] + 1 != bt else ref[cut - 1] + 2
+    actions = [*ref[: cut - 1], wrong, bt, *ref[cut - 1 : cut + 1], wrong, newline, bt, bt, tokenizer.eos_token_id]
+    forced = torch.tensor([actions])
+    token = OracleProcessReward(tokenizer, name="tok")
+    step = OracleProcessReward(tokenizer, name="step", granularity="step", mode="raw")
+    ro = rollout(model, tokenizer, [problem], RewardMixer([token, step]), forced_actions=forced,
+                 max_new_tokens=len(actions), allow_failed_backtracks=True)
+    k = cut - 1
+    # wrong (-1), backspace (+1), the line's end (0, 0), wrong again (-1), newline (0), two backspaces (0, +1),
+    # then an EOS before the answer is complete (-1)
+    expected_token = [0.0] * k + [-1.0, 1.0, 0.0, 0.0, -1.0, 0.0, 0.0, 1.0, -1.0]
+    assert ro.reward_parts["tok"][0].tolist() == expected_token
+    # step: Phi is 1 until a line ends wrong; "wrong\n" is a wrong line (0) until its newline is deleted
+    expected_step = [1.0] * (k + 6) + [0.0, 1.0, 1.0, 0.0]
+    assert ro.reward_parts["step"][0].tolist() == expected_step

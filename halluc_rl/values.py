@@ -1,0 +1,71 @@
+"""Monte-Carlo values of states: K sampled continuations per state, branched from its cached prefix.
+
+A *state* is a problem's prompt plus a response already written. :func:`mc_values` prefills every state once
+(prompt and response in one forward), forks each row's KV cache into K rows
+(:meth:`halluc_rl.cache.RewindableCache.fork`), lets the policy finish each branch (backtracks allowed, into the
+written response too), grades every finished answer, and returns the success share per state. States are batched.
+
+This is what VinePPO-style advantages, Math-Shepherd step labels and DPO error points all need: exact values of
+intermediate states, affordable because a branch costs no re-encoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from halluc_rl.data.grading import reward as grade
+from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.generation import BacktrackGenerationConfig, generate
+
+
+@dataclass
+class MCEstimate:
+    """Monte-Carlo estimates for N states with K branches each."""
+
+    values: torch.Tensor  # [N] share of branches that succeeded
+    successes: torch.Tensor  # [N, K] each branch's outcome reward
+    sequences: list[list[list[int]]]  # [N][K] each branch's final visible response (the written part included)
+
+
+def mc_values(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    responses: Sequence[Sequence[int]],
+    k: int,
+    config: BacktrackGenerationConfig | None = None,
+    *,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    grader: Callable[[str, Problem], float] | None = None,
+    prompts: Sequence[Sequence[int]] | None = None,
+    **overrides,
+) -> MCEstimate:
+    """Value of each state (``problems[i]``'s prompt + ``responses[i]``) by ``k`` sampled continuations.
+
+    ``config``/``overrides`` are the continuations' decoding options (sampling at temperature 1 by default; a
+    branch gets ``max_new_tokens`` more actions). ``grader(text, problem) -> float`` scores a finished answer
+    (default: the rule grader). ``batch_size`` counts states per batch (each batch decodes ``batch_size * k``
+    rows).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1 branches, got {k}")
+    if len(problems) != len(responses):
+        raise ValueError(f"{len(problems)} problems for {len(responses)} responses")
+    options = {"do_sample": True, **overrides}
+    score = grader or (lambda text, problem: grade(text, problem.answer))
+    prompts = [encode_problem(p, tokenizer)[0] for p in problems] if prompts is None else prompts
+    values, successes, sequences = [], [], []
+    for i in range(0, len(problems), batch_size):
+        rows = slice(i, i + batch_size)
+        out = generate(model, tokenizer, list(prompts[rows]), config, responses=list(responses[rows]),
+                       num_branches=k, generator=generator, **options)
+        batch_problems = [p for p in problems[rows] for _ in range(k)]
+        rewards = torch.tensor([score(t, p) for t, p in zip(out.texts, batch_problems)]).view(-1, k)  # [n, K]
+        successes.append(rewards)
+        values.append(rewards.mean(1))
+        sequences += [out.sequences[j * k : (j + 1) * k] for j in range(rewards.shape[0])]
+    return MCEstimate(torch.cat(values), torch.cat(successes), sequences)
