@@ -138,5 +138,5 @@ def test_oracle_rewards_leaving_and_returning_to_the_reference(tokenizer):
     expected_token = [0.0] * k + [-1.0, 1.0, 0.0, 0.0, -1.0, 0.0, 0.0, 1.0, -1.0]
     assert ro.reward_parts["tok"][0].tolist() == expected_token
     # step: Phi is 1 until a line ends wrong; "wrong\n" is a wrong line (0) until its newline is deleted
-    expected_step = [1.0] * (k + 6) + [0.0, 1.0, 1.0, 0.0]
+    expected_step = [1.0] * (k + 5) + [0.0, 1.0, 1.0, 0.0]
     assert ro.reward_parts["step"][0].tolist() == expected_step
