@@ -179,6 +179,9 @@ def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
         raise UsageError(f"error_rate: must be in [0, 1], got {script.error_rate}")
     if not script.curriculum_caps or any(c < 1 for c in script.curriculum_caps):
         raise UsageError(f"curriculum_caps: need a list of positive caps, got {script.curriculum_caps}")
+    if len(script.curriculum_boundaries) != len(script.curriculum_caps) - 1:
+        raise UsageError(f"curriculum_boundaries: {len(script.curriculum_caps)} caps need "
+                         f"{len(script.curriculum_caps) - 1} boundaries, got {script.curriculum_boundaries}")
     if config.dataloader_num_workers > 0:
         raise UsageError("dataloader_num_workers: must be 0: the curriculum's cap lives in the main process "
                          "(workers would keep a stale copy) and self-generated errors sample from the model there")

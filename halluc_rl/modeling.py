@@ -385,10 +385,11 @@ def _check_adapter_base(folder: Path, base: str, model) -> None:
     if diff:
         raise ValueError(f"adapter {folder} was trained on a base of another shape than {base!r} ({', '.join(diff)}); "
                          "point it at the base model it was trained from")
-    expected = saved.get("base_fingerprint")
-    if expected and expected != base_fingerprint(model):
+    expected, found = saved.get("base_fingerprint"), base_fingerprint(model)
+    if expected and expected != found:
         raise ValueError(f"adapter {folder} was trained on a base with other weights than {base!r} (fingerprint "
-                         f"{expected} vs {base_fingerprint(model)}); point it at the base model it was trained from")
+                         f"{expected} vs {found}); point it at the base model it was trained from")
+    model.config.base_fingerprint = found  # a later stage saving this policy records it again
 
 
 def _saved_backtrack_settings(path: Path) -> dict:
@@ -403,14 +404,14 @@ def _saved_backtrack_settings(path: Path) -> dict:
 
 
 def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
-                add_missing_backtrack: bool = False):
+                add_missing_backtrack: bool = False, trainable: bool = False):
     """Load a saved policy for generation: a full model directory, or a PEFT adapter on its base.
 
     Returns (model, tokenizer, backtrack_id), with the backtrack settings on ``model.config``, read from the saved
     config (never guessed: a policy folder that records none is read as ``softmax`` with a warning). An adapter
     directory must hold the tokenizer saved with it. A full model without a backtrack token (a base model) raises,
     or with ``add_missing_backtrack`` gets an untrained one (with a warning), so that it can still be evaluated with
-    and without backtracking.
+    and without backtracking. ``trainable`` loads an adapter ready to train on (a later stage continuing it).
     """
     import warnings
 
@@ -428,7 +429,7 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
         _check_adapter_base(folder, base, model)
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model = PeftModel.from_pretrained(model, str(folder))
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
     for name, param in model.named_parameters():
         if not bool(torch.isfinite(param.detach()).all()):
             raise ValueError(f"policy {path} has non-finite weights ({name}); the run that saved it diverged: "

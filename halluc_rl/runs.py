@@ -353,9 +353,20 @@ class SafeTrainerMixin:
         from halluc_rl.modeling import write_policy_config
 
         check_finite_weights(self.model, f"step {self.state.global_step}")
-        super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "peft_config") and self.args.should_save:
+            # The adapter alone: the backtrack rows travel as trainable tokens, and the base's embeddings are never
+            # saved (PEFT's "auto" would look the base up by name, on the Hub for a name like "tiny").
+            os.makedirs(output_dir, exist_ok=True)
+            model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False,
+                                  selected_adapters=[model.active_adapter])  # not TRL's frozen "ref" copy
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        elif not hasattr(model, "peft_config"):
+            super()._save(output_dir, state_dict)
         if self.args.should_save:
-            write_policy_config(self.model, output_dir or self.args.output_dir)
+            write_policy_config(self.model, output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write ``checkpoint-N`` into a hidden staging folder, then rename it into place (atomic)."""

@@ -162,6 +162,8 @@ class ActionScores:
     entropy: torch.Tensor  # [B, S] entropy of that distribution at the action's state
     mask: torch.Tensor  # [B, S] true where an action was taken
     hidden: torch.Tensor | None = None  # [B, S, H] final hidden state at the action's state (for value heads)
+    top1: torch.Tensor | None = None  # [B, S] the action was the most likely one there
+    mean_logit: torch.Tensor | None = None  # [B, S] mean raw logit at the action's state (a drift diagnostic)
 
 
 def _attention_masks(config, allowed: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -233,7 +235,10 @@ def score_actions(
     probs = logp.exp()  # [B, S, V]
     entropy = -(probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1).masked_fill(~mask, 0.0)  # [B, S]
     hidden = out.hidden_states[-1][rows, where.clamp(min=0)] if return_hidden else None  # [B, S, H]
-    return ActionScores(logprobs, entropy, mask, hidden)
+    with torch.no_grad():
+        top1 = (logp.argmax(-1) == taken.squeeze(-1)) & mask  # [B, S]
+        mean_logit = logits.float().mean(-1).masked_fill(~mask, 0.0)  # [B, S]
+    return ActionScores(logprobs, entropy, mask, hidden, top1, mean_logit)
 
 
 def _accepts_logits_to_keep(model) -> bool:
