@@ -135,6 +135,11 @@ def _encode_prompts(tokenizer, prompts, device) -> tuple[torch.Tensor, torch.Ten
     return ids.to(device), mask.to(device)
 
 
+def row_generators(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One seeded generator per row, for batch-invariant sampling (see :func:`generate`)."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
 class LoopGuard:
     """Bans re-typing a token at a position after it was deleted there ``limit`` times (per row).
 
@@ -206,7 +211,7 @@ def generate(
     *,
     backtrack_id: int | None = None,
     forced_actions: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callbacks: Sequence[StepCallback] = (),
     responses: Sequence[Sequence[int]] | None = None,
     num_branches: int = 1,
@@ -216,6 +221,10 @@ def generate(
 
     ``forced_actions`` [B, S] (-1 = let the model choose) replaces the model's choice where set: teacher forcing,
     replaying an episode, or benchmarking a fixed backtrack pattern. Keyword ``overrides`` update ``config``.
+
+    ``generator``: one ``torch.Generator`` for the batch, or one per output row. Per-row generators sample each row
+    by the Gumbel-max trick from its own stream, so a row's sample does not depend on what else is in the batch:
+    the same seeds give the same answers in any batch split (several processes, other batch sizes).
 
     Branching: ``responses`` gives each row a response already written (a state: its tokens are prefilled with the
     prompt in one forward, and backtracks may delete them); ``num_branches`` K forks every prefilled row into K
@@ -272,6 +281,8 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
         forced_actions = forced_actions.to(device)
         if forced_actions.shape[0] != batch:
             raise ValueError(f"forced_actions has {forced_actions.shape[0]} rows for {batch} prompts")
+    if isinstance(generator, (list, tuple)) and len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for {batch} rows: give one per row (or one for the batch)")
 
     warpers = LogitsProcessorList()
     if config.do_sample:
@@ -337,7 +348,11 @@ def _decode(model, tokenizer, config, bt, head, input_ids, attention_mask, eos_i
             if pairs:
                 bans = tuple(torch.tensor(list(col), device=device) for col in zip(*pairs))  # (rows, tokens)
         mask_scores(scores, bt, config, state.lengths, state.num_backtracks, bans)
-        if config.do_sample:
+        if config.do_sample and isinstance(generator, (list, tuple)):
+            warped = warpers(state.ids, scores.float())  # [B, V] fp32
+            noise = torch.stack([torch.rand(warped.shape[1], generator=g, device=device) for g in generator])  # [B, V]
+            action = (warped - torch.log(-torch.log(noise.clamp(1e-20, 1 - 1e-7)))).argmax(-1)  # [B] Gumbel-max
+        elif config.do_sample:
             probs = torch.softmax(warpers(state.ids, scores.float()), dim=-1)  # [B, V] in fp32, even for bf16 models
             action = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # [B]
         else:

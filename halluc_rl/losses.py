@@ -65,3 +65,168 @@ def factorized_backtrack_loss(logits: torch.Tensor, labels: torch.Tensor, backtr
     ce = F.cross_entropy(others, labels[tokens], reduction="sum")
     divisor = valid.sum() if num_items is None else num_items
     return (bce + ce) / torch.as_tensor(divisor, device=bce.device).clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reinforcement learning: masked statistics, advantages, the PPO losses, KL estimators
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` where ``mask`` is true (over everything, or along ``dim``); 0 where nothing is masked in."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / std`` over the masked entries (0 elsewhere): advantage normalisation."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return ((x - mean) * torch.rsqrt(var + eps)).masked_fill(~mask, 0.0)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), batched over rows, a reverse scan over time.
+
+    ``rewards``, ``values`` (V of the state before each action) and ``mask`` are [B, S]; an episode ends at its last
+    masked action, where the next value is 0 (a finished answer has no future). Returns (advantages, returns) [B, S].
+    """
+    batch, steps = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(batch, dtype=rewards.dtype, device=rewards.device)  # [B]
+    next_value = torch.zeros_like(running)  # [B]
+    m = mask.to(rewards.dtype)
+    for t in reversed(range(steps)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]  # [B] TD error
+        running = (delta + gamma * lam * running) * m[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t] * m[:, t]
+    return advantages, (advantages + values) * m
+
+
+def gae_vectorized(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as :func:`gae` in closed form: A_t = sum_k (gamma lam)^(k-t) delta_k, one [S, S] matrix product
+    (the reference the scan is tested against)."""
+    m = mask.to(rewards.dtype)
+    next_values = torch.cat([values[:, 1:] * m[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # [B, S]
+    deltas = (rewards + gamma * next_values - values) * m  # [B, S]
+    steps = rewards.shape[1]
+    t = torch.arange(steps, device=rewards.device)
+    power = (t.unsqueeze(0) - t.unsqueeze(1)).to(rewards.dtype)  # [S, S] k - t
+    discount = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros_like(power))  # [S, S]
+    advantages = (deltas @ discount.T) * m  # [B, S]
+    return advantages, (advantages + values) * m
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted sums of the rewards from each action to the episode's end [B, S]."""
+    return gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)[0]
+
+
+def group_advantages(rewards: torch.Tensor, mask: torch.Tensor, group_size: int, gamma: float = 1.0,
+                     scale: bool = False) -> torch.Tensor:
+    """A critic-free baseline (RLOO, Ahmadian et al. 2024; GRPO's with ``scale``): each action's return-to-go
+    minus the mean episode return of the *other* answers to the same prompt (rows ``i*G .. i*G+G-1``), optionally
+    divided by the group's return std. The baseline depends on the prompt only, so it adds no bias."""
+    returns = returns_to_go(rewards, mask, gamma)  # [B, S]
+    totals = returns[:, 0].view(-1, group_size)  # [N, G] episode returns
+    if group_size < 2:
+        raise ValueError("the group baseline needs group_size >= 2 answers per prompt")
+    others = (totals.sum(1, keepdim=True) - totals) / (group_size - 1)  # [N, G] leave-one-out mean
+    advantages = (returns - others.reshape(-1, 1)) * mask
+    if scale:
+        std = totals.std(1, keepdim=True).reshape(-1, 1)  # [B, 1]
+        advantages = advantages / (std + 1e-4)
+    return advantages
+
+
+def segment_advantages(rewards: torch.Tensor, mask: torch.Tensor, boundaries: torch.Tensor,
+                       values: torch.Tensor) -> torch.Tensor:
+    """VinePPO-style advantages (Kazemnejad et al. 2024) from Monte-Carlo values at some states.
+
+    ``boundaries`` [B, S] marks the actions whose *preceding* state has a value estimate ``values`` [B, S] (read
+    there only); the state after the last action is terminal (value 0). Every action of a segment between two
+    estimated states gets that segment's advantage: its rewards plus V(end) - V(start). A backtrack that is a
+    segment of its own gets V(after the deletion) - V(before) plus its (cost) reward.
+    """
+    batch, steps = rewards.shape
+    out = torch.zeros_like(rewards)
+    for b in range(batch):
+        n = int(mask[b].sum())
+        starts = [t for t in range(n) if bool(boundaries[b, t])] or [0]
+        if starts[0] != 0:
+            starts = [0, *starts]
+        ends = [*starts[1:], n]
+        for s, e in zip(starts, ends):
+            v_end = float(values[b, e]) if e < n else 0.0
+            out[b, s:e] = float(rewards[b, s:e].sum()) + v_end - float(values[b, s])
+    return out
+
+
+def min_form_rewards(potentials: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-action rewards whose sum from t to the end is min_{k >= t} potentials_k: PURE's min-form credit
+    (Cheng et al. 2025, "Stop Summation"), written as a reward so any advantage estimator applies unchanged.
+
+    ``potentials`` [B, S] are raw process scores after each action (Phi(s_{t+1})); r_t = m_t - m_{t+1} with
+    m_t = min_{k >= t} potentials_k and m past the end = 0.
+    """
+    big = torch.finfo(potentials.dtype).max
+    filled = potentials.masked_fill(~mask, big)  # [B, S]
+    future_min = torch.flip(torch.cummin(torch.flip(filled, [1]), dim=1).values, [1])  # [B, S]
+    future_min = future_min.masked_fill(~mask, 0.0)
+    following = torch.cat([future_min[:, 1:], torch.zeros_like(future_min[:, :1])], dim=1)  # [B, S]
+    return (future_min - following) * mask
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-action estimate of KL(pi || pi_ref) from sampled actions (Schulman 2020, "Approximating KL"):
+    ``k1`` = log pi - log pi_ref (unbiased, can be negative); ``k3`` = r - 1 - log r with r = pi_ref / pi
+    (unbiased, never negative, lower variance)."""
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"kl estimator must be k1 or k3, got {estimator!r}")
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float, normalizer: float | torch.Tensor | None = None):
+    """The clipped surrogate (Schulman et al. 2017). Returns (loss, clip fraction, approx KL), over masked actions.
+
+    ``normalizer`` divides the summed loss (default: the number of masked actions), so that several processes
+    sharing one global count add up to the single-process loss.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    per_action = torch.maximum(unclipped, clipped)
+    count = mask.sum() if normalizer is None else normalizer
+    loss = (per_action * mask).sum() / torch.as_tensor(count, dtype=per_action.dtype).clamp(min=1)
+    with torch.no_grad():
+        clipfrac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)  # the low-variance k3 form
+    return loss, clipfrac, approx_kl
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip: float | None, normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Half the squared error to the returns, clipped around the old values when ``clip`` is set (as in CleanRL)."""
+    error = (values - returns) ** 2
+    if clip is not None:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        error = torch.maximum(error, (clipped - returns) ** 2)
+    count = mask.sum() if normalizer is None else normalizer
+    return 0.5 * (error * mask).sum() / torch.as_tensor(count, dtype=error.dtype).clamp(min=1)
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[target - predicted] / Var[target] over masked entries (1: perfect, <= 0: no better than a constant)."""
+    y, p = target[mask], predicted[mask]
+    var = y.var() if y.numel() > 1 else torch.tensor(0.0)
+    return float("nan") if var == 0 else float(1 - (y - p).var() / var)

@@ -450,3 +450,27 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
                       "(re-save the policy with this version of halluc-rl to record it)", stacklevel=2)
     set_policy_backtrack(model, bt, saved.get("backtrack_head", "softmax"))
     return model.eval(), tokenizer, bt
+
+
+def add_reference_adapter(model) -> None:
+    """Give a PEFT policy continued from a saved adapter a frozen copy of that adapter, named ``ref``: the reference
+    of a later stage (DPO, PPO) is then the policy as it started, with no second copy of the base weights. This is
+    what TRL's ``DPOTrainer`` does for a pretrained adapter."""
+    config = model.peft_config[model.active_adapter]
+    model.add_adapter("ref", config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if f".{model.active_adapter}." in name or name.endswith(f".{model.active_adapter}"):
+                ref_name = name.replace(f".{model.active_adapter}", ".ref")
+                model.get_parameter(ref_name).copy_(param)
+                model.get_parameter(ref_name).requires_grad_(False)
+
+
+def reference_mode(model):
+    """A context in which ``model`` computes its reference policy: the ``ref`` adapter when there is one, else
+    the adapter disabled (the base). Full fine-tuning has no such reference: pass a frozen copy instead."""
+    from trl.trainer.utils import use_adapter
+
+    if not hasattr(model, "peft_config"):
+        raise TypeError("the reference of a fully fine-tuned policy is a frozen copy of it, not a mode of it")
+    return use_adapter(model, "ref" if "ref" in model.peft_config else None)

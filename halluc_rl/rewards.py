@@ -283,6 +283,10 @@ def _as_reward(spec) -> tuple[Any, float]:
     return reward, float(weight)
 
 
+class RewardError(RuntimeError):
+    """A reward plug-in raised: the message names the plug-in and the episode that caused it."""
+
+
 class RewardMixer:
     """Weighted rewards plus shaping, reported part by part. A generation callback (``on_prefill``/``on_step``)."""
 
@@ -299,6 +303,7 @@ class RewardMixer:
     def set_problems(self, problems: Sequence[Problem]) -> None:
         """Tell the rewards which problem each row solves (a plug-in with ``set_problems`` gets them too: the
         oracle reads its reference there). Call before each batch's prefill."""
+        self._problems = list(problems)
         for reward, _ in self.process + self.outcome:
             if hasattr(reward, "set_problems"):
                 reward.set_problems(problems)
@@ -313,11 +318,41 @@ class RewardMixer:
 
     def step(self, event: StepEvent) -> dict[str, torch.Tensor]:
         """Reward parts [B] of one action (process rewards, weighted, and shaping)."""
-        parts = {r.name: w * torch.as_tensor(r.step(event), dtype=torch.float32).cpu() for r, w in self.process}
+        parts = {}
+        for reward, weight in self.process:
+            try:
+                parts[reward.name] = weight * torch.as_tensor(reward.step(event), dtype=torch.float32).cpu()
+            except Exception as err:
+                row = int(torch.nonzero(event.active.cpu()).flatten()[0]) if bool(event.active.any()) else 0
+                raise RewardError(
+                    f"process reward {reward.name!r} raised {type(err).__name__}: {err} at action {event.step} "
+                    f"(episode {row}{self._describe(row)}, visible ids {event.state.visible(row)[-12:]})") from err
         parts.update(self.shaping.step(event))
         return parts
 
     def finish(self, texts: Sequence[str], problems: Sequence[Problem]) -> dict[str, torch.Tensor]:
         """Outcome parts [B], weighted."""
-        return {r.name: w * torch.as_tensor(r.score(texts, problems), dtype=torch.float32).cpu()
-                for r, w in self.outcome}
+        parts = {}
+        for reward, weight in self.outcome:
+            try:
+                parts[reward.name] = weight * torch.as_tensor(reward.score(texts, problems), dtype=torch.float32).cpu()
+            except Exception as err:
+                row = self._first_failing(reward, texts, problems)
+                raise RewardError(
+                    f"outcome reward {reward.name!r} raised {type(err).__name__}: {err} (episode {row}: question "
+                    f"{problems[row].question[:60]!r}, answer {texts[row][-80:]!r})") from err
+        return parts
+
+    @staticmethod
+    def _first_failing(reward, texts: Sequence[str], problems: Sequence[Problem]) -> int:
+        """The first episode that makes ``reward`` raise when scored alone."""
+        for i, (text, problem) in enumerate(zip(texts, problems)):
+            try:
+                reward.score([text], [problem])
+            except Exception:
+                return i
+        return 0
+
+    def _describe(self, row: int) -> str:
+        problems = getattr(self, "_problems", None)
+        return f": question {problems[row].question[:60]!r}" if problems and row < len(problems) else ""

@@ -39,7 +39,7 @@ def mc_values(
     config: BacktrackGenerationConfig | None = None,
     *,
     batch_size: int = 64,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     grader: Callable[[str, Problem], float] | None = None,
     prompts: Sequence[Sequence[int]] | None = None,
     **overrides,
@@ -49,7 +49,8 @@ def mc_values(
     ``config``/``overrides`` are the continuations' decoding options (sampling at temperature 1 by default; a
     branch gets ``max_new_tokens`` more actions). ``grader(text, problem) -> float`` scores a finished answer
     (default: the rule grader). ``batch_size`` counts states per batch (each batch decodes ``batch_size * k``
-    rows).
+    rows). ``generator``: one for everything, or one per branch (``N * k``, state by state) for batch-invariant
+    sampling.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1 branches, got {k}")
@@ -61,8 +62,9 @@ def mc_values(
     values, successes, sequences = [], [], []
     for i in range(0, len(problems), batch_size):
         rows = slice(i, i + batch_size)
+        gens = generator[i * k : (i + batch_size) * k] if isinstance(generator, (list, tuple)) else generator
         out = generate(model, tokenizer, list(prompts[rows]), config, responses=list(responses[rows]),
-                       num_branches=k, generator=generator, **options)
+                       num_branches=k, generator=gens, **options)
         batch_problems = [p for p in problems[rows] for _ in range(k)]
         rewards = torch.tensor([score(t, p) for t, p in zip(out.texts, batch_problems)]).view(-1, k)  # [n, K]
         successes.append(rewards)

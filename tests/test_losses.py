@@ -101,3 +101,114 @@ def test_sft_with_the_factorized_head_trains_saves_and_reloads_it(tmp_path, toke
     assert model.config.backtrack_head == "factorized"
     plain, _, _ = load_policy(base)
     assert getattr(plain.config, "backtrack_head", "softmax") == "softmax"
+
+
+# -- the reinforcement-learning maths ---------------------------------------------------------------------------
+
+from halluc_rl.losses import (  # noqa: E402
+    gae,
+    gae_vectorized,
+    group_advantages,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+    min_form_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    segment_advantages,
+)
+
+
+def gae_loop(rewards, values, lengths, gamma, lam):
+    """GAE one row and one step at a time, straight from the definition."""
+    out = torch.zeros_like(rewards)
+    for b, n in enumerate(lengths):
+        running = 0.0
+        for t in reversed(range(n)):
+            next_value = float(values[b, t + 1]) if t + 1 < n else 0.0
+            delta = float(rewards[b, t]) + gamma * next_value - float(values[b, t])
+            running = delta + gamma * lam * running
+            out[b, t] = running
+    return out
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])
+def test_gae_scan_and_vectorised_equal_the_loop(gamma, lam):
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(5, 9, generator=g), torch.randn(5, 9, generator=g)
+    lengths = [9, 3, 1, 7, 5]
+    mask = torch.arange(9).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    expected = gae_loop(rewards, values, lengths, gamma, lam)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    adv_v, ret_v = gae_vectorized(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adv_v, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ret, (expected + values) * mask)
+    torch.testing.assert_close(ret_v, ret, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_statistics_on_hand_tensors():
+    x = torch.tensor([[1.0, 3.0, 100.0], [5.0, -100.0, -100.0]])
+    m = torch.tensor([[True, True, False], [True, False, False]])
+    assert masked_mean(x, m) == 3.0
+    assert masked_mean(x, m, dim=1).tolist() == [2.0, 5.0]
+    w = masked_whiten(x, m)
+    std = torch.tensor([1.0, 3.0, 5.0]).std(unbiased=False)
+    torch.testing.assert_close(w[m], (torch.tensor([1.0, 3.0, 5.0]) - 3.0) / std)
+    assert (w[~m] == 0).all()
+
+
+def test_ppo_losses_on_hand_tensors():
+    old = torch.log(torch.tensor([[0.5, 0.5]]))
+    new = torch.log(torch.tensor([[0.75, 0.25]]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([[1.0, 1.0]])
+    mask = torch.tensor([[True, True]])
+    loss, clipfrac, kl = ppo_policy_loss(new, old, adv, mask, clip=0.2)
+    # action 0: min(1.5, 1.2) * 1 -> 1.2 (clipped); action 1: min(0.5, 0.8) -> 0.5 (not clipped upwards)
+    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2) and clipfrac.item() == 1.0
+    assert kl.item() == pytest.approx(((0.5 - torch.log(torch.tensor(1.5))) + (-0.5 - torch.log(torch.tensor(0.5)))
+                                       ).item() / 2)
+    assert ppo_policy_loss(new, old, adv, mask, 0.2, normalizer=4)[0].item() == pytest.approx(-(1.2 + 0.5) / 4)
+    values, old_v, ret = torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]])
+    one = torch.tensor([[True]])
+    assert ppo_value_loss(values, old_v, ret, one, clip=None).item() == pytest.approx(0.5)
+    # clipped prediction 0.5 has error 0.25; the unclipped 1.0: the larger (pessimistic) one is kept
+    assert ppo_value_loss(values, old_v, ret, one, clip=0.5).item() == pytest.approx(0.5)
+
+
+def test_kl_estimators():
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert kl_estimate(lp, ref, "k1").tolist() == pytest.approx([0.5, -1.0])
+    r = torch.exp(ref - lp)
+    assert kl_estimate(lp, ref, "k3").tolist() == pytest.approx((r - 1 - torch.log(r)).tolist())
+    assert (kl_estimate(lp, ref, "k3") >= 0).all()
+
+
+def test_min_form_rewards_sum_to_the_future_minimum():
+    phi = torch.tensor([[1.0, 0.0, 1.0, 1.0, 9.0], [0.5, 0.2, 0.7, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 4 + [False], [True, True, True, False, False]])
+    r = min_form_rewards(phi, mask)
+    returns = torch.flip(torch.cumsum(torch.flip(r, [1]), 1), [1])
+    assert returns[0, :4].tolist() == [0.0, 0.0, 1.0, 1.0]  # the wrong state at t=1 caps everything before it
+    assert returns[1, :3].tolist() == pytest.approx([0.2, 0.2, 0.7])
+    assert (r[~mask] == 0).all()
+
+
+def test_group_advantages_leave_one_out():
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0], [0.0, 3.0], [2.0, 0.0]])  # two groups of two
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    adv = group_advantages(rewards, mask, group_size=2)
+    # group 1: returns 1 and 0; group 2: 3 and 2; each row's baseline is the other row's return
+    assert adv[:, 0].tolist() == [1.0, -1.0, 1.0, -1.0]
+    assert adv[:, 1].tolist() == [1.0 - 0.0, 0.0 - 1.0, 3.0 - 2.0, 0.0 - 3.0]
+
+
+def test_segment_advantages_credit_a_backtrack_with_its_value_change():
+    # actions: a b <BT> c d ; estimated states before actions 0, 2 (the backtrack) and 3 (after it)
+    rewards = torch.tensor([[0.0, 0.0, -0.1, 0.0, 1.0]])
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    boundaries = torch.tensor([[True, False, True, True, False]])
+    values = torch.tensor([[0.5, 0.0, 0.2, 0.9, 0.0]])
+    adv = segment_advantages(rewards, mask, boundaries, values)
+    # a, b: V(before BT) - V(start) = 0.2 - 0.5; the backtrack: -0.1 + 0.9 - 0.2; c, d: 1.0 + 0 - 0.9
+    assert adv[0].tolist() == pytest.approx([-0.3, -0.3, 0.6, 0.1, 0.1])

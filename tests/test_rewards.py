@@ -140,3 +140,23 @@ def test_oracle_rewards_leaving_and_returning_to_the_reference(tokenizer):
     # step: Phi is 1 until a line ends wrong; "wrong\n" is a wrong line (0) until its newline is deleted
     expected_step = [1.0] * (k + 5) + [0.0, 1.0, 1.0, 0.0]
     assert ro.reward_parts["step"][0].tolist() == expected_step
+
+
+def test_a_reward_plug_in_that_raises_is_reported_with_its_episode(tokenizer):
+    from halluc_rl.rewards import CallableReward, RewardError
+
+    model = make_model("llama", tokenizer)
+    problems = ArithmeticTask(seed=0).problems("test", 3)
+
+    def picky(text, problem):
+        if problem is problems[1]:
+            raise KeyError("no grade for this one")
+        return 1.0
+
+    with pytest.raises(RewardError, match=r"outcome reward 'picky' raised KeyError.*episode 1: question '"
+                       + problems[1].question[:20]):
+        rollout(model, tokenizer, problems, RewardMixer([CallableReward(picky)]), max_new_tokens=3)
+    broken = CallableReward(lambda prompt, visible: 1 / 0, kind="process", name="broken")
+    with pytest.raises(RewardError, match=r"process reward 'broken' raised ZeroDivisionError at action 0 "
+                       r"\(episode 0: question"):
+        rollout(model, tokenizer, problems, RewardMixer([broken]), max_new_tokens=3)

@@ -106,3 +106,33 @@ def test_mc_values_on_a_policy_whose_values_are_known(tokenizer):
     assert est.successes.shape == (3, 400) and est.values[2] == 1.0
     assert all(seq[0] == seven for seq in est.sequences[2])
     script.handle.remove()
+
+
+def test_per_row_generators_sample_the_same_answers_in_any_batch_split(tokenizer):
+    from halluc_rl.generation import row_generators
+
+    model = make_model("llama", tokenizer, seed=2)
+    prompts = ["A box", "Tom has", "Ann buys 3", "Question: 5"]
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.3, eos_token_id=[])
+    whole = generate(model, tokenizer, prompts, generator=row_generators([1, 2, 3, 4]), **kw)
+    parts = [generate(model, tokenizer, prompts[i : i + 2], generator=row_generators([i + 1, i + 2]), **kw)
+             for i in (0, 2)]
+    assert whole.sequences == parts[0].sequences + parts[1].sequences
+    assert len(set(map(tuple, whole.sequences))) == 4
+
+
+def test_per_row_gumbel_sampling_draws_from_the_policy(tokenizer):
+    """One action from one state, 4000 times: frequencies match the softmax within 5 standard errors."""
+    from halluc_rl.generation import row_generators
+
+    model = make_model("llama", tokenizer, seed=2)
+    n = 4000
+    out = generate(model, tokenizer, ["A box"] * n, generator=row_generators(range(n)), max_new_tokens=1,
+                   do_sample=True, temperature=2.0, eos_token_id=[], return_logprobs=True)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([out.prompt_ids[0]])).logits[0, -1]
+    logits[backtrack_token_id(tokenizer)] = float("-inf")  # the empty-response mask
+    probs = torch.softmax(logits / 2.0, -1)
+    counts = torch.bincount(out.actions[:, 0], minlength=probs.shape[0]).float() / n
+    top = probs.argsort(descending=True)[:5]
+    assert ((counts[top] - probs[top]).abs() <= 5 * (probs[top] * (1 - probs[top]) / n).sqrt()).all()
