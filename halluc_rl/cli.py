@@ -10,6 +10,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("halluc_rl.agents.demo", "the whole pipeline on the embedded tiny model, offline: SFT, evaluation"),
     "pretrain": ("halluc_rl.agents.pretrain", "train the embedded tiny model from scratch on the offline task"),
     "sft": ("halluc_rl.agents.sft", "masked-error SFT of a (LoRA) policy: the warm start"),
+    "grpo": ("halluc_rl.agents.grpo", "GRPO (TRL) on action streams, log-probs from the shared scorer"),
     "eval": ("halluc_rl.agents.evaluate", "evaluate a saved policy with and without backtracking"),
 }
 
