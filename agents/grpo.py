@@ -242,9 +242,8 @@ def load_start_policy(model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig)
                                                         trust_remote_code=config.trust_remote_code)
         return (make_lora_model(model, lora, bt) if lora.use_lora else model), tokenizer, bt
     model, tokenizer, bt = load_policy(path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code)
-    saved = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
-    if saved.get("base_fingerprint"):  # checked by load_policy; kept so every copy GRPO saves records it too
-        model.config.base_fingerprint = saved["base_fingerprint"]
+    saved = Path(path) / "config.json"  # load_policy checked the base's fingerprint: every copy saved records it too
+    model.config.base_fingerprint = json.loads(saved.read_text()).get("base_fingerprint") if saved.exists() else None
     model.peft_config["default"].inference_mode = False
     for name, param in model.named_parameters():  # load_policy loads for inference: train the adapter again
         param.requires_grad = ".default" in name
@@ -254,9 +253,8 @@ def load_start_policy(model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig)
 def validate(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
     check_choice("task", script.task, TASKS)
-    check_positive(script, "num_train_problems", "validation_size", allow_zero=("num_train_problems",
-                                                                                 "validation_size"))
-    check_positive(script, "backtrack_budget", "loop_guard", allow_zero=("backtrack_budget",))
+    check_positive(script, "num_train_problems", "validation_size", "backtrack_budget", "loop_guard",
+                   allow_zero=("num_train_problems", "validation_size", "backtrack_budget"))
     check_positive(config, "learning_rate", "per_device_train_batch_size", "max_completion_length", "temperature")
     check_positive(lora, "lora_r", "lora_alpha")
     check_exact_sampling(config)
@@ -315,11 +313,9 @@ def train(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config:
 def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         parsed = parse_cli([GRPOScriptArgs, ModelArgs, LoraArgs, GRPOConfig], argv, prog="halluc-rl grpo")
-        trainer = train(*parsed)
-        rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-        out = parsed[-1].output_dir
-        print(f"saved the policy to {out}; last mean reward {rewards[-1]:.4f}" if rewards else
-              f"saved the policy to {out}")
+        rewards = [h["reward"] for h in train(*parsed).state.log_history if "reward" in h]
+        last = f"; last mean reward {rewards[-1]:.4f}" if rewards else ""
+        print(f"saved the policy to {parsed[-1].output_dir}{last}")
         return 0
 
     return cli("halluc-rl grpo", run)
