@@ -157,6 +157,6 @@ def test_a_reward_plug_in_that_raises_is_reported_with_its_episode(tokenizer):
                        + problems[1].question[:20]):
         rollout(model, tokenizer, problems, RewardMixer([CallableReward(picky)]), max_new_tokens=3)
     broken = CallableReward(lambda prompt, visible: 1 / 0, kind="process", name="broken")
-    with pytest.raises(RewardError, match=r"process reward 'broken' raised ZeroDivisionError at action 0 "
+    with pytest.raises(RewardError, match=r"process reward .broken. raised ZeroDivisionError: division by zero at action 0 "
                        r"\(episode 0: question"):
         rollout(model, tokenizer, problems, RewardMixer([broken]), max_new_tokens=3)
