@@ -36,6 +36,7 @@ from halluc_rl.modeling import (
     load_policy,
     make_lora_model,
     policy_backtrack,
+    sync_reference_adapter,
 )
 from halluc_rl.pairs import build_pairs, find_errors
 from halluc_rl.runs import (
@@ -133,6 +134,8 @@ class BacktrackDPOTrainer(SafeTrainerMixin, DPOTrainer):
 
     def __init__(self, *args, scoring: BacktrackGenerationConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if "ref" in getattr(self.model, "peft_config", {}):
+            sync_reference_adapter(self.model)  # TRL's copy misses the backtrack rows
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         base._halluc_scoring = scoring or BacktrackGenerationConfig(loop_guard=None)
         base.forward = types.MethodType(_scored_forward, base)  # replaces TRL's fused LM head, which skips PEFT rows

@@ -14,7 +14,6 @@ TRL's ``GRPOTrainer`` and its config habits, with the completion being the polic
 from __future__ import annotations
 
 import itertools
-import json
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from halluc_rl.modeling import (
     load_policy,
     make_lora_model,
     policy_backtrack,
+    sync_reference_adapter,
 )
 from halluc_rl.rewards import OracleProcessReward, RewardMixer, RuleGrader, Shaping
 from halluc_rl.rollout import rollout
@@ -170,18 +170,9 @@ class BacktrackGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
                              train_dataset, processing_class=processing_class, rollout_func=backtrack_rollout, **kwargs)
         if self.aux_loss_enabled:
             raise ValueError("the action-stream scorer returns no MoE load-balancing loss; set router_aux_loss_coef: 0")
-        self._copy_reference_rows()
-
-    def _copy_reference_rows(self) -> None:
-        """TRL copies a pretrained adapter into a frozen "ref" adapter by names containing ``.default.``; PEFT's
-        trainable-token rows end in ``.default``, so copy them too (the reference keeps the trained backtrack row)."""
         model = self.accelerator.unwrap_model(self.model)
-        if "ref" not in getattr(model, "peft_config", {}):
-            return
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith(".default"):
-                    model.get_parameter(name[: -len("default")] + "ref").copy_(param)
+        if "ref" in getattr(model, "peft_config", {}):
+            sync_reference_adapter(model)  # TRL's copy misses the trainable-token (backtrack) rows
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **_):
@@ -241,13 +232,7 @@ def load_start_policy(model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig)
         model, tokenizer, bt = load_model_and_tokenizer(path, dtype=model_args.dtype, revision=model_args.revision,
                                                         trust_remote_code=config.trust_remote_code)
         return (make_lora_model(model, lora, bt) if lora.use_lora else model), tokenizer, bt
-    model, tokenizer, bt = load_policy(path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code)
-    saved = Path(path) / "config.json"  # load_policy checked the base's fingerprint: every copy saved records it too
-    model.config.base_fingerprint = json.loads(saved.read_text()).get("base_fingerprint") if saved.exists() else None
-    model.peft_config["default"].inference_mode = False
-    for name, param in model.named_parameters():  # load_policy loads for inference: train the adapter again
-        param.requires_grad = ".default" in name
-    return model, tokenizer, bt
+    return load_policy(path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code, trainable=True)
 
 
 def validate(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig) -> None:

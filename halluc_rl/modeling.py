@@ -456,14 +456,22 @@ def add_reference_adapter(model) -> None:
     """Give a PEFT policy continued from a saved adapter a frozen copy of that adapter, named ``ref``: the reference
     of a later stage (DPO, PPO) is then the policy as it started, with no second copy of the base weights. This is
     what TRL's ``DPOTrainer`` does for a pretrained adapter."""
-    config = model.peft_config[model.active_adapter]
-    model.add_adapter("ref", config)
+    model.add_adapter("ref", model.peft_config[model.active_adapter])
+    sync_reference_adapter(model)
+
+
+def sync_reference_adapter(model) -> None:
+    """Copy the active adapter into the frozen ``ref`` one, trainable-token rows included: TRL copies only names
+    with ``.default.`` in them, which misses PEFT's trainable-token rows (they end in ``.default``), so a reference
+    made by TRL would keep an untrained backtrack row."""
+    active = model.active_adapter
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if f".{model.active_adapter}." in name or name.endswith(f".{model.active_adapter}"):
-                ref_name = name.replace(f".{model.active_adapter}", ".ref")
-                model.get_parameter(ref_name).copy_(param)
-                model.get_parameter(ref_name).requires_grad_(False)
+            if f".{active}." in name or name.endswith(f".{active}"):
+                ref = model.get_parameter(name.replace(f".{active}.", ".ref.") if f".{active}." in name
+                                          else name[: -len(active)] + "ref")
+                ref.copy_(param)
+                ref.requires_grad_(False)
 
 
 def reference_mode(model):

@@ -196,19 +196,20 @@ def score_actions(
     from ``model.config``. Run the model in eval mode (no dropout) where the ratio to old log-probs must be exact.
     """
     config = replace(config or BacktrackGenerationConfig(), **overrides)
-    bt, head = policy_backtrack(model, backtrack_id)
+    inner = getattr(model, "module", model)  # a DistributedDataParallel wrapper keeps the model as .module
+    bt, head = policy_backtrack(inner, backtrack_id)
     if actions.ndim != 2 or actions.shape[0] != len(prompt_ids):
         raise ValueError(f"actions must be [B, S] with B = {len(prompt_ids)} prompts, got {tuple(actions.shape)}")
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token to predict the first action from")
-    device = next(model.parameters()).device
+    device = next(inner.parameters()).device
     cpu_actions = actions.detach().cpu()
     batch, steps = cpu_actions.shape
     context = decode_context(cpu_actions, bt, config)
     streams = [list(map(int, prompt_ids[b])) + cpu_actions[b][context.mask[b]].tolist() for b in range(batch)]
-    dtype = next(model.parameters()).dtype
+    dtype = next(inner.parameters()).dtype
     packed = pack_streams(streams, [len(p) for p in prompt_ids], bt, num_actions=steps)
-    attention = _attention_masks(model.config, packed.attention_mask, packed.position_ids,
+    attention = _attention_masks(inner.config, packed.attention_mask, packed.position_ids,
                                  dtype if dtype.is_floating_point else torch.float32)
     if isinstance(attention, dict):
         attention = {kind: m.to(device) for kind, m in attention.items()}
@@ -217,7 +218,7 @@ def score_actions(
     # logits are needed from the last prompt token on: keep only that tail (the prompt's other logits are waste)
     width = packed.input_ids.shape[1]
     keep = width - (min(len(p) for p in prompt_ids) - 1)
-    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(inner) else {}
     offset = width - keep if kwargs else 0
     out = model(input_ids=packed.input_ids.to(device), attention_mask=attention,
                 position_ids=packed.position_ids.to(device), use_cache=False, output_hidden_states=return_hidden,

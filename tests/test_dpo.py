@@ -178,3 +178,26 @@ def test_dpo_command_continues_an_adapter_and_saves_it(tmp_path, tokenizer):
 def test_dpo_refuses_oracle_settings_on_gsm8k(capsys):
     assert dpo.main(["--task", "gsm8k", "--use_cpu", "true"]) == 2
     assert "locate: oracle and continuation: reference need the offline task" in capsys.readouterr().err
+
+
+def test_the_reference_of_a_continued_adapter_keeps_its_trained_backtrack_rows(tmp_path, tokenizer):
+    from halluc_rl.agents import sft
+    from halluc_rl.config import LoraArgs, ModelArgs
+    from halluc_rl.runs import parse_cli
+
+    base = tmp_path / "base"
+    make_model("llama", tokenizer, hidden_size=32).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    common = ["--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true"]
+    assert sft.main(["--model_name_or_path", str(base), "--output_dir", str(tmp_path / "sft"), "--max_steps", "2",
+                     "--num_train_problems", "8", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+                     "--learning_rate", "0.05", *common]) == 0
+    parsed = parse_cli([dpo.DPOScriptArgs, ModelArgs, LoraArgs, dpo.DPOConfig],
+                       ["--model_name_or_path", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "d"),
+                        "--num_problems", "4", "--num_samples", "2", "--max_new_tokens", "16", "--min_pairs", "1",
+                        *common], prog="test")
+    trainer = dpo.build_trainer(*parsed)
+    params = dict(trainer.model.named_parameters())
+    rows = [n for n in params if "trainable_tokens_delta.default" in n]
+    assert rows and all(torch.equal(params[n], params[n[: -len("default")] + "ref"]) for n in rows)
+    assert any(params[n].abs().sum() > 0 for n in rows)  # the SFT run trained them: the copy is not trivially equal
