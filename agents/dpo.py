@@ -29,12 +29,9 @@ from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
 from halluc_rl.data.tasks import TASKS, load_problems
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.modeling import (
-    KNOWN_MODELS,
     base_model_name,
     check_same_base,
-    load_model_and_tokenizer,
-    load_policy,
-    make_lora_model,
+    load_start_policy,
     policy_backtrack,
     sync_reference_adapter,
 )
@@ -233,14 +230,8 @@ def build_trainer(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
 
     validate(script, model_args, lora, config)
     set_seed(config.seed)
-    name = model_args.model_name_or_path
-    if name not in KNOWN_MODELS and base_model_name(name) is not None:  # a saved adapter: continue it
-        model, tokenizer, _ = load_policy(name, dtype=model_args.dtype, trainable=True)
-    else:
-        model, tokenizer, bt = load_model_and_tokenizer(name, dtype=model_args.dtype,
-                                                        trust_remote_code=config.trust_remote_code)
-        if lora.use_lora:
-            model = make_lora_model(model, lora, bt)
+    model, tokenizer, _ = load_start_policy(model_args.model_name_or_path, lora, model_args.dtype,
+                                            config.trust_remote_code, model_args.revision)
     problems = load_problems(script.task, "train", script.num_problems, script.data_files, seed=script.task_seed)
     source = PairSource(script, model, tokenizer, problems, config.seed)
     source.rebuild(0)

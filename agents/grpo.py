@@ -29,9 +29,7 @@ from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.modeling import (
     base_model_name,
     check_same_base,
-    load_model_and_tokenizer,
-    load_policy,
-    make_lora_model,
+    load_start_policy,
     policy_backtrack,
     sync_reference_adapter,
 )
@@ -224,17 +222,6 @@ def check_exact_sampling(args: trl.GRPOConfig) -> None:
                          "backtrack-aware generator; turn them off")
 
 
-def load_start_policy(model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig):
-    """The starting policy: a saved adapter (an SFT run) goes on training; a model gets a fresh LoRA adapter
-    (:func:`make_lora_model`) or, with ``use_lora: false``, trains every weight."""
-    path = model_args.model_name_or_path
-    if base_model_name(path) is None:
-        model, tokenizer, bt = load_model_and_tokenizer(path, dtype=model_args.dtype, revision=model_args.revision,
-                                                        trust_remote_code=config.trust_remote_code)
-        return (make_lora_model(model, lora, bt) if lora.use_lora else model), tokenizer, bt
-    return load_policy(path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code, trainable=True)
-
-
 def validate(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
     check_choice("task", script.task, TASKS)
@@ -266,7 +253,8 @@ def build_trainer(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs,
 
     validate(script, model_args, lora, config)
     set_seed(config.seed)  # before the LoRA weights are drawn: the same config gives the same run
-    model, tokenizer, _ = load_start_policy(model_args, lora, config)
+    model, tokenizer, _ = load_start_policy(model_args.model_name_or_path, lora, model_args.dtype,
+                                            config.trust_remote_code, model_args.revision)
     problems = load_problems(script.task, "train", script.num_train_problems, script.data_files,
                              seed=script.task_seed, validation_size=script.validation_size)
     decoding = BacktrackGenerationConfig(backtrack_bias=script.backtrack_bias, backtrack_budget=script.backtrack_budget,

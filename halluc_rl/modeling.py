@@ -482,3 +482,21 @@ def reference_mode(model):
     if not hasattr(model, "peft_config"):
         raise TypeError("the reference of a fully fine-tuned policy is a frozen copy of it, not a mode of it")
     return use_adapter(model, "ref" if "ref" in model.peft_config else None)
+
+
+def load_start_policy(name: str, lora_args, dtype: str = "float32", trust_remote_code: bool = False,
+                      revision: str | None = None, reference: bool = False):
+    """The policy a training stage starts from: ``(model, tokenizer, backtrack_id)``.
+
+    A saved adapter (an earlier stage) is continued, trainable, and with ``reference`` gets a frozen copy of itself
+    as the ``ref`` adapter; a model gets a fresh LoRA adapter (:func:`make_lora_model`; its reference is the adapter
+    disabled), or trains every weight with ``use_lora: false``.
+    """
+    if name not in KNOWN_MODELS and base_model_name(resolve_model_path(name)) is not None:
+        model, tokenizer, bt = load_policy(name, dtype=dtype, trust_remote_code=trust_remote_code, trainable=True)
+        if reference:
+            add_reference_adapter(model)
+        return model, tokenizer, bt
+    model, tokenizer, bt = load_model_and_tokenizer(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                    revision=revision)
+    return (make_lora_model(model, lora_args, bt) if lora_args.use_lora else model), tokenizer, bt
