@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("halluc_rl.agents.pretrain", "train the embedded tiny model from scratch on the offline task"),
     "sft": ("halluc_rl.agents.sft", "masked-error SFT of a (LoRA) policy: the warm start"),
     "dpo": ("halluc_rl.agents.dpo", "token-level DPO at the policy's own error points (after SFT)"),
+    "ppo": ("halluc_rl.agents.ppo", "PPO on the backtrack MDP: process rewards, gae/mc/group advantages"),
     "grpo": ("halluc_rl.agents.grpo", "GRPO (TRL) on action streams, log-probs from the shared scorer"),
     "eval": ("halluc_rl.agents.evaluate", "evaluate a saved policy with and without backtracking"),
 }

@@ -432,3 +432,65 @@ def train_and_save(trainer, output_dir: str | Path, resume: str | None) -> None:
     save_policy(trainer, output_dir)
     if trainer.is_world_process_zero():
         atomic_write_json(Path(output_dir) / "log_history.json", trainer.state.log_history)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints of custom training loops (PPO): the same layout and guarantees as the Trainer's
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_model_files(model, tokenizer, folder: Path) -> None:
+    """A policy's files: the active adapter alone (no base embeddings) or the full model, its config with the
+    backtrack settings, and the tokenizer. Refuses non-finite weights."""
+    from halluc_rl.modeling import write_policy_config
+
+    check_finite_weights(model, str(folder))
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(folder, save_embedding_layers=False, selected_adapters=[model.active_adapter])
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+    write_policy_config(model, folder)
+    tokenizer.save_pretrained(folder)
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, states: dict[str, dict], info: dict,
+                    keep: int | None = None) -> Path:
+    """``checkpoint-<step>``: the policy, ``<name>.pt`` state dicts (optimiser, value head...), and
+    ``trainer_state.json`` (``global_step`` plus ``info``), staged and renamed into place; older ones beyond
+    ``keep`` are removed."""
+    run = Path(output_dir)
+    final = run / f"checkpoint-{step}"
+    staging = run / f".staging-{final.name}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    save_model_files(model, tokenizer, staging)
+    for name, state in states.items():
+        torch.save(state, staging / f"{name}.pt")
+    (staging / "trainer_state.json").write_text(json.dumps({"global_step": step, **info}, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    if keep:
+        found = sorted((p for p in run.glob("checkpoint-*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
+        for old in found[:-keep]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: str | Path, model, states: dict[str, Any]) -> dict:
+    """Load a :func:`save_checkpoint` folder into ``model`` and the objects of ``states`` (each with
+    ``load_state_dict``); returns its ``trainer_state.json``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"),
+                                  adapter_name=model.active_adapter)
+    else:
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    for name, target in states.items():
+        target.load_state_dict(torch.load(path / f"{name}.pt", weights_only=True))
+    return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,360 @@
+"""PPO on the backtrack MDP with per-token process rewards (``halluc-rl ppo --config configs/ppo_tiny.yaml``).
+
+CleanRL's ``ppo.py`` for a policy that can press backspace, read top to bottom:
+
+1. **Rollouts** (``halluc_rl.rollout``): each update samples ``group_size`` answers to each of
+   ``problems_per_update`` problems (a group branches from one prefilled prompt), with per-row seeded generators so
+   that the answers do not depend on how problems are split across processes. The sampling log-probs are the old
+   log-probs: the shared scorer reproduces them exactly, so the first epoch's ratio is 1.
+2. **Rewards per action**: the outcome reward at the end, a process reward (oracle, trained or implicit PRM) as
+   potential-based deltas or PURE min-form credit, the env's shaping (a cost per backtrack), and a KL penalty to the
+   reference (k1 or k3), the policy with its LoRA adapter disabled, or its starting adapter when it continues one.
+3. **Advantages**: ``gae`` (a value head on the policy's own final hidden states), ``mc`` (VinePPO: Monte-Carlo
+   values branched from the cached states at step ends and around every backtrack, no critic: a backtrack's
+   advantage is V(after the deletion) - V(before) plus its cost) or ``group`` (RLOO's leave-one-out baseline).
+4. **The update**: clipped surrogate, clipped value loss, entropy bonus, whitened advantages, minibatch epochs,
+   gradient clipping. Log-probs come from ``halluc_rl.scoring.score_actions`` under the rewind semantics.
+
+Several processes (``accelerate launch --num_processes 2``) split the problems; gradients are averaged and every
+global statistic (whitening, the token count of a minibatch) is reduced, so the run follows the single-process one.
+The maths lives in ``halluc_rl/losses.py``; runs stop on a non-finite loss or an exploding KL with the update
+number (exit status 3), checkpoint atomically and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from halluc_rl import losses
+from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
+from halluc_rl.data.tasks import TASKS, encode_problem, load_problems
+from halluc_rl.evaluation import backtrack_counts
+from halluc_rl.generation import BacktrackGenerationConfig, row_generators
+from halluc_rl.modeling import check_same_base, load_start_policy, reference_mode
+from halluc_rl.rewards import HFProcessReward, OracleProcessReward, RewardMixer, RuleGrader, Shaping
+from halluc_rl.rollout import rollout
+from halluc_rl.runs import (
+    NonFiniteError,
+    UsageError,
+    atomic_write_json,
+    check_choice,
+    check_model_name,
+    check_positive,
+    cli,
+    load_checkpoint,
+    parse_cli,
+    prepare_run_dir,
+    publish,
+    save_checkpoint,
+    save_model_files,
+    staging_dir,
+)
+from halluc_rl.scoring import score_actions
+from halluc_rl.values import mc_values
+
+
+@dataclass
+class PPOArgs(RunArgs):
+    """What PPO trains on, its rewards, its advantage estimator and its update (and, from RunArgs, resume)."""
+
+    output_dir: str = field(default="runs/ppo", metadata={"help": "Checkpoints, the policy, logs and history."})
+    task: str = field(default="arithmetic", metadata={"help": "arithmetic (offline) or gsm8k."})
+    data_files: str | None = field(default=None, metadata={"help": "Local GSM8K jsonl/parquet path (None: the Hub)."})
+    num_problems: int = field(default=2000, metadata={"help": "Train problems in the pool the updates draw from."})
+    task_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task."})
+    updates: int = field(default=100, metadata={"help": "PPO updates (a rollout and its epochs each)."})
+    problems_per_update: int = field(default=16, metadata={"help": "Problems per rollout, across all processes."})
+    group_size: int = field(default=4, metadata={"help": "Answers sampled per problem (a group; >= 2 for group)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Actions per answer, backtracks included."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    backtrack: bool = field(default=True, metadata={
+        "help": "Let the policy backtrack (false: the control arm, the backtrack action masked everywhere)."})
+    backtrack_cost: float = field(default=0.0, metadata={"help": "Reward charged for every backtrack."})
+    process_reward: str = field(default="none", metadata={"help": "none, oracle, or prm (a trained PRM directory)."})
+    prm_path: str | None = field(default=None, metadata={"help": "process_reward prm: the PRM to load."})
+    process_weight: float = field(default=0.5, metadata={"help": "Weight of the process reward."})
+    process_form: str = field(default="delta", metadata={
+        "help": "delta (potential-based: Phi(s') - Phi(s)) or min (PURE min-form credit)."})
+    kl_coef: float = field(default=0.02, metadata={"help": "Per-action KL penalty to the reference (0: none)."})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1 or k3 (Schulman's estimators)."})
+    max_kl: float = field(default=2.0, metadata={"help": "Stop the run when an epoch's approx KL exceeds this."})
+    advantage: str = field(default="group", metadata={"help": "gae (value head), mc (VinePPO) or group (RLOO)."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
+    mc_branches: int = field(default=4, metadata={"help": "mc: continuations per estimated state."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    epochs: int = field(default=2, metadata={"help": "Passes over each rollout."})
+    minibatches: int = field(default=2, metadata={"help": "Minibatches per pass."})
+    clip: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    vf_coef: float = field(default=0.5, metadata={"help": "gae: value loss coefficient."})
+    vf_clip: float = field(default=0.2, metadata={"help": "gae: value clip around the old values."})
+    ent_coef: float = field(default=0.0, metadata={"help": "Entropy bonus."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    whiten: bool = field(default=True, metadata={"help": "Normalise advantages over the rollout."})
+    save_every: int = field(default=25, metadata={"help": "Updates between checkpoints."})
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept."})
+    seed: int = field(default=0, metadata={"help": "Seeds the sampling, the problem order and LoRA's init."})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard or none."})
+
+
+def validate(args: PPOArgs, model_args: ModelArgs) -> None:
+    """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
+    check_choice("task", args.task, TASKS)
+    check_choice("process_reward", args.process_reward, ("none", "oracle", "prm"))
+    check_choice("process_form", args.process_form, ("delta", "min"))
+    check_choice("kl_estimator", args.kl_estimator, ("k1", "k3"))
+    check_choice("advantage", args.advantage, ("gae", "mc", "group"))
+    check_choice("report_to", args.report_to, ("tensorboard", "none"))
+    check_positive(args, "num_problems", "updates", "problems_per_update", "group_size", "max_new_tokens",
+                   "temperature", "learning_rate", "epochs", "minibatches", "clip", "save_every", "mc_branches")
+    check_positive(args, "kl_coef", "backtrack_cost", "process_weight", "ent_coef", allow_zero=(
+        "kl_coef", "backtrack_cost", "process_weight", "ent_coef"))
+    if args.advantage == "group" and args.group_size < 2:
+        raise UsageError("group_size: the group baseline needs at least 2 answers per problem")
+    if args.process_reward == "oracle" and args.task != "arithmetic":
+        raise UsageError("process_reward: the oracle knows only the offline task's solutions; use prm on gsm8k")
+    if args.process_reward == "prm" and not (args.prm_path and Path(args.prm_path).exists()):
+        raise UsageError(f"prm_path: give the trained PRM's directory for process_reward: prm (got {args.prm_path})")
+    if args.problems_per_update % args.minibatches:
+        raise UsageError("minibatches: must divide problems_per_update")
+    check_model_name(model_args.model_name_or_path)
+
+
+def make_rewards(args: PPOArgs, tokenizer) -> RewardMixer:
+    """The outcome grader, the process reward in the form asked for, and the backtrack cost."""
+    rewards: list = [RuleGrader()]
+    mode = "delta" if args.process_form == "delta" else "raw"
+    if args.process_reward == "oracle":
+        rewards.append((OracleProcessReward(tokenizer, name="process", mode=mode), args.process_weight))
+    elif args.process_reward == "prm":
+        from transformers import AutoModelForTokenClassification
+
+        model = AutoModelForTokenClassification.from_pretrained(args.prm_path, use_safetensors=True).eval()
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1:]
+        rewards.append((HFProcessReward(model, name="process", mode=mode, step_token_ids=newline), args.process_weight))
+    return RewardMixer(rewards, Shaping(backtrack_cost=args.backtrack_cost))
+
+
+def mc_states(ro, newline_ids: set[int], bt: int) -> tuple[torch.Tensor, list[tuple[int, int, list[int]]]]:
+    """Where VinePPO estimates values: the states before the first action, after each line, and before and after
+    every backtrack. Returns the boundary mask [B, S] and (row, action index, visible prefix) per state."""
+    boundaries = torch.zeros_like(ro.action_mask)
+    states = []
+    for b in range(ro.actions.shape[0]):
+        visible: list[int] = []
+        for t, a in enumerate(ro.actions[b][ro.action_mask[b]].tolist()):
+            before_bt = a == bt
+            after = t > 0 and (ro.actions[b, t - 1] == bt or int(ro.actions[b, t - 1]) in newline_ids)
+            if t == 0 or before_bt or after:
+                boundaries[b, t] = True
+                states.append((b, t, list(visible)))
+            visible = visible[:-1] if a == bt else visible + [a]
+    return boundaries, states
+
+
+def seed_of(*keys: int) -> int:
+    """A seed mixed from integers, the same in every process (Python's ``hash`` is salted for strings)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] % 2**62)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli("halluc-rl ppo", lambda: train(*parse_cli([PPOArgs, ModelArgs, LoraArgs], argv, prog="halluc-rl ppo")))
+
+
+def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardMixer | None = None) -> int:
+    """Validate, then run (resuming from the newest complete checkpoint). ``rewards`` replaces the configured reward
+    plug-ins (Python API: any outcome/process plug-in, see ``halluc_rl.rewards``)."""
+    validate(args, model_args)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = acc.process_index, acc.num_processes
+    out = Path(args.output_dir)
+    found = [None]
+    if acc.is_main_process:
+        found = [prepare_run_dir(out, [args, model_args, lora], resume=args.resume,
+                                 allow_change=args.allow_config_change)]
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(found)
+    resume = found[0]
+    if resume:
+        check_same_base(resume, model_args.model_name_or_path)
+    torch.manual_seed(args.seed)
+    try:
+        model, tok, bt = load_start_policy(model_args.model_name_or_path, lora, model_args.dtype, reference=True)
+    except OSError as err:
+        raise UsageError(" ".join(str(err).split())) from err
+    if not hasattr(model, "peft_config") and args.kl_coef > 0:
+        raise UsageError("kl_coef: a fully fine-tuned policy has no adapter to disable for its reference; set "
+                         "use_lora: true or kl_coef: 0")
+    device = acc.device
+    model.to(device).eval()  # eval throughout: no dropout, so the scorer reproduces the sampling log-probs
+    head = torch.nn.Linear(model.config.hidden_size, 1).to(device)  # the value head (gae)
+    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
+    start, history = 0, []
+    if resume:
+        state = load_checkpoint(resume, model, {"optimizer": optimizer, "value_head": head})
+        start, history = state["global_step"], state["log_history"]
+    pool = load_problems(args.task, "train", args.num_problems, args.data_files, seed=args.task_seed)
+    mixer = rewards if rewards is not None else make_rewards(args, tok)
+    gen_config = BacktrackGenerationConfig(do_sample=True, temperature=args.temperature, loop_guard=None,
+                                           max_new_tokens=args.max_new_tokens, return_logprobs=True,
+                                           backtrack_bias=0.0 if args.backtrack else float("-inf"))
+    newline_ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+    writer = None
+    if args.report_to == "tensorboard" and acc.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"))
+    bar = tqdm(range(start, args.updates), initial=start, total=args.updates, desc="ppo", dynamic_ncols=True,
+               disable=not acc.is_main_process)
+    for update in bar:
+        began = time.time()
+        # -- 1. rollouts: this process's share of the update's problems, seeded per problem and answer --------------
+        perm = np.random.default_rng(seed_of(args.seed, update // max(1, len(pool) // args.problems_per_update)))
+        perm = perm.permutation(len(pool))
+        first = (update * args.problems_per_update) % len(pool)
+        chosen = [int(perm[(first + i) % len(pool)]) for i in range(args.problems_per_update)]
+        local = chosen[rank::world]  # slots s with s % world == rank
+        seeds = [seed_of(args.seed, update, p, j) for p in local for j in range(args.group_size)]
+        problems = [pool[p] for p in local]
+        ro = rollout(model, tok, problems, mixer, gen_config, num_samples=args.group_size,
+                     generator=row_generators(seeds, device))
+        mask, actions, old_logp = ro.action_mask, ro.actions, ro.logprobs
+        rewards = ro.rewards.clone()  # [B, S] outcome + process + shaping
+        if args.process_form == "min" and "process" in ro.reward_parts:
+            rewards += losses.min_form_rewards(ro.reward_parts["process"], mask) - ro.reward_parts["process"]
+        # -- 2. the KL penalty to the reference, and the old values -------------------------------------------------
+        with torch.no_grad():
+            kl = torch.zeros_like(rewards)
+            if args.kl_coef > 0:
+                with reference_mode(model):
+                    ref_logp = score_actions(model, ro.prompt_ids, actions, ro.generation.config).logprobs.cpu()
+                kl = losses.kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask
+                rewards -= args.kl_coef * kl
+            old_values = torch.zeros_like(rewards)
+            if args.advantage == "gae":
+                hidden = score_actions(model, ro.prompt_ids, actions, ro.generation.config, return_hidden=True).hidden
+                old_values = head(hidden).squeeze(-1).cpu() * mask
+        # -- 3. advantages ------------------------------------------------------------------------------------------
+        if args.advantage == "gae":
+            adv, returns = losses.gae(rewards, old_values, mask, args.gamma, args.lam)
+        elif args.advantage == "group":
+            adv = losses.group_advantages(rewards, mask, args.group_size, args.gamma)
+            returns = adv
+        else:
+            boundaries, states = mc_states(ro, newline_ids, bt)
+            branch_seeds = [seed_of(args.seed, update, 7, local[b // args.group_size], b % args.group_size, t, k)
+                            for b, t, _ in states for k in range(args.mc_branches)]
+            est = mc_values(model, tok, [ro.problems[b] for b, _, _ in states], [s for _, _, s in states],
+                            args.mc_branches, replace(gen_config, return_logprobs=False),
+                            prompts=[ro.prompt_ids[b] for b, _, _ in states],
+                            generator=row_generators(branch_seeds, device))
+            values = torch.zeros_like(rewards)
+            for (b, t, _), v in zip(states, est.values.tolist()):
+                values[b, t] = v
+            adv = losses.segment_advantages(rewards, mask, boundaries, values)
+            returns = adv
+        if args.whiten:  # over the whole rollout, all processes
+            stats = acc.reduce(torch.stack([(adv * mask).sum(), (adv**2 * mask).sum(), mask.sum().float()]).to(
+                device), "sum").cpu()
+            mean = stats[0] / stats[2]
+            adv = ((adv - mean) * torch.rsqrt(stats[1] / stats[2] - mean**2 + 1e-8)) * mask
+        # -- 4. the update: minibatch epochs over problems, each process on its rows of them -----------------------
+        metrics: dict[str, list[float]] = {}
+        for epoch in range(args.epochs):  # the same global minibatches of problem slots in any number of processes
+            slots = np.random.default_rng(seed_of(args.seed, update, epoch)).permutation(args.problems_per_update)
+            for batch in np.array_split(slots, args.minibatches):
+                mine = sorted(int(s) // world for s in batch if s % world == rank)  # this process's problems
+                rows = [i * args.group_size + j for i in mine for j in range(args.group_size)]
+                m = mask[rows].to(device)
+                count = acc.reduce(m.sum().float(), "sum")  # the minibatch's actions over all processes
+                if not rows:  # none of this minibatch's problems is here: add zero gradients to the average
+                    optimizer.zero_grad(set_to_none=False)
+                    for p in params:
+                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+                        p.grad = acc.reduce(p.grad, "mean")
+                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    continue
+                scores = score_actions(model, [ro.prompt_ids[r] for r in rows], actions[rows].to(device),
+                                       ro.generation.config, return_hidden=args.advantage == "gae")
+                pg, clipfrac, approx_kl = losses.ppo_policy_loss(scores.logprobs, old_logp[rows].to(device),
+                                                                 adv[rows].to(device), m, args.clip, count / world)
+                entropy = (scores.entropy * m).sum() / (count / world)
+                loss = pg - args.ent_coef * entropy
+                if args.advantage == "gae":
+                    v = head(scores.hidden).squeeze(-1)
+                    v_loss = losses.ppo_value_loss(v, old_values[rows].to(device), returns[rows].to(device), m,
+                                                   args.vf_clip, count / world)
+                    loss = loss + args.vf_coef * v_loss
+                    metrics.setdefault("losses/value", []).append(float(v_loss.detach()))
+                    metrics.setdefault("losses/explained_variance", []).append(
+                        losses.explained_variance(v.detach().cpu(), returns[rows], mask[rows]))
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"update {update + 1}: the loss is {float(loss)}; the last checkpoint is kept")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for p in params:  # data parallel without a wrapper: average the gradients over processes
+                    if p.grad is not None and world > 1:
+                        p.grad = acc.reduce(p.grad, "mean")
+                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                for key, value in (("losses/policy", pg), ("losses/entropy", entropy),
+                                   ("losses/clipfrac", clipfrac), ("losses/approx_kl", approx_kl)):
+                    metrics.setdefault(key, []).append(float(value.detach()))
+        # -- 5. logs, stops and checkpoints -------------------------------------------------------------------------
+        c = backtrack_counts(ro.generation, [encode_problem(p, tok)[1] for p in ro.problems])
+        local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
+                                    c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
+                                    c.num_false_deletions, c.num_correct_appends, float(kl.sum()), float(mask.sum()),
+                                    float(ro.rewards.sum())], dtype=torch.float64)
+        t = acc.reduce(local_stats.to(device), "sum").cpu().tolist()
+
+        def ratio(a: float, b: float) -> float | None:
+            return a / b if b else None
+
+        row = {"update": update + 1, "rollout/accuracy": t[0] / t[1], "rollout/backtrack_rate": ratio(t[2], t[3]),
+               "rollout/backtrack_precision": ratio(t[4], t[5]), "rollout/false_backtrack_rate": ratio(t[6], t[7]),
+               "rollout/kl": ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "time/update_s": time.time() - began}
+        row.update({f"rollout/reward_{k}": float(v.sum(1).mean()) for k, v in ro.reward_parts.items()})
+        row.update({k: float(np.mean(v)) for k, v in metrics.items()})
+        history.append(row)
+        if writer is not None:
+            for key, value in row.items():
+                if key != "update" and value is not None and np.isfinite(value):
+                    writer.add_scalar(key, value, update + 1)
+        bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",
+                        kl=f"{row['losses/approx_kl']:.3f}")
+        exploded = row["losses/approx_kl"] > args.max_kl
+        if acc.is_main_process and ((update + 1) % args.save_every == 0 or exploded):
+            save_checkpoint(out, update + 1, model, tok, {"optimizer": optimizer.state_dict(),
+                                                          "value_head": head.state_dict()},
+                            {"log_history": history}, keep=args.save_total_limit)
+        if exploded:
+            raise NonFiniteError(f"update {update + 1}: the approx KL {row['losses/approx_kl']:.3g} exceeds max_kl "
+                                 f"{args.max_kl}; saved checkpoint-{update + 1} (lower the learning rate)")
+    if acc.is_main_process:  # the policy, its value head and the history, each file complete
+        staging = staging_dir(out)
+        save_model_files(model, tok, staging)
+        torch.save(head.state_dict(), staging / "value_head.pt")
+        publish(staging, out)
+        atomic_write_json(out / "log_history.json", history)
+        print(f"saved the policy to {out}; " + json.dumps({k: round(v, 4) for k, v in history[-1].items()
+                                                          if isinstance(v, float)}))
+    acc.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
