@@ -1,9 +1,18 @@
 """``halluc-rl demo``: the whole pipeline on the embedded default, offline, on a laptop CPU.
 
-The shipped tiny model, then masked-error SFT of a LoRA policy (it learns to backtrack), beside a plain-SFT
-baseline trained on the same problems for the same steps, then evaluation of every stage with and without
-backtracking. Writes ``runs/demo/results.{md,json}`` and PNG plots, and prints what backtracking bought.
-Later stages (DPO, PPO) add their rows to the same report: ``STAGES`` is an open list.
+The shipped tiny model, then two arms trained on the same problems with the same budget:
+
+* **backtracking**: masked-error SFT (the policy learns the mechanics of ``<|BACKTRACK|>``), token-level DPO at its
+  own errors, then PPO with the oracle's process rewards;
+* **control**: plain SFT, then the same PPO with the backtrack action masked everywhere.
+
+Gains from RL alone then show in both arms; only what backtracking bought separates them. Every stage is evaluated
+on held-out problems, greedy and sampled at temperature 1, with backtracking on and off. Writes
+``runs/demo/results.{json,md}``, ``results.png`` (accuracy by stage) and ``rl.png`` (backtrack use and precision
+during RL). A rerun skips stages already finished with the same settings, and resumes interrupted ones.
+
+``halluc-rl demo --ablate --seeds 3`` runs every variant row (``ABLATION``) over three seeds and writes
+``ablation.{json,md}`` with the mean and standard deviation of each figure, and the command of each row.
 """
 
 from __future__ import annotations
@@ -16,98 +25,218 @@ from pathlib import Path
 
 import torch
 
-from halluc_rl.agents.sft import SFTConfig
-from halluc_rl.config import LoraArgs, ModelArgs, parse_config, save_config
+from halluc_rl.config import LoraArgs, ModelArgs, save_config
 from halluc_rl.data.tasks import ArithmeticTask
 from halluc_rl.evaluation import evaluate_policy, print_table, write_report
 from halluc_rl.modeling import load_policy
+from halluc_rl.runs import (
+    UsageError,
+    atomic_write_json,
+    atomic_write_text,
+    check_positive,
+    cli,
+    finished_run,
+    parse_cli,
+)
+
+STAGES: tuple[str, ...] = ("base", "plain_sft", "backtrack_sft", "dpo", "ppo", "control_ppo")
+KEYS: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_greedy_no_backtrack",
+                         "accuracy_sampled_no_backtrack", "backtrack_rate", "backtrack_precision",
+                         "false_backtrack_rate", "sampled_backtrack_rate", "sampled_backtrack_precision",
+                         "sampled_false_backtrack_rate", "sampled_failed_backtracks")
 
 
 @dataclass
 class DemoArgs:
+    """The pipeline's budget and settings (defaults: the documented demo, docs/efficacy.md)."""
+
     output_dir: str = field(default="runs/demo", metadata={"help": "Where policies, results and plots go."})
-    num_train_problems: int = field(default=1500, metadata={"help": "Training problems (both SFT runs)."})
+    seed: int = field(default=0, metadata={"help": "Seeds training, sampling and the task."})
+    num_train_problems: int = field(default=1500, metadata={"help": "Training problems (every stage, both arms)."})
     num_eval_problems: int = field(default=200, metadata={"help": "Held-out test problems per evaluation."})
     num_samples: int = field(default=4, metadata={"help": "Samples per problem at temperature 1."})
-    num_train_epochs: float = field(default=2, metadata={"help": "SFT epochs (the curriculum cap rises each epoch)."})
-    batch_size: int = field(default=32, metadata={"help": "SFT batch size."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "SFT (LoRA) learning rate."})
-    error_source: str = field(default="plausible", metadata={"help": "random, plausible or self."})
-    error_rate: float = field(default=0.25, metadata={"help": "Share of training examples with errors."})
-    curriculum_caps: list[int] = field(default_factory=lambda: [1, 2],
-                                       metadata={"help": "Most errors per example, epoch by epoch."})
-    use_lora: bool = field(default=True, metadata={"help": "LoRA policies (true) or full fine-tuning."})
-    backtrack_head: str = field(default="factorized", metadata={
-        "help": "How the backtracking policy reads its backtrack logit: factorized or softmax (halluc_rl.losses)."})
-    seed: int = field(default=0, metadata={"help": "Seeds training, sampling and the task."})
-    report_to: str = field(default="none", metadata={"help": "tensorboard, trackio, wandb or none."})
+    sft_epochs: float = field(default=2, metadata={"help": "SFT epochs (the curriculum cap rises each epoch)."})
+    sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT (LoRA) learning rate."})
+    error_rate: float = field(default=0.25, metadata={"help": "Share of SFT examples with plausible errors."})
+    backtrack_head: str = field(default="factorized", metadata={"help": "factorized or softmax."})
+    dpo_steps: int = field(default=60, metadata={"help": "DPO optimiser steps (0: skip the stage)."})
+    dpo_form: str = field(default="single", metadata={"help": "single or continuation pairs."})
+    dpo_learning_rate: float = field(default=1e-3, metadata={"help": "DPO learning rate."})
+    ppo_updates: int = field(default=60, metadata={"help": "PPO updates, in each arm."})
+    ppo_advantage: str = field(default="group", metadata={"help": "gae, mc or group."})
+    ppo_process_reward: str = field(default="oracle", metadata={"help": "none, oracle or prm."})
+    ppo_learning_rate: float = field(default=1e-3, metadata={"help": "PPO learning rate."})
+    kl_coef: float = field(default=0.02, metadata={"help": "PPO KL penalty to the reference."})
+    backtrack_cost: float = field(default=0.0, metadata={"help": "PPO reward charged per backtrack."})
+    ablate: bool = field(default=False, metadata={"help": "Run every ablation row over --seeds seeds."})
+    seeds: int = field(default=3, metadata={"help": "--ablate: seeds per row."})
 
 
-def sft_stage(args: DemoArgs, name: str, error_source: str, backtrack_head: str = "softmax") -> Callable[[], object]:
-    """A stage that trains a LoRA policy from the tiny model with ``error_source`` and returns its directory."""
+def sft_stage(args: DemoArgs, out: Path, error_source: str, head: str) -> Path:
+    from halluc_rl.agents.sft import SFTConfig, SFTScriptArgs, train
 
-    def run():
-        from halluc_rl.agents.sft import SFTScriptArgs, train
-
-        out = Path(args.output_dir) / name
-        caps = list(args.curriculum_caps)
-        script = SFTScriptArgs(num_train_problems=args.num_train_problems, task_seed=args.seed,
-                               error_source=error_source, error_rate=args.error_rate, curriculum_caps=caps,
-                               curriculum_boundaries=list(range(1, len(caps))), backtrack_head=backtrack_head)
-        config = SFTConfig(output_dir=str(out), num_train_epochs=args.num_train_epochs,
-                           per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-                           lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10, save_strategy="no",
-                           report_to=[] if args.report_to == "none" else [args.report_to], use_cpu=True,
-                           gradient_checkpointing=False, seed=args.seed, max_length=512)
-        train(script, ModelArgs(), LoraArgs(use_lora=args.use_lora), config)
-        return out
-
-    return run
+    caps = [1, 2]
+    script = SFTScriptArgs(num_train_problems=args.num_train_problems, task_seed=args.seed, error_source=error_source,
+                           error_rate=args.error_rate, curriculum_caps=caps, curriculum_boundaries=[1],
+                           backtrack_head=head)
+    config = SFTConfig(output_dir=str(out), num_train_epochs=args.sft_epochs, per_device_train_batch_size=32,
+                       learning_rate=args.sft_learning_rate, lr_scheduler_type="cosine", warmup_steps=5,
+                       logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
+                       gradient_checkpointing=False, seed=args.seed, max_length=512, disable_tqdm=False)
+    if not finished_run(out, [script, ModelArgs(), LoraArgs(), config]):  # a rerun skips a finished stage
+        train(script, ModelArgs(), LoraArgs(), config)
+    return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_config([DemoArgs], argv)
+def dpo_stage(args: DemoArgs, out: Path, start: Path, form: str) -> Path:
+    from halluc_rl.agents.dpo import DPOConfig, DPOScriptArgs, train
+
+    script = DPOScriptArgs(num_problems=256, num_samples=4, task_seed=args.seed, form=form, counter_ratio=1.0,
+                           rebuild_every=max(1, args.dpo_steps // 3), min_pairs=8)
+    config = DPOConfig(output_dir=str(out), max_steps=args.dpo_steps, per_device_train_batch_size=32,
+                       learning_rate=args.dpo_learning_rate, lr_scheduler_type="constant", beta=0.1,
+                       logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
+                       gradient_checkpointing=False, seed=args.seed)
+    if not finished_run(out, [script, ModelArgs(model_name_or_path=str(start)), LoraArgs(), config]):
+        train(script, ModelArgs(model_name_or_path=str(start)), LoraArgs(), config)
+    return out
+
+
+def ppo_stage(args: DemoArgs, out: Path, start: Path, backtrack: bool = True, **overrides) -> Path:
+    from halluc_rl.agents.ppo import PPOArgs, train
+
+    settings = dict(output_dir=str(out), task_seed=args.seed, num_problems=args.num_train_problems,
+                    updates=args.ppo_updates, problems_per_update=16, group_size=4, max_new_tokens=96,
+                    backtrack=backtrack, advantage=args.ppo_advantage, process_reward=args.ppo_process_reward,
+                    learning_rate=args.ppo_learning_rate, kl_coef=args.kl_coef, backtrack_cost=args.backtrack_cost,
+                    save_every=20, seed=args.seed, report_to="none")
+    settings.update(overrides)
+    configs = [PPOArgs(**settings), ModelArgs(model_name_or_path=str(start)), LoraArgs()]
+    if not finished_run(out, configs):
+        train(*configs)
+    return out
+
+
+def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
+    """The stage's evaluation, cached beside it (``eval.json``) for the same settings."""
+    settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed}
+    cache = folder / "eval.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("settings") == settings:
+            return saved["metrics"]
+    model, tokenizer, _ = load_policy(policy)
+    problems = ArithmeticTask(seed=args.seed).problems("test", args.num_eval_problems)
+    metrics = evaluate_policy(model, tokenizer, problems, num_samples=args.num_samples, seed=args.seed)
+    atomic_write_json(cache, {"settings": settings, "metrics": metrics})
+    return metrics
+
+
+def pipeline(args: DemoArgs, root: Path) -> dict[str, Callable[[], Path | str]]:
+    """The stages in order, each building on an earlier one's folder."""
+    return {
+        "base": lambda: "tiny",
+        "plain_sft": lambda: sft_stage(args, root / "plain_sft", "none", "softmax"),
+        "backtrack_sft": lambda: sft_stage(args, root / "backtrack_sft", "plausible", args.backtrack_head),
+        "dpo": lambda: dpo_stage(args, root / "dpo", root / "backtrack_sft", args.dpo_form),
+        "ppo": lambda: ppo_stage(args, root / "ppo", root / ("dpo" if args.dpo_steps else "backtrack_sft")),
+        "control_ppo": lambda: ppo_stage(args, root / "control_ppo", root / "plain_sft", backtrack=False),
+    }
+
+
+def run_pipeline(args: DemoArgs, root: Path, stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
+    results, timings = {}, {}
+    for name, make in pipeline(args, root).items():
+        if name not in stages or (name == "dpo" and not args.dpo_steps):
+            continue
+        start = time.time()
+        print(f"\n=== {name} ===", flush=True)
+        folder = root / name
+        policy = make()
+        folder.mkdir(parents=True, exist_ok=True)
+        results[name] = evaluate_stage(args, policy, folder)
+        timings[name] = time.time() - start
+        print(json.dumps({k: round(v, 3) for k, v in results[name].items() if k in KEYS and v is not None}))
+    atomic_write_json(root / "timings.json", timings)
+    return results
+
+
+def plot_rl(root: Path, path: Path) -> Path | None:
+    """Backtrack use and precision during RL (both arms' rollouts), and their accuracy."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = {n: json.loads((root / n / "log_history.json").read_text()) for n in ("ppo", "control_ppo")
+              if (root / n / "log_history.json").exists()}
+    if not curves:
+        return None
+    fig = Figure(figsize=(11, 3.4))
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(("rollout/accuracy", "rollout/backtrack_rate", "rollout/backtrack_precision")):
+        ax = fig.add_subplot(1, 3, i + 1)
+        for name, rows in curves.items():
+            points = [(r["update"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), label=name)
+        ax.set_title(key.split("/")[1].replace("_", " "))
+        ax.set_xlabel("PPO update")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    return path
+
+
+def demo(args: DemoArgs) -> int:
+    check_positive(args, "num_train_problems", "num_eval_problems", "sft_epochs", "sft_learning_rate",
+                   "ppo_updates", "ppo_learning_rate", "seeds")
+    check_positive(args, "num_samples", "dpo_steps", "kl_coef", "backtrack_cost",
+                   allow_zero=("num_samples", "dpo_steps", "kl_coef", "backtrack_cost"))
+    if args.ablate:
+        from halluc_rl.agents.ablation import run_ablation
+
+        return run_ablation(args)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     save_config(out / "demo_config.yaml", args)
     torch.manual_seed(args.seed)
-    problems = ArithmeticTask(seed=args.seed).problems("test", args.num_eval_problems)
-    stages: list[tuple[str, Callable[[], object]]] = [  # STAGES: later issues append dpo, ppo
-        ("base", lambda: "tiny"),
-        ("plain_sft", sft_stage(args, "plain_sft", "none")),
-        ("backtrack_sft", sft_stage(args, "backtrack_sft", args.error_source, args.backtrack_head)),
-    ]
-    results: dict[str, dict] = {}
-    timings: dict[str, float] = {}
-    for name, make in stages:
-        start = time.time()
-        print(f"\n=== {name} ===")
-        policy = make()
-        model, tokenizer, _ = load_policy(policy)
-        results[name] = evaluate_policy(model, tokenizer, problems, num_samples=args.num_samples, seed=args.seed)
-        timings[name] = time.time() - start
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()}))
-    paths = write_report(results, out, title="halluc-rl demo: the embedded tiny model on held-out arithmetic")
+    results = run_pipeline(args, out)
+    title = "halluc-rl demo: the embedded tiny model on held-out arithmetic"
+    paths = write_report(results, out, title=title)
+    plot_rl(out, out / "rl.png")
     print_table(results, title="halluc-rl demo")
-    bt, plain = results["backtrack_sft"], results["plain_sft"]
+    print("\n" + summary(results))
+    atomic_write_text(out / "summary.txt", summary(results) + "\n")
+    print(f"report: {', '.join(str(p) for p in paths.values())}, {out / 'rl.png'}")
+    return 0
 
+
+def summary(results: dict[str, dict]) -> str:
+    """What backtracking bought: the full pipeline against plain SFT and against the no-backtrack control."""
     def num(value) -> str:
         return "-" if value is None else f"{value:.3f}"
 
     lines = ["What backtracking bought (held-out problems):"]
-    for mode in ("greedy", "sampled"):
-        ours, base, off = bt[f"accuracy_{mode}"], plain[f"accuracy_{mode}"], bt[f"accuracy_{mode}_no_backtrack"]
-        lines.append(f"  {mode:<7} accuracy {num(ours)} with backtracking vs {num(base)} for plain SFT "
-                     f"({ours - base:+.3f}); the same policy with backtracking off: {num(off)} ({ours - off:+.3f})")
-    lines += [
-        f"  backtrack rate {num(bt['backtrack_rate'])}, precision {num(bt['backtrack_precision'])}, "
-        f"false-backtrack rate {num(bt['false_backtrack_rate'])} (greedy)",
-        "  minutes per stage: " + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()),
-        f"  report: {', '.join(str(p) for p in paths.values())}",
-    ]
-    print("\n" + "\n".join(lines))
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
-    return 0
+    full, plain, control = results.get("ppo"), results.get("plain_sft"), results.get("control_ppo")
+    if full and plain and control:
+        for mode in ("greedy", "sampled"):
+            key = f"accuracy_{mode}"
+            lines.append(f"  {mode:<7} {num(full[key])} (full pipeline) vs {num(plain[key])} (plain SFT, "
+                         f"{full[key] - plain[key]:+.3f}) vs {num(control[key])} (the same RL without backtracking, "
+                         f"{full[key] - control[key]:+.3f})")
+        lines.append(f"  sampled backtracks: rate {num(full['sampled_backtrack_rate'])}, precision "
+                     f"{num(full['sampled_backtrack_precision'])}, false-backtrack rate "
+                     f"{num(full['sampled_false_backtrack_rate'])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run() -> int:
+        (args,) = parse_cli([DemoArgs], argv, prog="halluc-rl demo")
+        if args.backtrack_head not in ("factorized", "softmax"):
+            raise UsageError(f"backtrack_head: unknown value {args.backtrack_head!r}; use factorized or softmax")
+        return demo(args)
+
+    return cli("halluc-rl demo", run)
 
 
 if __name__ == "__main__":

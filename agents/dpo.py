@@ -29,8 +29,6 @@ from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
 from halluc_rl.data.tasks import TASKS, load_problems
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.modeling import (
-    base_model_name,
-    check_same_base,
     load_start_policy,
     policy_backtrack,
     sync_reference_adapter,
@@ -44,8 +42,7 @@ from halluc_rl.runs import (
     check_positive,
     cli,
     parse_cli,
-    prepare_run_dir,
-    train_and_save,
+    run_training,
 )
 from halluc_rl.scoring import score_actions
 
@@ -246,22 +243,14 @@ def build_trainer(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
 def train(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: DPOConfig):
     """Validate, then train (resuming from the newest complete checkpoint in ``output_dir``) and save the policy."""
     validate(script, model_args, lora, config)
-    resume = prepare_run_dir(config.output_dir, [script, model_args, lora, config],
-                             resume=script.resume and not config.resume_from_checkpoint,
-                             allow_change=script.allow_config_change) or config.resume_from_checkpoint
-    if resume:
-        check_same_base(resume, base_model_name(model_args.model_name_or_path) or model_args.model_name_or_path)
-    try:
+
+    def build(resume: str | None):
         trainer = build_trainer(script, model_args, lora, config)
-    except OSError as err:
-        raise UsageError(" ".join(str(err).split())) from err
-    except ValueError as err:  # too few error pairs: the message says how to get more
-        raise UsageError(str(err)) from err
-    if resume and script.rebuild_every:  # the pairs of the round the checkpoint was in, from its policy
-        step = int(Path(resume).name.split("-")[-1])
-        trainer.pair_source.rebuild(step // script.rebuild_every)
-    train_and_save(trainer, config.output_dir, resume)
-    return trainer
+        if resume and script.rebuild_every:  # the pairs of the round the checkpoint was in, from its policy
+            trainer.pair_source.rebuild(int(Path(resume).name.split("-")[-1]) // script.rebuild_every)
+        return trainer
+
+    return run_training(script, model_args, [script, model_args, lora, config], config, build)
 
 
 def main(argv: list[str] | None = None) -> int:

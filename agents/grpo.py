@@ -28,7 +28,6 @@ from halluc_rl.data.tasks import TASKS, Problem, format_prompt, load_problems
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.modeling import (
     base_model_name,
-    check_same_base,
     load_start_policy,
     policy_backtrack,
     sync_reference_adapter,
@@ -43,8 +42,7 @@ from halluc_rl.runs import (
     check_positive,
     cli,
     parse_cli,
-    prepare_run_dir,
-    train_and_save,
+    run_training,
 )
 from halluc_rl.scoring import score_actions
 
@@ -269,18 +267,8 @@ def build_trainer(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs,
 def train(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig) -> BacktrackGRPOTrainer:
     """Validate, then train (resuming from the newest complete checkpoint in ``output_dir``) and save the policy."""
     validate(script, model_args, lora, config)
-    resume = prepare_run_dir(config.output_dir, [script, model_args, lora, config],
-                             resume=script.resume and not config.resume_from_checkpoint,
-                             allow_change=script.allow_config_change) or config.resume_from_checkpoint
-    if resume:
-        path = model_args.model_name_or_path
-        check_same_base(resume, base_model_name(path) or path)
-    try:
-        trainer = build_trainer(script, model_args, lora, config)
-    except OSError as err:  # a model that does not load (the message names it and the offline alternative)
-        raise UsageError(" ".join(str(err).split())) from err
-    train_and_save(trainer, config.output_dir, resume)
-    return trainer
+    return run_training(script, model_args, [script, model_args, lora, config], config,
+                        lambda resume: build_trainer(script, model_args, lora, config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,6 @@ from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors, SelfGenera
 from halluc_rl.data.tasks import TASKS, load_problems
 from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
 from halluc_rl.modeling import (
-    check_same_base,
     load_model_and_tokenizer,
     make_lora_model,
     policy_backtrack,
@@ -35,8 +34,7 @@ from halluc_rl.runs import (
     check_positive,
     cli,
     parse_cli,
-    prepare_run_dir,
-    train_and_save,
+    run_training,
 )
 
 
@@ -195,17 +193,8 @@ def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
 def train(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> SFTTrainer:
     """Validate, then train (resuming from the newest complete checkpoint in ``output_dir``) and save the policy."""
     validate(script, model_args, lora, config)
-    resume = prepare_run_dir(config.output_dir, [script, model_args, lora, config],
-                             resume=script.resume and not config.resume_from_checkpoint,
-                             allow_change=script.allow_config_change) or config.resume_from_checkpoint
-    if resume:
-        check_same_base(resume, model_args.model_name_or_path)
-    try:
-        trainer = build_trainer(script, model_args, lora, config)
-    except OSError as err:  # a model that does not load (the message names it and the offline alternative)
-        raise UsageError(" ".join(str(err).split())) from err
-    train_and_save(trainer, config.output_dir, resume)
-    return trainer
+    return run_training(script, model_args, [script, model_args, lora, config], config,
+                        lambda resume: build_trainer(script, model_args, lora, config))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -297,12 +297,26 @@ def prepare_run_dir(output_dir: str | Path, configs: Sequence, *, resume: bool, 
     out = Path(output_dir)
     resolved = resolved_config(*configs)
     checkpoint = resume_checkpoint(out) if resume else None
-    if checkpoint is not None:
+    if resume:  # a folder holding another run (finished or not) is never overwritten under another config
         changed = check_resume_config(out / "config.yaml", resolved, allow_change)
         if changed:
             print(f"continuing under a changed config: {', '.join(changed)}")
     atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=True))
     return checkpoint
+
+
+def finished_run(output_dir: str | Path, configs: Sequence) -> bool:
+    """Whether ``output_dir`` holds a finished run (its weights and ``log_history.json``, written last) of exactly
+    these configs: a pipeline can skip it."""
+    import yaml
+
+    out = Path(output_dir)
+    if not (out / "log_history.json").exists() or not any((out / f).exists() for f in WEIGHT_FILES):
+        return False
+    saved = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else None
+    resolved = resolved_config(*configs)
+    return saved is not None and all(saved.get(k) == resolved.get(k) for k in set(saved) | set(resolved)
+                                     if k not in IGNORED_ON_RESUME)
 
 
 def check_finite_weights(model: torch.nn.Module, what: str) -> None:
@@ -494,3 +508,24 @@ def load_checkpoint(path: str | Path, model, states: dict[str, Any]) -> dict:
     for name, target in states.items():
         target.load_state_dict(torch.load(path / f"{name}.pt", weights_only=True))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def run_training(script, model_args, configs: Sequence, config, build: Callable[[str | None], Any]):
+    """The flow every Trainer-based command shares, after its validation: check the run folder against the configs
+    and write ``config.yaml`` (only then), refuse a checkpoint of another base, ``build(resume)`` the trainer (a
+    model that does not load, or too little data, is a usage error), train and save the policy atomically."""
+    from halluc_rl.modeling import base_model_name, check_same_base
+
+    resume = prepare_run_dir(config.output_dir, configs, resume=script.resume and not config.resume_from_checkpoint,
+                             allow_change=script.allow_config_change) or config.resume_from_checkpoint
+    if resume:
+        name = model_args.model_name_or_path
+        check_same_base(resume, base_model_name(name) or name)
+    try:
+        trainer = build(resume)
+    except (OSError, ValueError) as err:
+        if isinstance(err, (UsageError, NonFiniteError)):
+            raise
+        raise UsageError(" ".join(str(err).split())) from err
+    train_and_save(trainer, config.output_dir, resume)
+    return trainer
