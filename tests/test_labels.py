@@ -4,6 +4,7 @@ the label cache (reused, refused for another policy or task), and the PRM yardst
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,7 +196,9 @@ def test_a_failed_run_leaves_no_cache(tokenizer, tmp_path, monkeypatch):
     model = make_model("llama", tokenizer)
     problems = ArithmeticTask(seed=0).problems("train", 1)
 
-    def broken(self, *args, **kwargs):
+    def broken(self, path, *args, **kwargs):  # writes half a dataset, then fails
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"half")
         raise RuntimeError("disk full")
 
     monkeypatch.setattr("datasets.Dataset.save_to_disk", broken)
