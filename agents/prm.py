@@ -29,12 +29,14 @@ from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
 from halluc_rl.data.tasks import TASKS, load_problems
 from halluc_rl.labels import (
     LabelSettings,
+    StepLabelCollator,
     evaluate_step_scores,
     implicit_step_scores,
     prm_step_scores,
     step_labels,
+    step_loss,
+    training_rows,
 )
-from halluc_rl.losses import IGNORE_INDEX
 from halluc_rl.modeling import (
     DTYPES,
     base_model_name,
@@ -156,51 +158,6 @@ def policy_labels(args: LabelArgs, split: str, num_problems: int, oracle: bool, 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def training_rows(labels, head: str, label_type: str, max_length: int):
-    """``input_ids`` (prompt + answer) and float ``labels`` (-100 except at each step's last token) per answer."""
-    import datasets
-
-    column = {"oracle": "oracle", "mc": "mc_hard" if head == "classification" else "mc_soft"}[label_type]
-    rows: dict[str, list] = {"input_ids": [], "labels": []}
-    for prompt, response, ends, values in zip(labels["prompt_ids"], labels["response_ids"], labels["step_ends"],
-                                              labels[column]):
-        ids = [*prompt, *response][:max_length]
-        targets = [float(IGNORE_INDEX)] * len(ids)
-        for end, value in zip(ends, values):
-            if len(prompt) + end < len(ids):
-                targets[len(prompt) + end] = float(value)
-        if any(t != IGNORE_INDEX for t in targets):
-            rows["input_ids"].append(ids)
-            rows["labels"].append(targets)
-    return datasets.Dataset.from_dict(rows)
-
-
-@dataclass
-class StepLabelCollator:
-    """Right-pads ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100) into [B, T] tensors."""
-
-    pad_token_id: int
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # [B, T]
-        mask = torch.zeros(len(rows), width, dtype=torch.long)  # [B, T]
-        labels = torch.full((len(rows), width), float(IGNORE_INDEX))  # [B, T]
-        for b, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[b, :n], mask[b, :n], labels[b, :n] = torch.tensor(row["input_ids"]), 1, torch.tensor(row["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def step_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean loss over labelled positions: cross-entropy on 0/1 labels (two logits) or BCE on soft labels (one)."""
-    mask = labels != IGNORE_INDEX  # [B, T]
-    picked = logits[mask].float()  # [N, L]
-    if logits.shape[-1] == 1:
-        return torch.nn.functional.binary_cross_entropy_with_logits(picked[:, 0], labels[mask].float())
-    return torch.nn.functional.cross_entropy(picked, labels[mask].long())
 
 
 class PRMTrainer(SafeTrainerMixin, Trainer):

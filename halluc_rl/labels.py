@@ -18,6 +18,7 @@ another policy, task or setting is refused in one line naming what differs, neve
 Evaluation, ProcessBench style (Zheng et al. 2024, "ProcessBench: Identifying Process Errors in Mathematical
 Reasoning"): :func:`roc_auc` over steps, and :func:`first_error_f1` over samples (:func:`evaluate_step_scores`
 gives both). :func:`prm_step_scores` and :func:`implicit_step_scores` turn a PRM into per-step scores.
+:func:`training_rows`, :class:`StepLabelCollator` and :func:`step_loss` are what ``halluc-rl prm`` trains with.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from halluc_rl.backtrack import stop_token_ids
 from halluc_rl.data.grading import reward as grade
 from halluc_rl.data.tasks import Problem, encode_problem, format_solution
 from halluc_rl.generation import BacktrackGenerationConfig, generate
+from halluc_rl.losses import IGNORE_INDEX
 from halluc_rl.modeling import base_fingerprint, policy_backtrack
 from halluc_rl.values import mc_values
 
@@ -344,6 +346,58 @@ def step_labels(model, tokenizer, problems: Sequence[Problem], settings: LabelSe
     save_label_cache(dataset, cache, record)
     announce(f"labels: saved to {cache}")
     return dataset
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training a PRM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def training_rows(labels, head: str, label_type: str, max_length: int):
+    """What a PRM trains on, per answer: ``input_ids`` (prompt + answer) and float ``labels``, -100 except at
+    each step's last token: the hard MC labels for a ``classification`` head, the soft ones for a ``scalar`` head,
+    or the ``oracle`` ones."""
+    import datasets
+
+    column = {"oracle": "oracle", "mc": "mc_hard" if head == "classification" else "mc_soft"}[label_type]
+    rows: dict[str, list] = {"input_ids": [], "labels": []}
+    for prompt, response, ends, values in zip(labels["prompt_ids"], labels["response_ids"], labels["step_ends"],
+                                              labels[column]):
+        ids = [*prompt, *response][:max_length]
+        targets = [float(IGNORE_INDEX)] * len(ids)
+        for end, value in zip(ends, values):
+            if len(prompt) + end < len(ids):
+                targets[len(prompt) + end] = float(value)
+        if any(t != IGNORE_INDEX for t in targets):
+            rows["input_ids"].append(ids)
+            rows["labels"].append(targets)
+    return datasets.Dataset.from_dict(rows)
+
+
+@dataclass
+class StepLabelCollator:
+    """Right-pads ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100) into [B, T] tensors."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # [B, T]
+        mask = torch.zeros(len(rows), width, dtype=torch.long)  # [B, T]
+        labels = torch.full((len(rows), width), float(IGNORE_INDEX))  # [B, T]
+        for b, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[b, :n], mask[b, :n], labels[b, :n] = torch.tensor(row["input_ids"]), 1, torch.tensor(row["labels"])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def step_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean loss over labelled positions: cross-entropy on 0/1 labels (two logits) or BCE on soft labels (one)."""
+    mask = labels != IGNORE_INDEX  # [B, T]
+    picked = logits[mask].float()  # [N, L]
+    if logits.shape[-1] == 1:
+        return torch.nn.functional.binary_cross_entropy_with_logits(picked[:, 0], labels[mask].float())
+    return torch.nn.functional.cross_entropy(picked, labels[mask].long())
 
 
 # ----------------------------------------------------------------------------------------------------------------
