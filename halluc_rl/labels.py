@@ -218,21 +218,37 @@ def _hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _peft_base_fingerprint(model) -> str:
+    """:func:`halluc_rl.modeling.base_fingerprint`'s rule (the first and last matrices, rounded to bf16) over a
+    PEFT model's base weights: every parameter not stored under an adapter's name, ``.base_layer`` dropped from
+    the names. The same for the same base whether the adapter was just trained or loaded from disk."""
+    adapters = tuple(model.peft_config)
+
+    def is_adapter(name: str) -> bool:
+        return any(f".{a}." in name or name.endswith(f".{a}") for a in adapters)
+
+    matrices = [(n.replace(".base_layer", ""), p) for n, p in model.named_parameters() if p.ndim == 2 and not
+                is_adapter(n)]
+    digest = hashlib.sha256()
+    for name, param in dict([matrices[0], matrices[-1]]).items():
+        digest.update(name.encode())
+        digest.update(param.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def policy_fingerprint(model) -> dict[str, Any]:
     """What identifies a policy: its base weights, the weights trained on top, and its backtrack settings.
 
-    A PEFT policy: the base fingerprint it records (:func:`halluc_rl.modeling.base_fingerprint`, checked against
-    the base when it is loaded) and a hash of its adapter's weights (``get_peft_model_state_dict``: LoRA, the
-    trainable backtrack rows, saved modules). A full model: ``base_fingerprint`` and a hash of every weight.
+    A PEFT policy: a fingerprint of its base weights (:func:`_peft_base_fingerprint`) and a hash of its adapter's
+    weights (``get_peft_model_state_dict``: LoRA, the trainable backtrack rows, saved modules). A full model:
+    :func:`halluc_rl.modeling.base_fingerprint` and a hash of every weight.
     """
     bt, head = policy_backtrack(model)
     record: dict[str, Any] = {"backtrack_token_id": bt, "backtrack_head": head}
-    try:
-        from peft import PeftModel, get_peft_model_state_dict
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = ()  # noqa: N806
+    from peft import PeftModel, get_peft_model_state_dict
+
     if isinstance(model, PeftModel):
-        record["base"] = getattr(model.config, "base_fingerprint", None) or base_fingerprint(model.get_base_model())
+        record["base"] = _peft_base_fingerprint(model)
         record["adapter"] = _hash_tensors(get_peft_model_state_dict(model))
     else:
         record["base"] = base_fingerprint(model)

@@ -179,17 +179,32 @@ def test_the_cache_is_reused_and_refused_for_another_policy_or_task(tokenizer, t
         step_labels(model, tokenizer, problems, _settings(k=4), task=task, cache=cache, **quiet)
 
 
-def test_the_cache_tells_adapters_apart(tokenizer, tmp_path):
+def test_the_cache_tells_adapters_apart_and_knows_one_reloaded(tokenizer, tmp_path):
+    """A cache made by a freshly trained adapter is reused by the same adapter loaded from disk (in another
+    process, say), and refused once its weights change."""
     from halluc_rl.config import LoraArgs
-    from halluc_rl.modeling import make_lora_model
+    from halluc_rl.modeling import load_model, load_policy, make_lora_model, write_policy_config
 
+    base = tmp_path / "base"
+    make_model("llama", tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
     problems = ArithmeticTask(seed=0).problems("train", 1)
-    policy = make_lora_model(make_model("llama", tokenizer), LoraArgs(lora_r=2, lora_target_modules=["q_proj"]), 4)
-    step_labels(policy, tokenizer, problems, _settings(k=0), cache=tmp_path / "c", announce=lambda _: None)
+    policy = make_lora_model(load_model(str(base)), LoraArgs(lora_r=2, lora_target_modules=["q_proj"]), 4)
+    with torch.no_grad():
+        next(p for n, p in policy.named_parameters() if "lora_B" in n).add_(0.1)
+    quiet = {"announce": lambda _: None}
+    made = step_labels(policy, tokenizer, problems, _settings(k=0), cache=tmp_path / "c", **quiet)
+    policy.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    write_policy_config(policy, tmp_path / "adapter")
+    reloaded, _, _ = load_policy(tmp_path / "adapter")
+    assert labels_mod.policy_fingerprint(reloaded) == labels_mod.policy_fingerprint(policy)
+    again = step_labels(reloaded, tokenizer, problems, _settings(k=0), cache=tmp_path / "c", **quiet)
+    assert again.to_dict() == made.to_dict()
     with torch.no_grad():
         next(p for n, p in policy.named_parameters() if "lora_B" in n).add_(0.1)
     with pytest.raises(UsageError, match=r"policy\.adapter"):
-        step_labels(policy, tokenizer, problems, _settings(k=0), cache=tmp_path / "c", announce=lambda _: None)
+        step_labels(policy, tokenizer, problems, _settings(k=0), cache=tmp_path / "c", **quiet)
 
 
 def test_a_failed_run_leaves_no_cache(tokenizer, tmp_path, monkeypatch):
