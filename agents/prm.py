@@ -317,7 +317,8 @@ def evaluate(args: PRMEvalArgs) -> dict[str, dict]:
             raise UsageError(f"prm: {err}") from err
         began = time.perf_counter()
         scores = prm_step_scores(prm, labels)
-        results[Path(path).name] = {**evaluate_step_scores(scores, truth, args.prm_threshold),
+        name = Path(path).name if Path(path).name not in results else path
+        results[name] = {**evaluate_step_scores(scores, truth, args.prm_threshold),
                                     "seconds": round(time.perf_counter() - began, 2)}
     if args.implicit_policy:
         policy, implicit_tokenizer, _ = load_policy(args.implicit_policy)

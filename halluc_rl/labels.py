@@ -325,7 +325,10 @@ def load_label_cache(path: str | Path, record: Mapping[str, Any]):
 
 
 def save_label_cache(dataset, path: str | Path, record: Mapping[str, Any]) -> Path:
-    """Save ``dataset`` and its record into a temporary folder beside ``path``, then rename it into place."""
+    """Save ``dataset`` and its record into a temporary folder beside ``path``, then rename it into place.
+
+    Raises ``FileExistsError`` when another process put a cache at ``path`` first (this one is then dropped).
+    """
     from halluc_rl.runs import atomic_write_json
 
     path = Path(path)
@@ -334,7 +337,12 @@ def save_label_cache(dataset, path: str | Path, record: Mapping[str, Any]) -> Pa
     try:
         dataset.save_to_disk(str(tmp))
         atomic_write_json(tmp / RECORD_FILE, dict(record))
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            if path.exists():
+                raise FileExistsError(f"{path} appeared while the labels were being made") from err
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -359,7 +367,10 @@ def step_labels(model, tokenizer, problems: Sequence[Problem], settings: LabelSe
         announce(f"labels: reusing {cache} ({len(found)} answers)")
         return found
     dataset = make_step_labels(model, tokenizer, problems, settings, announce)
-    save_label_cache(dataset, cache, record)
+    try:
+        save_label_cache(dataset, cache, record)
+    except FileExistsError:  # another run made them meanwhile: theirs is kept, if it was made the same way
+        return load_label_cache(cache, record)
     announce(f"labels: saved to {cache}")
     return dataset
 

@@ -222,6 +222,24 @@ def test_a_failed_run_leaves_no_cache(tokenizer, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_cache_another_run_saved_meanwhile_is_kept(tokenizer, tmp_path, monkeypatch):
+    import shutil
+
+    model = make_model("llama", tokenizer)
+    problems = ArithmeticTask(seed=0).problems("train", 1)
+    quiet = {"announce": lambda _: None}
+    theirs = step_labels(model, tokenizer, problems, _settings(k=0), cache=tmp_path / "a", **quiet)
+    made = labels_mod.make_step_labels
+
+    def racing(*args, **kwargs):  # another run finishes first, while this one is labelling
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        return made(*args, **kwargs).select([0])
+
+    monkeypatch.setattr(labels_mod, "make_step_labels", racing)
+    kept = step_labels(model, tokenizer, problems, _settings(k=0), cache=tmp_path / "b", **quiet)
+    assert kept.to_dict() == theirs.to_dict() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
 def test_roc_auc_exact():
     assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
     # ties count half: pairs (0.5, 0.5) 1/2, (0.5, 0.2) 1, (0.9, 0.5) 1, (0.9, 0.2) 1

@@ -107,6 +107,20 @@ def test_prm_command_scalar_head_full_finetuning_and_label_reuse(base_dir, tmp_p
     assert "labels: reusing" in capsys.readouterr().out  # the rerun made no labels
 
 
+def test_prm_command_resumes_from_its_checkpoint(base_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    steps = ["--save_strategy", "steps", "--save_steps", "2"]
+    assert prm.main(argv(base_dir, out, *steps, "--max_steps", "2")) == 0
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").exists()  # checkpoints stay adapters
+    capsys.readouterr()
+    assert prm.main(argv(base_dir, out, *steps, "--max_steps", "4")) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming from {out / 'checkpoint-2'}" in printed and "labels: reusing" in printed
+    history = json.loads((out / "log_history.json").read_text())
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4]  # steps 1-2 come from the checkpoint
+    assert not (out / "adapter_config.json").exists() and (out / "model.safetensors").exists()
+
+
 def test_prm_command_refuses_bad_input_in_one_line(base_dir, tmp_path, tokenizer, capsys):
     assert prm.main(argv(base_dir, tmp_path / "a", "--head", "ranking")) == 2
     err = capsys.readouterr().err
