@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("halluc_rl.agents.ppo", "PPO on the backtrack MDP: process rewards, gae/mc/group advantages"),
     "grpo": ("halluc_rl.agents.grpo", "GRPO (TRL) on action streams, log-probs from the shared scorer"),
     "eval": ("halluc_rl.agents.evaluate", "evaluate a saved policy with and without backtracking"),
+    "prm": ("halluc_rl.agents.prm", "train a process reward model on step labels (`prm eval`: compare PRMs)"),
 }
 
 

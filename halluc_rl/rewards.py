@@ -159,6 +159,28 @@ class HFProcessReward:
         self._steps: list[list[tuple[int, float]]] = []  # per row: (visible length, score) at each completed step
         self.potential: torch.Tensor | None = None  # [B]
 
+    @classmethod
+    def from_pretrained(cls, path: str, policy_tokenizer, *, prm_tokenizer=None, dtype: torch.dtype = torch.float32,
+                        **kwargs) -> HFProcessReward:
+        """Load a saved token-classification PRM (``halluc-rl prm`` writes one) for a policy, refusing it when its
+        tokenizer is not the policy's: the PRM reads the policy's token ids as they are, so another vocabulary
+        would score other text. ``prm_tokenizer`` defaults to the one saved in ``path``; ``kwargs`` go to the
+        constructor (say ``step_token_ids=halluc_rl.labels.step_token_ids(tokenizer)``).
+        """
+        from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+        prm_tokenizer = prm_tokenizer if prm_tokenizer is not None else AutoTokenizer.from_pretrained(path)
+        mismatch = tokenizer_mismatch(prm_tokenizer, policy_tokenizer)
+        if mismatch:
+            raise ValueError(f"PRM {path} uses tokenizer {_tokenizer_name(prm_tokenizer, path)} but the policy uses "
+                             f"{_tokenizer_name(policy_tokenizer, 'its own')}: {mismatch}; train the PRM on the "
+                             "policy's tokenizer (halluc-rl prm does)")
+        model = AutoModelForTokenClassification.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()
+        if model.get_input_embeddings().weight.shape[0] < len(policy_tokenizer):
+            raise ValueError(f"PRM {path} has {model.get_input_embeddings().weight.shape[0]} embedding rows for the "
+                             f"policy's {len(policy_tokenizer)} tokens; resize its embeddings and train it again")
+        return cls(model, **kwargs)
+
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         prompt_score = self.scorer.start(input_ids, attention_mask).cpu()
         self.potential = prompt_score.clone()
@@ -356,3 +378,101 @@ class RewardMixer:
     def _describe(self, row: int) -> str:
         problems = getattr(self, "_problems", None)
         return f": question {problems[row].question[:60]!r}" if problems and row < len(problems) else ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Implicit process rewards, and the tokenizer check of PRMs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ImplicitProcessReward:
+    """PRIME's implicit process reward (Yuan et al. 2025, "Free Process Rewards without Process Labels"): a policy
+    trained with a DPO-style log-ratio objective is a PRM for free. Each action gets
+
+        r_t = beta * (log pi(a_t | s_t) - log pi_ref(a_t | s_t)),
+
+    ``pi`` a PEFT policy and ``pi_ref`` the same weights with the adapter disabled (``model.disable_adapter()``):
+    no second copy of the weights. Log-probs are the policy's action distribution under its backtrack head
+    (:func:`halluc_rl.losses.action_log_probs`, temperature 1, no decoding masks), so a backtrack is scored like a
+    token. A step's reward is the sum over its tokens (:func:`halluc_rl.labels.implicit_step_scores`).
+
+    Incremental like :class:`IncrementalScorer`: two :class:`~halluc_rl.cache.RewindableCache` s follow the
+    policy's actions (the second runs the model with the adapter disabled), so a backspace costs one forward each.
+    :meth:`start` puts the model in eval mode, as generation does.
+    """
+
+    kind = "process"
+
+    def __init__(self, policy, beta: float, name: str = "implicit"):
+        if not hasattr(policy, "disable_adapter"):
+            raise TypeError(f"ImplicitProcessReward needs a PEFT policy (the reference is its base, the adapter "
+                            f"disabled); got a {type(policy).__name__}")
+        from halluc_rl.modeling import policy_backtrack
+
+        self.policy, self.beta, self.name = policy, float(beta), name
+        self.backtrack_id, self.head = policy_backtrack(policy)
+        self.caches: tuple[RewindableCache, RewindableCache] | None = None  # (policy, reference)
+        self.log_probs: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, V] each, of the current states
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:  # [B, V] -> [B, V] fp32
+        from halluc_rl.losses import action_log_probs
+
+        return action_log_probs(logits, self.backtrack_id, self.head)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        device = next(self.policy.parameters()).device
+        ids, mask = input_ids.to(device), attention_mask.to(device)
+        self.policy.eval()
+        self.caches = (RewindableCache(self.policy), RewindableCache(self.policy))
+        policy_logits = self.caches[0].prefill(ids, mask)  # [B, V]
+        with self.policy.disable_adapter():
+            ref_logits = self.caches[1].prefill(ids, mask)  # [B, V]
+        self.log_probs = (self._log_probs(policy_logits), self._log_probs(ref_logits))
+
+    def step(self, event: StepEvent) -> torch.Tensor:
+        policy_lp, ref_lp = self.log_probs
+        device = policy_lp.device
+        actions = event.actions.to(device).unsqueeze(1)  # [B, 1]
+        active = event.active.to(device)  # [B]
+        ratio = (policy_lp.gather(1, actions) - ref_lp.gather(1, actions)).squeeze(1)  # [B]
+        reward = torch.where(active, self.beta * ratio, 0.0)
+        state = event.state
+        lengths = state.lengths.to(device)
+        last = state.last_tokens(torch.zeros_like(state.lengths)).to(device)
+        new_policy = self._log_probs(self.caches[0].follow(lengths, last, active))  # [B, V]
+        with self.policy.disable_adapter():
+            new_ref = self._log_probs(self.caches[1].follow(lengths, last, active))  # [B, V]
+        keep = active.unsqueeze(1)  # [B, 1]
+        self.log_probs = (torch.where(keep, new_policy, policy_lp), torch.where(keep, new_ref, ref_lp))
+        return reward.cpu()
+
+    @torch.no_grad()
+    def rescore(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> torch.Tensor:
+        """The reward [T] of each token of a visible response (no backtracks), by two fresh teacher-forced forwards."""
+        device = next(self.policy.parameters()).device
+        ids = torch.tensor([[*prompt_ids, *response_ids]], device=device)  # [1, P + T]
+        targets = ids[0, len(prompt_ids):].unsqueeze(1)  # [T, 1]
+        rows = slice(len(prompt_ids) - 1, ids.shape[1] - 1)  # the logits that predict each response token
+        policy_lp = self._log_probs(self.policy(input_ids=ids).logits[0, rows]).gather(1, targets)  # [T, 1]
+        with self.policy.disable_adapter():
+            ref_lp = self._log_probs(self.policy(input_ids=ids).logits[0, rows]).gather(1, targets)  # [T, 1]
+        return (self.beta * (policy_lp - ref_lp)).squeeze(1).cpu()
+
+
+def _tokenizer_name(tokenizer, fallback: str) -> str:
+    return repr(getattr(tokenizer, "name_or_path", "") or fallback)
+
+
+def tokenizer_mismatch(a, b) -> str | None:
+    """Why tokenizers ``a`` and ``b`` give token ids other meanings (None when they agree): the vocabularies
+    and the EOS id are compared."""
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        ia, ib = {i: t for t, i in va.items()}, {i: t for t, i in vb.items()}
+        differ = sorted(i for i in set(ia) | set(ib) if ia.get(i) != ib.get(i))
+        first = differ[0]
+        return (f"the vocabularies differ ({len(va)} vs {len(vb)} tokens, {len(differ)} ids differ; id {first} is "
+                f"{ia.get(first)!r} vs {ib.get(first)!r})")
+    if a.eos_token_id != b.eos_token_id:
+        return f"the EOS ids differ ({a.eos_token_id} vs {b.eos_token_id})"
+    return None
