@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("halluc_rl.agents.pretrain", "train the embedded tiny model from scratch on the offline task"),
     "sft": ("halluc_rl.agents.sft", "masked-error SFT of a (LoRA) policy: the warm start"),
     "eval": ("halluc_rl.agents.evaluate", "evaluate a saved policy with and without backtracking"),
+    "models": ("halluc_rl.agents.models", "fetch pretrained models once and cache them for offline use: list, get, convert"),
 }
 
 
