@@ -207,6 +207,8 @@ def load_model(
         raise OSError(_offline_hint(name_or_path, err)) from err
     if gguf_file is not None:
         _drop_gguf_quantizer(model)
+    if name_or_path in KNOWN_MODELS:  # adapters then record the portable name, not this machine's cache path
+        model.config.name_or_path = model.name_or_path = name_or_path
     return model
 
 
