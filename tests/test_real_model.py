@@ -22,10 +22,12 @@ from halluc_rl.modeling import (
     _single_token_ids,
     add_backtrack_token,
     backtrack_init_report,
+    base_model_name,
     cached_model_dir,
     is_cached,
     load_model,
     load_model_and_tokenizer,
+    load_policy,
     load_tokenizer,
     make_lora_model,
     resolve_model_path,
@@ -34,6 +36,7 @@ from halluc_rl.modeling import (
 NAME = "smollm2-135m"
 models = importlib.import_module("halluc_rl.agents.models")
 real_model = pytest.mark.real_model
+pytestmark = pytest.mark.usefixtures("one_thread")  # a busy machine makes two threads many times slower than one
 
 PROBLEMS = [
     Problem("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = 7\n#### 7", "7"),
@@ -180,7 +183,7 @@ def test_lora_policy_trains_and_saves_the_backtrack_row(smollm_dir, tmp_path):
     with torch.no_grad():
         expected = policy(input_ids=ids).logits[0, -2:]  # the logits at the backtrack row and after it
     tok.save_pretrained(tmp_path / "auto")
-    policy.save_pretrained(tmp_path / "auto")  # PEFT's default, as the trainers save: see the note below
+    policy.save_pretrained(tmp_path / "auto")  # PEFT's default, as the trainers save
     tok.save_pretrained(tmp_path / "rows")
     policy.save_pretrained(tmp_path / "rows", save_embedding_layers=False)  # LoRA + the backtrack row only
 
@@ -189,18 +192,22 @@ def test_lora_policy_trains_and_saves_the_backtrack_row(smollm_dir, tmp_path):
         saved_rows = {k: v for k, v in saved.items() if "trainable_tokens" in k}
         assert saved_rows and all(torch.equal(v, delta.detach()) for v in saved_rows.values()), list(saved_rows)
         assert any("embed_tokens" in k for k in saved_rows)
-        base = load_model(NAME)
-        reloaded_tok = load_tokenizer(str(tmp_path / folder))
-        assert reloaded_tok.convert_tokens_to_ids(BACKTRACK_TOKEN) == bt
-        base.resize_token_embeddings(len(reloaded_tok), mean_resizing=False)  # as load_policy does
-        reloaded = PeftModel.from_pretrained(base, str(tmp_path / folder)).eval()
-        with torch.no_grad():
-            got = reloaded(input_ids=ids).logits[0, -2:]
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    # Note: on a resized vocabulary PEFT's default (save_embedding_layers="auto") also writes the whole embedding
-    # matrix, twice with a tied head (about 246 MB here); the row alone reloads exactly, as the second save shows.
-    size = {f: (tmp_path / f / "adapter_model.safetensors").stat().st_size for f in ("auto", "rows")}
-    assert size["rows"] < 30e6 < 200e6 < size["auto"]
+        assert base_model_name(tmp_path / folder) == NAME  # portable: resolved through the cache on load
+    # reloaded with PEFT directly ...
+    base = load_model(NAME)
+    reloaded_tok = load_tokenizer(str(tmp_path / "auto"))
+    assert reloaded_tok.convert_tokens_to_ids(BACKTRACK_TOKEN) == bt
+    base.resize_token_embeddings(len(reloaded_tok), mean_resizing=False)
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "auto")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits[0, -2:], expected, atol=1e-5, rtol=0)
+    # ... and with the library's loader, from the row alone
+    reloaded, reloaded_tok, reloaded_bt = load_policy(tmp_path / "rows")
+    assert reloaded_bt == bt and isinstance(reloaded, PeftModel)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits[0, -2:], expected, atol=1e-5, rtol=0)
+    # The row alone is enough: the second adapter holds LoRA and the row, no embedding matrix (about 20 MB, not 246)
+    assert (tmp_path / "rows" / "adapter_model.safetensors").stat().st_size < 30e6
 
 
 def _forced_pattern(bt: int) -> torch.Tensor:
