@@ -21,7 +21,7 @@ from halluc_rl.config import save_config
 from halluc_rl.data import tasks
 from halluc_rl.data.tasks import SPLITS, TASKS, Problem
 from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
-from halluc_rl.modeling import KNOWN_MODELS
+from halluc_rl.modeling import is_known_name
 from halluc_rl.runs import UsageError, check_choice, check_model_name, check_positive, cli, parse_cli
 
 
@@ -81,7 +81,7 @@ def _device(name: str) -> torch.device:
 
 def validate(args: EvalArgs) -> None:
     """Every check that needs no model (one-line UsageErrors), before anything is loaded or written."""
-    if args.policy not in KNOWN_MODELS and not Path(args.policy).exists():
+    if not is_known_name(args.policy) and not Path(args.policy).exists():
         raise UsageError(f"policy: {args.policy!r} does not exist. Give a saved policy directory (a full model or a "
                          "PEFT adapter saved with its tokenizer), or --policy tiny for the embedded model. To "
                          "evaluate a Hub model, download it first and pass its local directory.")
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: EvalArgs) -> int:
     """Validate, read the existing report (refusing a broken one before any work), evaluate, write atomically."""
     validate(args)
-    name = args.name or ("tiny" if args.policy in KNOWN_MODELS else Path(args.policy).resolve().name)
+    name = args.name or (args.policy if is_known_name(args.policy) else Path(args.policy).resolve().name)
     out_dir = Path(args.output_dir)
     try:
         results = load_results(out_dir) if args.append else {}

@@ -3,7 +3,11 @@
 Tiny Llama policy (about 2.6M parameters, as in benchmarks/generation.py), batch 32, 128 actions with 25% of
 actions forced to be backtracks (rows differing):
 
-    python benchmarks/rollout.py [--repeats 5]
+    python benchmarks/rollout.py [--repeats 5] [--batch 32] [--steps 128] [--model NAME]
+
+``--model`` uses a real policy instead (e.g. ``smollm2-135m``, loaded with
+``halluc_rl.modeling.load_model_and_tokenizer``: its vocabulary, its backtrack id); the PRM stays the tiny random
+one, with the policy's vocabulary size so that it reads the same token ids.
 
 * ``rollout_vs_generation``: env steps (actions) per second of :func:`halluc_rl.rollout.rollout` with the rule
   grader / tokens per second of plain generation (no backtracks, same model, batch, length). Target >= 0.9.
@@ -25,11 +29,11 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation import BT, VOCAB, _Tok, best_time, best_times, make_prompts, plain_loop  # noqa: E402
+from generation import best_time, best_times, load_bench_model, make_prompts, plain_loop  # noqa: E402
 
 from halluc_rl.data.tasks import Problem  # noqa: E402
 from halluc_rl.generation import generate  # noqa: E402
-from halluc_rl.modeling import build_tiny_model, tiny_config  # noqa: E402
+from halluc_rl.modeling import tiny_config  # noqa: E402
 from halluc_rl.rewards import HFProcessReward, RewardMixer, RuleGrader  # noqa: E402
 from halluc_rl.rollout import rollout  # noqa: E402
 
@@ -39,26 +43,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--model", default=None,
+                        help="a real policy to load (e.g. smollm2-135m); default: the tiny random Llama")
     args = parser.parse_args()
-    torch.manual_seed(0)
-    policy = build_tiny_model("llama", vocab_size=VOCAB, hidden_size=256, num_layers=4)
+    bm = load_bench_model(args.model)  # seeds torch with 0, as before
+    policy, bt, tok = bm.model, bm.bt, bm.tok
+    vocab = policy.get_input_embeddings().weight.shape[0]
     prm_model = AutoModelForTokenClassification.from_config(
-        tiny_config("llama", vocab_size=VOCAB, hidden_size=256, num_layers=4, num_labels=2)).eval()
-    ids, mask = make_prompts(args.batch)
+        tiny_config("llama", vocab_size=vocab, hidden_size=256, num_layers=4, num_labels=2)).eval()
+    ids, mask = make_prompts(args.batch, low=bm.low, high=bm.high, pad=bm.pad)
     prompts = [ids[b][mask[b].bool()].tolist() for b in range(args.batch)]
     problems = [Problem(f"question {b}", "#### 1", "1") for b in range(args.batch)]
     g = torch.Generator().manual_seed(args.batch)
-    forced = torch.where(torch.rand(args.batch, args.steps, generator=g) < 0.25, BT, -1)
+    forced = torch.where(torch.rand(args.batch, args.steps, generator=g) < 0.25, bt, -1)
     forced[:, :4] = -1
-    tok = _Tok()
     kw = dict(max_new_tokens=args.steps, backtrack_bias=float("-inf"), eos_token_id=[], loop_guard=None)
     n = args.batch * args.steps
 
     def run(mixer):
-        return rollout(policy, tok, problems, mixer, prompt_ids=prompts, forced_actions=forced, backtrack_id=BT, **kw)
+        return rollout(policy, tok, problems, mixer, prompt_ids=prompts, forced_actions=forced, backtrack_id=bt, **kw)
 
     t = best_times({
-        "gen": lambda: generate(policy, tok, {"input_ids": ids, "attention_mask": mask}, backtrack_id=BT, **kw),
+        "gen": lambda: generate(policy, tok, {"input_ids": ids, "attention_mask": mask}, backtrack_id=bt, **kw),
         "roll": lambda: run(RewardMixer([RuleGrader()])),
         "prm": lambda: run(RewardMixer([RuleGrader(), HFProcessReward(prm_model)])),
         "prm_fwd": lambda: plain_loop(prm_model, ids, mask, args.steps),
@@ -68,11 +74,11 @@ def main() -> None:
     @torch.no_grad()
     def naive_prm_one_step():  # re-encode every row's full prefix once, as a naive PRM would after each action
         width = ids.shape[1] + args.steps // 2
-        prm_model(input_ids=torch.randint(5, VOCAB, (args.batch, width)))
+        prm_model(input_ids=torch.randint(bm.low, bm.high, (args.batch, width)))
 
     t_naive_step = best_time(naive_prm_one_step, args.repeats)
     results = {
-        "batch": args.batch, "actions": args.steps, "backtrack_share": 0.25,
+        "model": args.model or "tiny-random", "batch": args.batch, "actions": args.steps, "backtrack_share": 0.25,
         "generation_tok_s": n / t_gen,
         "rollout_actions_s": n / t_roll,
         "rollout_with_prm_actions_s": n / t_prm,
@@ -82,7 +88,7 @@ def main() -> None:
         "prm_overhead_vs_prm_forward": (t_prm - t_roll) / t_prm_fwd,
         "prm_naive_reencode_s": t_naive_step * args.steps,
     }
-    print(f"batch {args.batch}, {args.steps} actions, 25% backtracks, {torch.get_num_threads()} threads")
+    print(f"{bm.label}; batch {args.batch}, {args.steps} actions, 25% backtracks, {torch.get_num_threads()} threads")
     print(f"  plain generation     {n / t_gen:8.0f} tok/s")
     print(f"  rollout driver       {n / t_roll:8.0f} actions/s  ({t_gen / t_roll:.2f}x generation)")
     print(f"  rollout + PRM        {n / t_prm:8.0f} actions/s  (PRM adds {t_prm - t_roll:.2f}s; its own forwards "

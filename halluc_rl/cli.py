@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("halluc_rl.agents.grpo", "GRPO (TRL) on action streams, log-probs from the shared scorer"),
     "eval": ("halluc_rl.agents.evaluate", "evaluate a saved policy with and without backtracking"),
     "prm": ("halluc_rl.agents.prm", "train a process reward model on step labels (`prm eval`: compare PRMs)"),
+    "models": ("halluc_rl.agents.models", "fetch pretrained models once and cache them for offline use: list, get, convert"),
 }
 
 

