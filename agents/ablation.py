@@ -1,49 +1,91 @@
 """``halluc-rl demo --ablate --seeds 3``: every variant of the pipeline, each over several seeds.
 
 Each row changes one thing from the default pipeline (``halluc-rl demo``) and reuses the stages it shares with it
-(trained once per seed). The table gives each figure's mean and standard deviation over the seeds, with the command
-that reproduces the row. Rows: plain SFT; backtrack SFT with each head; + DPO with each pair form; + PPO with each
-advantage estimator and each process reward; and the no-backtrack control.
+(trained once per seed). Seeds run side by side in worker processes (one thread each: tiny models gain nothing from
+a second thread, and two processes use both cores). The table gives each figure's mean and standard deviation over
+the seeds; ``ablation.json`` keeps every seed's figures, the settings and the time taken.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from halluc_rl.agents.demo import DemoArgs, dpo_stage, evaluate_stage, ppo_stage, sft_stage
-from halluc_rl.runs import atomic_write_json, atomic_write_text
+from halluc_rl.runs import atomic_write_json, atomic_write_text, finished_run
 
 FIGURES: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_sampled_no_backtrack",
                             "sampled_backtrack_rate", "sampled_backtrack_precision", "sampled_false_backtrack_rate",
-                            "backtrack_precision", "sampled_failed_backtracks")
+                            "backtrack_rate", "backtrack_precision")
 
 
-def rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, callable]]:
-    """Row name -> (what differs, the function that trains it and returns its policy folder)."""
+def prm_stage(args: DemoArgs, out: Path, policy: Path) -> Path:
+    """A token-classification PRM trained on Monte-Carlo labels of ``policy``'s answers (``halluc-rl prm``)."""
+    from halluc_rl.agents.prm import PRMConfig, PRMScriptArgs, train
+    from halluc_rl.config import LoraArgs, ModelArgs
+
+    script = PRMScriptArgs(policy=str(policy), task_seed=args.seed, num_train_problems=100, samples_per_problem=4,
+                           mc_k=4, label_seed=args.seed, mc_max_new_tokens=96, label_max_new_tokens=96)
+    config = PRMConfig(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=1e-3,
+                       lr_scheduler_type="cosine", warmup_steps=5, save_strategy="no", report_to=[], use_cpu=True,
+                       seed=args.seed, disable_tqdm=True)
+    configs = [script, ModelArgs(), LoraArgs(), config]
+    if not finished_run(out, configs):
+        train(*configs)
+    return out
+
+
+def rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable[[], Path]]]:
+    """Row name -> (what differs from the default pipeline, the function that trains it, returning its folder)."""
     bt, dpo = root / "backtrack_sft", root / "dpo"
 
     def ppo(name: str, **kw):
         return lambda: ppo_stage(args, root / name, dpo, **kw)
 
     return {
-        "plain_sft": ("no errors in SFT", lambda: sft_stage(args, root / "plain_sft", "none", "softmax")),
-        "backtrack_sft (softmax)": ("backtrack_head softmax", lambda: sft_stage(args, root / "bt_sft_softmax",
-                                                                               "plausible", "softmax")),
-        "backtrack_sft (factorized)": ("the default SFT", lambda: sft_stage(args, bt, "plausible", "factorized")),
-        "+ DPO (single-action)": ("the default DPO", lambda: dpo_stage(args, dpo, bt, "single")),
-        "+ DPO (continuation)": ("dpo_form continuation", lambda: dpo_stage(args, root / "dpo_cont", bt,
-                                                                          "continuation")),
-        "+ PPO group, oracle": ("the default pipeline", ppo("ppo")),
-        "+ PPO gae, oracle": ("advantage gae", ppo("ppo_gae", advantage="gae")),
-        "+ PPO mc, oracle": ("advantage mc", ppo("ppo_mc", advantage="mc")),
-        "+ PPO group, no PRM": ("process_reward none", ppo("ppo_noprm", process_reward="none")),
-        "control (plain SFT + PPO, no backtrack)": (
-            "backtrack masked", lambda: ppo_stage(args, root / "control_ppo", root / "plain_sft", backtrack=False)),
+        "plain SFT": ("no errors in SFT", lambda: sft_stage(args, root / "plain_sft", "none", "softmax")),
+        "backtrack SFT, softmax head": ("backtrack_head softmax",
+                                        lambda: sft_stage(args, root / "bt_sft_softmax", "plausible", "softmax")),
+        "backtrack SFT, factorized head": ("(the default SFT)",
+                                           lambda: sft_stage(args, bt, "plausible", "factorized")),
+        "+ DPO, single-action pairs": ("(the default DPO)", lambda: dpo_stage(args, dpo, bt, "single")),
+        "+ DPO, continuation pairs": ("dpo_form continuation",
+                                      lambda: dpo_stage(args, root / "dpo_continuation", bt, "continuation")),
+        "+ PPO group, oracle PRM": ("(the default pipeline)", ppo("ppo")),
+        "+ PPO gae, oracle PRM": ("ppo_advantage gae", ppo("ppo_gae", advantage="gae")),
+        "+ PPO mc, oracle PRM": ("ppo_advantage mc", ppo("ppo_mc", advantage="mc", mc_branches=2)),
+        "+ PPO group, no PRM": ("ppo_process_reward none", ppo("ppo_no_prm", process_reward="none")),
+        "+ PPO group, trained PRM": ("ppo_process_reward prm", lambda: ppo_stage(
+            args, root / "ppo_trained_prm", dpo, process_reward="prm", process_credit="return",
+            prm_path=str(prm_stage(args, root / "prm", bt)))),
+        "+ PPO group, implicit PRM": ("ppo_process_reward implicit (the DPO policy)",
+                                      ppo("ppo_implicit_prm", process_reward="implicit", prm_path=str(dpo),
+                                          process_credit="return")),
+        "control: plain SFT + PPO, backtrack masked": (
+            "the no-backtrack control", lambda: ppo_stage(args, root / "control_ppo", root / "plain_sft",
+                                                          backtrack=False)),
     }
+
+
+def one_seed(args: DemoArgs, seed: int) -> dict[str, dict]:
+    """Every row for one seed, in a worker process with one thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    seeded = replace(args, seed=seed)
+    root = Path(args.output_dir) / f"seed{seed}"
+    out, began = {}, time.time()
+    for name, (_, train) in rows(seeded, root).items():
+        print(f"[seed {seed}, {(time.time() - began) / 60:5.1f} min] {name}", flush=True)
+        folder = train()
+        out[name] = evaluate_stage(seeded, folder, folder)
+    return out
 
 
 def mean_std(values: list[float]) -> str:
@@ -55,26 +97,23 @@ def mean_std(values: list[float]) -> str:
 
 def run_ablation(args: DemoArgs) -> int:
     out = Path(args.output_dir)
-    results: dict[str, list[dict]] = {}
     began = time.time()
-    for seed in range(args.seed, args.seed + args.seeds):
-        seeded = replace(args, seed=seed)
-        root = out / f"seed{seed}"
-        for name, (_, train) in rows(seeded, root).items():
-            print(f"\n=== seed {seed}: {name} ({(time.time() - began) / 60:.1f} min so far) ===", flush=True)
-            folder = train()
-            metrics = evaluate_stage(seeded, folder, Path(folder))
-            results.setdefault(name, []).append(metrics)
-            atomic_write_json(out / "ablation.json", {"args": asdict(args), "results": results,
-                                                      "minutes": (time.time() - began) / 60})
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers
+    with ProcessPoolExecutor(max_workers=min(len(seeds), os.cpu_count() or 1)) as pool:
+        by_seed = dict(zip(seeds, pool.map(one_seed, [args] * len(seeds), seeds)))
+    minutes = (time.time() - began) / 60
+    names = list(rows(args, out))
+    results = {name: [by_seed[s][name] for s in seeds] for name in names}
+    atomic_write_json(out / "ablation.json", {"args": asdict(args), "seeds": seeds, "minutes": minutes,
+                                              "results": results})
     table = ["| row | what differs | " + " | ".join(FIGURES) + " |", "|---|---|" + "---:|" * len(FIGURES)]
     for name, (differs, _) in rows(args, out).items():
-        cells = [mean_std([m[k] for m in results.get(name, []) if m.get(k) is not None]) for k in FIGURES]
+        cells = [mean_std([m[k] for m in results[name] if m.get(k) is not None]) for k in FIGURES]
         table.append(f"| {name} | {differs} | " + " | ".join(cells) + " |")
-    minutes = (time.time() - began) / 60
-    text = (f"# Ablation: {args.seeds} seeds ({args.seed}..{args.seed + args.seeds - 1}), mean ± std, "
-            f"{minutes:.0f} min\n\n" + "\n".join(table) + "\n")
+    text = (f"# Ablation: seeds {seeds[0]}..{seeds[-1]}, mean ± std over seeds, {minutes:.0f} min\n\n"
+            + "\n".join(table) + "\n")
     atomic_write_text(out / "ablation.md", text)
     print("\n" + text)
-    print(json.dumps({"minutes": round(minutes, 1)}))
+    print(json.dumps({"minutes": round(minutes, 1), "seeds": seeds}))
     return 0

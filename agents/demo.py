@@ -61,13 +61,17 @@ class DemoArgs:
     backtrack_head: str = field(default="factorized", metadata={"help": "factorized or softmax."})
     dpo_steps: int = field(default=60, metadata={"help": "DPO optimiser steps (0: skip the stage)."})
     dpo_form: str = field(default="single", metadata={"help": "single or continuation pairs."})
-    dpo_learning_rate: float = field(default=1e-3, metadata={"help": "DPO learning rate."})
-    ppo_updates: int = field(default=60, metadata={"help": "PPO updates, in each arm."})
+    dpo_problems: int = field(default=256, metadata={"help": "Problems the policy answers for the DPO pairs."})
+    dpo_learning_rate: float = field(default=1e-4, metadata={"help": "DPO learning rate."})
+    dpo_beta: float = field(default=0.5, metadata={"help": "DPO beta."})
+    counter_ratio: float = field(default=3.0, metadata={"help": "DPO counter-pairs per error pair."})
+    ppo_updates: int = field(default=100, metadata={"help": "PPO updates, in each arm."})
     ppo_advantage: str = field(default="group", metadata={"help": "gae, mc or group."})
-    ppo_process_reward: str = field(default="oracle", metadata={"help": "none, oracle or prm."})
-    ppo_learning_rate: float = field(default=1e-3, metadata={"help": "PPO learning rate."})
+    ppo_process_reward: str = field(default="oracle", metadata={"help": "none, oracle, prm or implicit."})
+    ppo_process_credit: str = field(default="immediate", metadata={"help": "return or immediate."})
+    ppo_learning_rate: float = field(default=3e-4, metadata={"help": "PPO learning rate."})
     kl_coef: float = field(default=0.02, metadata={"help": "PPO KL penalty to the reference."})
-    backtrack_cost: float = field(default=0.0, metadata={"help": "PPO reward charged per backtrack."})
+    backtrack_cost: float = field(default=0.1, metadata={"help": "PPO reward charged per backtrack."})
     ablate: bool = field(default=False, metadata={"help": "Run every ablation row over --seeds seeds."})
     seeds: int = field(default=3, metadata={"help": "--ablate: seeds per row."})
 
@@ -91,10 +95,10 @@ def sft_stage(args: DemoArgs, out: Path, error_source: str, head: str) -> Path:
 def dpo_stage(args: DemoArgs, out: Path, start: Path, form: str) -> Path:
     from halluc_rl.agents.dpo import DPOConfig, DPOScriptArgs, train
 
-    script = DPOScriptArgs(num_problems=256, num_samples=4, task_seed=args.seed, form=form, counter_ratio=1.0,
-                           rebuild_every=max(1, args.dpo_steps // 3), min_pairs=8)
+    script = DPOScriptArgs(num_problems=args.dpo_problems, num_samples=4, task_seed=args.seed, form=form,
+                           counter_ratio=args.counter_ratio, rebuild_every=0, min_pairs=8)
     config = DPOConfig(output_dir=str(out), max_steps=args.dpo_steps, per_device_train_batch_size=32,
-                       learning_rate=args.dpo_learning_rate, lr_scheduler_type="constant", beta=0.1,
+                       learning_rate=args.dpo_learning_rate, lr_scheduler_type="constant", beta=args.dpo_beta,
                        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
                        gradient_checkpointing=False, seed=args.seed)
     if not finished_run(out, [script, ModelArgs(model_name_or_path=str(start)), LoraArgs(), config]):
@@ -108,8 +112,9 @@ def ppo_stage(args: DemoArgs, out: Path, start: Path, backtrack: bool = True, **
     settings = dict(output_dir=str(out), task_seed=args.seed, num_problems=args.num_train_problems,
                     updates=args.ppo_updates, problems_per_update=16, group_size=4, max_new_tokens=96,
                     backtrack=backtrack, advantage=args.ppo_advantage, process_reward=args.ppo_process_reward,
-                    learning_rate=args.ppo_learning_rate, kl_coef=args.kl_coef, backtrack_cost=args.backtrack_cost,
-                    save_every=20, seed=args.seed, report_to="none")
+                    process_credit=args.ppo_process_credit, process_weight=1.0, learning_rate=args.ppo_learning_rate,
+                    kl_coef=args.kl_coef, backtrack_cost=args.backtrack_cost, save_every=25, seed=args.seed,
+                    report_to="none")
     settings.update(overrides)
     configs = [PPOArgs(**settings), ModelArgs(model_name_or_path=str(start)), LoraArgs()]
     if not finished_run(out, configs):
@@ -220,9 +225,10 @@ def summary(results: dict[str, dict]) -> str:
     if full and plain and control:
         for mode in ("greedy", "sampled"):
             key = f"accuracy_{mode}"
+            ctrl = control[f"{key}_no_backtrack"]  # the control is trained, and judged, without the action
             lines.append(f"  {mode:<7} {num(full[key])} (full pipeline) vs {num(plain[key])} (plain SFT, "
-                         f"{full[key] - plain[key]:+.3f}) vs {num(control[key])} (the same RL without backtracking, "
-                         f"{full[key] - control[key]:+.3f})")
+                         f"{full[key] - plain[key]:+.3f}) vs {num(ctrl)} (the same RL without backtracking, "
+                         f"{full[key] - ctrl:+.3f})")
         lines.append(f"  sampled backtracks: rate {num(full['sampled_backtrack_rate'])}, precision "
                      f"{num(full['sampled_backtrack_precision'])}, false-backtrack rate "
                      f"{num(full['sampled_false_backtrack_rate'])}")

@@ -38,8 +38,15 @@ from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
 from halluc_rl.data.tasks import TASKS, encode_problem, load_problems
 from halluc_rl.evaluation import backtrack_counts
 from halluc_rl.generation import BacktrackGenerationConfig, row_generators
-from halluc_rl.modeling import check_same_base, load_start_policy, reference_mode
-from halluc_rl.rewards import HFProcessReward, OracleProcessReward, RewardMixer, RuleGrader, Shaping
+from halluc_rl.modeling import check_same_base, load_policy, load_start_policy, reference_mode
+from halluc_rl.rewards import (
+    HFProcessReward,
+    ImplicitProcessReward,
+    OracleProcessReward,
+    RewardMixer,
+    RuleGrader,
+    Shaping,
+)
 from halluc_rl.rollout import rollout
 from halluc_rl.runs import (
     NonFiniteError,
@@ -78,11 +85,17 @@ class PPOArgs(RunArgs):
     backtrack: bool = field(default=True, metadata={
         "help": "Let the policy backtrack (false: the control arm, the backtrack action masked everywhere)."})
     backtrack_cost: float = field(default=0.0, metadata={"help": "Reward charged for every backtrack."})
-    process_reward: str = field(default="none", metadata={"help": "none, oracle, or prm (a trained PRM directory)."})
-    prm_path: str | None = field(default=None, metadata={"help": "process_reward prm: the PRM to load."})
+    process_reward: str = field(default="none", metadata={
+        "help": "none, oracle, prm (a trained PRM directory, `halluc-rl prm`) or implicit (PRIME: the log-ratio of "
+                "a saved PEFT policy, e.g. a DPO run, to its base)."})
+    prm_path: str | None = field(default=None, metadata={"help": "prm / implicit: the PRM or the policy to load."})
+    implicit_beta: float = field(default=0.1, metadata={"help": "implicit: the beta of its log-ratio reward."})
     process_weight: float = field(default=0.5, metadata={"help": "Weight of the process reward."})
     process_form: str = field(default="delta", metadata={
         "help": "delta (potential-based: Phi(s') - Phi(s)) or min (PURE min-form credit)."})
+    process_credit: str = field(default="return", metadata={
+        "help": "return (the process reward joins the returns the estimator sees) or immediate (each action's own "
+                "process reward is added to its advantage, not to earlier actions')."})
     kl_coef: float = field(default=0.02, metadata={"help": "Per-action KL penalty to the reference (0: none)."})
     kl_estimator: str = field(default="k1", metadata={"help": "k1 or k3 (Schulman's estimators)."})
     max_kl: float = field(default=2.0, metadata={"help": "Stop the run when an epoch's approx KL exceeds this."})
@@ -108,8 +121,9 @@ class PPOArgs(RunArgs):
 def validate(args: PPOArgs, model_args: ModelArgs) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
     check_choice("task", args.task, TASKS)
-    check_choice("process_reward", args.process_reward, ("none", "oracle", "prm"))
+    check_choice("process_reward", args.process_reward, ("none", "oracle", "prm", "implicit"))
     check_choice("process_form", args.process_form, ("delta", "min"))
+    check_choice("process_credit", args.process_credit, ("return", "immediate"))
     check_choice("kl_estimator", args.kl_estimator, ("k1", "k3"))
     check_choice("advantage", args.advantage, ("gae", "mc", "group"))
     check_choice("report_to", args.report_to, ("tensorboard", "none"))
@@ -121,8 +135,9 @@ def validate(args: PPOArgs, model_args: ModelArgs) -> None:
         raise UsageError("group_size: the group baseline needs at least 2 answers per problem")
     if args.process_reward == "oracle" and args.task != "arithmetic":
         raise UsageError("process_reward: the oracle knows only the offline task's solutions; use prm on gsm8k")
-    if args.process_reward == "prm" and not (args.prm_path and Path(args.prm_path).exists()):
-        raise UsageError(f"prm_path: give the trained PRM's directory for process_reward: prm (got {args.prm_path})")
+    if args.process_reward in ("prm", "implicit") and not (args.prm_path and Path(args.prm_path).exists()):
+        raise UsageError(f"prm_path: give the PRM's (prm) or the policy's (implicit) directory for process_reward: "
+                         f"{args.process_reward} (got {args.prm_path})")
     if args.problems_per_update % args.minibatches:
         raise UsageError("minibatches: must divide problems_per_update")
     check_model_name(model_args.model_name_or_path)
@@ -135,11 +150,14 @@ def make_rewards(args: PPOArgs, tokenizer) -> RewardMixer:
     if args.process_reward == "oracle":
         rewards.append((OracleProcessReward(tokenizer, name="process", mode=mode), args.process_weight))
     elif args.process_reward == "prm":
-        from transformers import AutoModelForTokenClassification
+        from halluc_rl.labels import step_token_ids
 
-        model = AutoModelForTokenClassification.from_pretrained(args.prm_path, use_safetensors=True).eval()
-        newline = tokenizer("\n", add_special_tokens=False)["input_ids"][-1:]
-        rewards.append((HFProcessReward(model, name="process", mode=mode, step_token_ids=newline), args.process_weight))
+        prm = HFProcessReward.from_pretrained(args.prm_path, tokenizer, name="process", mode=mode,
+                                              step_token_ids=step_token_ids(tokenizer))
+        rewards.append((prm, args.process_weight))
+    elif args.process_reward == "implicit":  # a frozen policy of its own: its adapter on and off
+        policy, _, _ = load_policy(args.prm_path)
+        rewards.append((ImplicitProcessReward(policy, args.implicit_beta, name="process"), args.process_weight))
     return RewardMixer(rewards, Shaping(backtrack_cost=args.backtrack_cost))
 
 
@@ -211,6 +229,7 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
                                            max_new_tokens=args.max_new_tokens, return_logprobs=True,
                                            backtrack_bias=0.0 if args.backtrack else float("-inf"))
     newline_ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+    references: dict[int, list[int]] = {}  # each pool problem's reference answer, encoded once
     writer = None
     if args.report_to == "tensorboard" and acc.is_main_process:
         from torch.utils.tensorboard import SummaryWriter
@@ -232,19 +251,25 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
                      generator=row_generators(seeds, device))
         mask, actions, old_logp = ro.action_mask, ro.actions, ro.logprobs
         rewards = ro.rewards.clone()  # [B, S] outcome + process + shaping
-        if args.process_form == "min" and "process" in ro.reward_parts:
-            rewards += losses.min_form_rewards(ro.reward_parts["process"], mask) - ro.reward_parts["process"]
+        process = ro.reward_parts.get("process", torch.zeros_like(rewards))  # [B, S] weighted
+        if args.process_form == "min":
+            rewards += losses.min_form_rewards(process, mask) - process
+            process = losses.min_form_rewards(process, mask)
+        if args.process_credit == "immediate":  # only the action that earned it is credited
+            rewards -= process
         # -- 2. the KL penalty to the reference, and the old values -------------------------------------------------
         with torch.no_grad():
             kl = torch.zeros_like(rewards)
             if args.kl_coef > 0:
                 with reference_mode(model):
-                    ref_logp = score_actions(model, ro.prompt_ids, actions, ro.generation.config).logprobs.cpu()
+                    ref_logp = score_actions(model, ro.prompt_ids, actions, ro.generation.config,
+                                             with_entropy=False).logprobs.cpu()
                 kl = losses.kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask
                 rewards -= args.kl_coef * kl
             old_values = torch.zeros_like(rewards)
             if args.advantage == "gae":
-                hidden = score_actions(model, ro.prompt_ids, actions, ro.generation.config, return_hidden=True).hidden
+                hidden = score_actions(model, ro.prompt_ids, actions, ro.generation.config, return_hidden=True,
+                                       with_entropy=False).hidden
                 old_values = head(hidden).squeeze(-1).cpu() * mask
         # -- 3. advantages ------------------------------------------------------------------------------------------
         if args.advantage == "gae":
@@ -265,6 +290,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
                 values[b, t] = v
             adv = losses.segment_advantages(rewards, mask, boundaries, values)
             returns = adv
+        if args.process_credit == "immediate":
+            adv = adv + process * mask
         if args.whiten:  # over the whole rollout, all processes
             stats = acc.reduce(torch.stack([(adv * mask).sum(), (adv**2 * mask).sum(), mask.sum().float()]).to(
                 device), "sum").cpu()
@@ -314,7 +341,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
                                    ("losses/clipfrac", clipfrac), ("losses/approx_kl", approx_kl)):
                     metrics.setdefault(key, []).append(float(value.detach()))
         # -- 5. logs, stops and checkpoints -------------------------------------------------------------------------
-        c = backtrack_counts(ro.generation, [encode_problem(p, tok)[1] for p in ro.problems])
+        c = backtrack_counts(ro.generation, [references.setdefault(id(p), encode_problem(p, tok)[1])
+                                             for p in ro.problems])
         local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
                                     c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
                                     c.num_false_deletions, c.num_correct_appends, float(kl.sum()), float(mask.sum()),
@@ -326,7 +354,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
 
         row = {"update": update + 1, "rollout/accuracy": t[0] / t[1], "rollout/backtrack_rate": ratio(t[2], t[3]),
                "rollout/backtrack_precision": ratio(t[4], t[5]), "rollout/false_backtrack_rate": ratio(t[6], t[7]),
-               "rollout/kl": ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "time/update_s": time.time() - began}
+               "rollout/kl": ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
+               "time/update_s": time.time() - began}
         row.update({f"rollout/reward_{k}": float(v.sum(1).mean()) for k, v in ro.reward_parts.items()})
         row.update({k: float(np.mean(v)) for k, v in metrics.items()})
         history.append(row)

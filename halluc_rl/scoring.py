@@ -97,6 +97,23 @@ def pack_streams(
                          torch.from_numpy(labels), torch.from_numpy(predictors))
 
 
+def causal_streams(streams: Sequence[Sequence[int]], prompt_lengths: Sequence[int], num_actions: int,
+                   pad_id: int = 0) -> PackedStreams:
+    """Streams without a backtrack, right-padded as plain causal sequences: what :func:`pack_streams` gives for
+    them, with a 2D mask (1 = a real token) instead of the 4D one."""
+    width = max(map(len, streams))
+    ids = torch.full((len(streams), width), pad_id, dtype=torch.long)  # [B, L]
+    mask = torch.zeros_like(ids)  # [B, L]
+    predictors = torch.full((len(streams), num_actions), -1, dtype=torch.long)  # [B, S]
+    for b, (stream, prompt) in enumerate(zip(streams, prompt_lengths)):
+        ids[b, : len(stream)] = torch.tensor(stream)
+        mask[b, : len(stream)] = 1
+        n = len(stream) - prompt
+        predictors[b, :n] = torch.arange(prompt - 1, prompt - 1 + n)
+    positions = torch.arange(width).expand(len(streams), width).clone()  # [B, L]
+    return PackedStreams(ids, positions, mask, torch.full_like(ids, IGNORE_INDEX), predictors)
+
+
 def as_attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask (True = attend) as ``dtype``: itself for bool, else additive (0 / the dtype's minimum)."""
     if dtype == torch.bool:
@@ -187,6 +204,7 @@ def score_actions(
     *,
     backtrack_id: int | None = None,
     return_hidden: bool = False,
+    with_entropy: bool = True,
     **overrides,
 ) -> ActionScores:
     """Log-probs [B, S] of ``actions`` (-1 padding) after ``prompt_ids``, from one batched forward with gradients.
@@ -194,6 +212,7 @@ def score_actions(
     ``config`` (and keyword ``overrides``) are the decoding options the actions were sampled with: pass
     ``rollout.generation.config`` to reproduce a rollout's log-probs exactly. The backtrack id and head are read
     from ``model.config``. Run the model in eval mode (no dropout) where the ratio to old log-probs must be exact.
+    ``with_entropy=False`` skips the entropy and diagnostics (a reference pass needs the log-probs only).
     """
     config = replace(config or BacktrackGenerationConfig(), **overrides)
     inner = getattr(model, "module", model)  # a DistributedDataParallel wrapper keeps the model as .module
@@ -208,13 +227,15 @@ def score_actions(
     context = decode_context(cpu_actions, bt, config)
     streams = [list(map(int, prompt_ids[b])) + cpu_actions[b][context.mask[b]].tolist() for b in range(batch)]
     dtype = next(inner.parameters()).dtype
-    packed = pack_streams(streams, [len(p) for p in prompt_ids], bt, num_actions=steps)
-    attention = _attention_masks(inner.config, packed.attention_mask, packed.position_ids,
-                                 dtype if dtype.is_floating_point else torch.float32)
-    if isinstance(attention, dict):
-        attention = {kind: m.to(device) for kind, m in attention.items()}
-    else:
-        attention = attention.to(device)
+    if bool((cpu_actions[context.mask] == bt).any()):  # some row backtracked: the rewind layout and its 4D mask
+        packed = pack_streams(streams, [len(p) for p in prompt_ids], bt, num_actions=steps)
+        attention = _attention_masks(inner.config, packed.attention_mask, packed.position_ids,
+                                     dtype if dtype.is_floating_point else torch.float32)
+        attention = ({kind: m.to(device) for kind, m in attention.items()} if isinstance(attention, dict)
+                     else attention.to(device))
+    else:  # no backtrack anywhere: each stream is a plain causal sequence (the fast, mask-free attention path)
+        packed = causal_streams(streams, [len(p) for p in prompt_ids], steps)
+        attention = packed.attention_mask.to(device)
     # logits are needed from the last prompt token on: keep only that tail (the prompt's other logits are waste)
     width = packed.input_ids.shape[1]
     keep = width - (min(len(p) for p in prompt_ids) - 1)
@@ -233,9 +254,11 @@ def score_actions(
     logp = decoding_log_probs(scores, config)  # [B, S, V]
     taken = actions.to(device).clamp(min=0).unsqueeze(-1)  # [B, S, 1]
     logprobs = logp.gather(-1, taken).squeeze(-1).masked_fill(~mask, 0.0)  # [B, S]
+    hidden = out.hidden_states[-1][rows, where.clamp(min=0)] if return_hidden else None  # [B, S, H]
+    if not with_entropy:
+        return ActionScores(logprobs, torch.zeros_like(logprobs), mask, hidden)
     probs = logp.exp()  # [B, S, V]
     entropy = -(probs * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1).masked_fill(~mask, 0.0)  # [B, S]
-    hidden = out.hidden_states[-1][rows, where.clamp(min=0)] if return_hidden else None  # [B, S, H]
     with torch.no_grad():
         top1 = (logp.argmax(-1) == taken.squeeze(-1)) & mask  # [B, S]
         mean_logit = logits.float().mean(-1).masked_fill(~mask, 0.0)  # [B, S]

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,18 +22,25 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatch):
     argv = ["--output_dir", str(out)]
     if not FULL:  # CI: the same pipeline on a handful of problems
         argv += ["--num_train_problems", "64", "--num_eval_problems", "8", "--num_samples", "1",
-                 "--num_train_epochs", "1", "--batch_size", "16"]
+                 "--sft_epochs", "1", "--dpo_steps", "2", "--ppo_updates", "2", "--dpo_problems", "16"]
     assert demo.main(argv) == 0
     report = json.loads((out / "results.json").read_text())["results"]
-    assert list(report) == ["base", "plain_sft", "backtrack_sft"]
+    assert list(report) == ["base", "plain_sft", "backtrack_sft", "dpo", "ppo", "control_ppo"]
     for stage in report.values():
         for key in ("accuracy_greedy", "accuracy_sampled", "backtrack_rate", "backtrack_precision",
                     "false_backtrack_rate"):
             assert key in stage
-        assert 0.0 <= stage["accuracy_greedy"] <= 1.0
+        for key, value in stage.items():  # accuracies and rates are shares
+            if (key.startswith("accuracy") or key.endswith(("_rate", "precision"))) and value is not None:
+                assert 0.0 <= value <= 1.0, (key, value)
     assert (out / "results.md").read_text().count("|") > 20
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "backtrack_sft" / "adapter_model.safetensors").exists()
+    for plot in ("results.png", "rl.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stage in ("backtrack_sft", "dpo", "ppo", "control_ppo"):
+        assert (out / stage / "adapter_model.safetensors").exists()
+    for value in (v for stage in report.values() for v in stage.values() if isinstance(v, float)):
+        assert math.isfinite(value)
+    assert "What backtracking bought" in (out / "summary.txt").read_text()
 
 
 def _sft(tmp_path, name, processes):

@@ -219,3 +219,29 @@ def test_scorer_on_sliding_window_models(tokenizer, arch):
     assert min(len(s) for s in out.sequences) > 2 * WINDOW and int(out.num_deleted.sum()) > 4
     scores = score_actions(model, out.prompt_ids, out.actions, out.config)
     torch.testing.assert_close(scores.logprobs, out.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streams_without_backtracks_take_the_causal_path_and_stay_exact(tokenizer, arch):
+    """No backtrack in the batch: plain causal sequences (a 2D mask), equal to the sampling log-probs and to the
+    rewind layout's packing of the same streams."""
+    from halluc_rl import scoring
+
+    model = lora_policy(arch, tokenizer, head="softmax")
+    ro = rollout(model, tokenizer, PROBLEMS, do_sample=True, max_new_tokens=20, backtrack_bias=float("-inf"),
+                 generator=torch.Generator().manual_seed(5))
+    packed = []
+    original = scoring.pack_streams
+    scoring.pack_streams = lambda *a, **k: packed.append(1) or original(*a, **k)
+    try:
+        fast = score_rollout(model, ro)
+    finally:
+        scoring.pack_streams = original
+    assert not packed  # the causal path ran
+    mask = ro.action_mask
+    torch.testing.assert_close(fast.logprobs[mask], ro.logprobs[mask], atol=1e-5, rtol=0)
+    streams = [p + ro.actions[b][mask[b]].tolist() for b, p in enumerate(ro.prompt_ids)]
+    a = scoring.causal_streams(streams, [len(p) for p in ro.prompt_ids], ro.actions.shape[1])
+    b = scoring.pack_streams(streams, [len(p) for p in ro.prompt_ids], backtrack_token_id(tokenizer),
+                             num_actions=ro.actions.shape[1])
+    assert torch.equal(a.predictors, b.predictors)
