@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from halluc_rl.config import LoraArgs, ModelArgs, save_config
-from halluc_rl.data.tasks import ArithmeticTask
+from halluc_rl.data.tasks import load_problems
 from halluc_rl.evaluation import evaluate_policy, print_table, write_report
 from halluc_rl.modeling import load_policy
 from halluc_rl.runs import (
@@ -34,6 +34,7 @@ from halluc_rl.runs import (
     atomic_write_json,
     atomic_write_text,
     check_positive,
+    check_task,
     cli,
     finished_run,
     parse_cli,
@@ -52,6 +53,8 @@ class DemoArgs:
 
     output_dir: str = field(default="runs/demo", metadata={"help": "Where policies, results and plots go."})
     seed: int = field(default=0, metadata={"help": "Seeds training, sampling and the task."})
+    task: str = field(default="arithmetic", metadata={
+        "help": "The offline task, with settings if wanted (arithmetic:max_value=50,max_steps=4)."})
     num_train_problems: int = field(default=1500, metadata={"help": "Training problems (every stage, both arms)."})
     num_eval_problems: int = field(default=200, metadata={"help": "Held-out test problems per evaluation."})
     num_samples: int = field(default=4, metadata={"help": "Samples per problem at temperature 1."})
@@ -80,7 +83,8 @@ def sft_stage(args: DemoArgs, out: Path, error_source: str, head: str) -> Path:
     from halluc_rl.agents.sft import SFTConfig, SFTScriptArgs, train
 
     caps = [1, 2]
-    script = SFTScriptArgs(num_train_problems=args.num_train_problems, task_seed=args.seed, error_source=error_source,
+    script = SFTScriptArgs(task=args.task, num_train_problems=args.num_train_problems, task_seed=args.seed,
+                           error_source=error_source,
                            error_rate=args.error_rate, curriculum_caps=caps, curriculum_boundaries=[1],
                            backtrack_head=head)
     config = SFTConfig(output_dir=str(out), num_train_epochs=args.sft_epochs, per_device_train_batch_size=32,
@@ -95,7 +99,8 @@ def sft_stage(args: DemoArgs, out: Path, error_source: str, head: str) -> Path:
 def dpo_stage(args: DemoArgs, out: Path, start: Path, form: str) -> Path:
     from halluc_rl.agents.dpo import DPOConfig, DPOScriptArgs, train
 
-    script = DPOScriptArgs(num_problems=args.dpo_problems, num_samples=4, task_seed=args.seed, form=form,
+    script = DPOScriptArgs(task=args.task, num_problems=args.dpo_problems, num_samples=4, task_seed=args.seed,
+                           form=form,
                            counter_ratio=args.counter_ratio, rebuild_every=0, min_pairs=8)
     config = DPOConfig(output_dir=str(out), max_steps=args.dpo_steps, per_device_train_batch_size=32,
                        learning_rate=args.dpo_learning_rate, lr_scheduler_type="constant", beta=args.dpo_beta,
@@ -109,7 +114,7 @@ def dpo_stage(args: DemoArgs, out: Path, start: Path, form: str) -> Path:
 def ppo_stage(args: DemoArgs, out: Path, start: Path, backtrack: bool = True, **overrides) -> Path:
     from halluc_rl.agents.ppo import PPOArgs, train
 
-    settings = dict(output_dir=str(out), task_seed=args.seed, num_problems=args.num_train_problems,
+    settings = dict(output_dir=str(out), task=args.task, task_seed=args.seed, num_problems=args.num_train_problems,
                     updates=args.ppo_updates, problems_per_update=16, group_size=4, max_new_tokens=96,
                     backtrack=backtrack, advantage=args.ppo_advantage, process_reward=args.ppo_process_reward,
                     process_credit=args.ppo_process_credit, process_weight=1.0, learning_rate=args.ppo_learning_rate,
@@ -124,14 +129,14 @@ def ppo_stage(args: DemoArgs, out: Path, start: Path, backtrack: bool = True, **
 
 def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
     """The stage's evaluation, cached beside it (``eval.json``) for the same settings."""
-    settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed}
+    settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed, "task": args.task}
     cache = folder / "eval.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("settings") == settings:
             return saved["metrics"]
     model, tokenizer, _ = load_policy(policy)
-    problems = ArithmeticTask(seed=args.seed).problems("test", args.num_eval_problems)
+    problems = load_problems(args.task, "test", args.num_eval_problems, seed=args.seed)
     metrics = evaluate_policy(model, tokenizer, problems, num_samples=args.num_samples, seed=args.seed)
     atomic_write_json(cache, {"settings": settings, "metrics": metrics})
     return metrics
@@ -179,10 +184,15 @@ def plot_rl(root: Path, path: Path) -> Path | None:
     FigureCanvasAgg(fig)
     for i, key in enumerate(("rollout/accuracy", "rollout/backtrack_rate", "rollout/backtrack_precision")):
         ax = fig.add_subplot(1, 3, i + 1)
-        for name, rows in curves.items():
+        for j, (name, rows) in enumerate(curves.items()):
             points = [(r["update"], r[key]) for r in rows if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), label=name)
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, color=f"C{j}", alpha=0.25, linewidth=0.8)  # each update (64 answers): noisy
+                window = 10
+                smooth = [sum(ys[max(0, k - window + 1) : k + 1]) / len(ys[max(0, k - window + 1) : k + 1])
+                          for k in range(len(ys))]
+                ax.plot(xs, smooth, color=f"C{j}", label=f"{name} (mean of 10)")
         ax.set_title(key.split("/")[1].replace("_", " "))
         ax.set_xlabel("PPO update")
         ax.grid(alpha=0.3)
@@ -193,6 +203,8 @@ def plot_rl(root: Path, path: Path) -> Path | None:
 
 
 def demo(args: DemoArgs) -> int:
+    if check_task(args.task) != "arithmetic":
+        raise UsageError("task: the demo runs the offline arithmetic task (its oracle and its reference solutions)")
     check_positive(args, "num_train_problems", "num_eval_problems", "sft_epochs", "sft_learning_rate",
                    "ppo_updates", "ppo_learning_rate", "seeds")
     check_positive(args, "num_samples", "dpo_steps", "kl_coef", "backtrack_cost",

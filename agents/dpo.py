@@ -26,7 +26,7 @@ from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
-from halluc_rl.data.tasks import TASKS, load_problems
+from halluc_rl.data.tasks import load_problems, task_name
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.modeling import (
     load_start_policy,
@@ -40,6 +40,7 @@ from halluc_rl.runs import (
     check_choice,
     check_model_name,
     check_positive,
+    check_task,
     cli,
     parse_cli,
     run_training,
@@ -203,12 +204,12 @@ class RebuildCallback(TrainerCallback):
 
 def validate(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: DPOConfig) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
-    check_choice("task", script.task, TASKS)
+    check_task(script.task)
     check_choice("locate", script.locate, ("oracle", "mc"))
     check_choice("form", script.form, ("single", "continuation"))
     check_choice("continuation", script.continuation, ("reference", "sampled"))
     check_choice("weighting", script.weighting, ("none", "value_drop"))
-    if script.task != "arithmetic" and (script.locate == "oracle" or script.continuation == "reference"):
+    if task_name(script.task) != "arithmetic" and (script.locate == "oracle" or script.continuation == "reference"):
         raise UsageError("locate: oracle and continuation: reference need the offline task's unique solutions; use "
                          "locate: mc and continuation: sampled on gsm8k")
     check_positive(script, "num_problems", "num_samples", "sample_temperature", "max_new_tokens", "mc_branches",

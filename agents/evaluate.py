@@ -19,10 +19,18 @@ import torch
 
 from halluc_rl.config import save_config
 from halluc_rl.data import tasks
-from halluc_rl.data.tasks import SPLITS, TASKS, Problem
+from halluc_rl.data.tasks import SPLITS, Problem, task_name
 from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
 from halluc_rl.modeling import is_known_name
-from halluc_rl.runs import UsageError, check_choice, check_model_name, check_positive, cli, parse_cli
+from halluc_rl.runs import (
+    UsageError,
+    check_choice,
+    check_model_name,
+    check_positive,
+    check_task,
+    cli,
+    parse_cli,
+)
 
 
 @dataclass
@@ -86,12 +94,12 @@ def validate(args: EvalArgs) -> None:
                          "PEFT adapter saved with its tokenizer), or --policy tiny for the embedded model. To "
                          "evaluate a Hub model, download it first and pass its local directory.")
     check_model_name(args.policy, "policy")
-    check_choice("task", args.task, TASKS)
+    check_task(args.task)
     check_choice("split", args.split, SPLITS)
     check_positive(args, "max_new_tokens", "batch_size", "temperature")
     check_positive(args, "num_problems", "num_samples", "loop_guard", "sampled_loop_guard",
                    allow_zero=("num_problems", "num_samples", "loop_guard", "sampled_loop_guard"))
-    if args.task == "arithmetic" and args.num_problems == 0:
+    if task_name(args.task) == "arithmetic" and args.num_problems == 0:
         raise UsageError("num_problems: the arithmetic task is endless; give a number > 0")
     if args.data_files is not None and not Path(args.data_files).exists():
         raise UsageError(f"data_files: no such file or directory {args.data_files}")

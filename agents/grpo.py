@@ -24,7 +24,7 @@ from trl import GRPOTrainer
 
 from halluc_rl.backtrack import apply_actions
 from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
-from halluc_rl.data.tasks import TASKS, Problem, format_prompt, load_problems
+from halluc_rl.data.tasks import Problem, format_prompt, load_problems, task_name
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.modeling import (
     base_model_name,
@@ -37,9 +37,9 @@ from halluc_rl.rollout import rollout
 from halluc_rl.runs import (
     SafeTrainerMixin,
     UsageError,
-    check_choice,
     check_model_name,
     check_positive,
+    check_task,
     cli,
     parse_cli,
     run_training,
@@ -222,15 +222,15 @@ def check_exact_sampling(args: trl.GRPOConfig) -> None:
 
 def validate(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
-    check_choice("task", script.task, TASKS)
+    check_task(script.task)
     check_positive(script, "num_train_problems", "validation_size", "backtrack_budget", "loop_guard",
                    allow_zero=("num_train_problems", "validation_size", "backtrack_budget"))
     check_positive(config, "learning_rate", "per_device_train_batch_size", "max_completion_length", "temperature")
     check_positive(lora, "lora_r", "lora_alpha")
     check_exact_sampling(config)
-    if script.task == "arithmetic" and script.num_train_problems == 0:
+    if task_name(script.task) == "arithmetic" and script.num_train_problems == 0:
         raise UsageError("num_train_problems: the arithmetic task is endless; give a number > 0")
-    if script.oracle_weight and script.task != "arithmetic":
+    if script.oracle_weight and task_name(script.task) != "arithmetic":
         raise UsageError("oracle_weight: the oracle process reward needs the arithmetic task's unique solutions")
     if script.process_advantage_coef and not script.oracle_weight:
         raise UsageError("process_advantage_coef: no process reward is configured; set oracle_weight too")

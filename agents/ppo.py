@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from halluc_rl import losses
 from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
-from halluc_rl.data.tasks import TASKS, encode_problem, load_problems
+from halluc_rl.data.tasks import encode_problem, load_problems, task_name
 from halluc_rl.evaluation import backtrack_counts
 from halluc_rl.generation import BacktrackGenerationConfig, row_generators
 from halluc_rl.modeling import check_same_base, load_policy, load_start_policy, reference_mode
@@ -55,6 +55,7 @@ from halluc_rl.runs import (
     check_choice,
     check_model_name,
     check_positive,
+    check_task,
     cli,
     load_checkpoint,
     parse_cli,
@@ -120,7 +121,7 @@ class PPOArgs(RunArgs):
 
 def validate(args: PPOArgs, model_args: ModelArgs) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
-    check_choice("task", args.task, TASKS)
+    check_task(args.task)
     check_choice("process_reward", args.process_reward, ("none", "oracle", "prm", "implicit"))
     check_choice("process_form", args.process_form, ("delta", "min"))
     check_choice("process_credit", args.process_credit, ("return", "immediate"))
@@ -133,7 +134,7 @@ def validate(args: PPOArgs, model_args: ModelArgs) -> None:
         "kl_coef", "backtrack_cost", "process_weight", "ent_coef"))
     if args.advantage == "group" and args.group_size < 2:
         raise UsageError("group_size: the group baseline needs at least 2 answers per problem")
-    if args.process_reward == "oracle" and args.task != "arithmetic":
+    if args.process_reward == "oracle" and task_name(args.task) != "arithmetic":
         raise UsageError("process_reward: the oracle knows only the offline task's solutions; use prm on gsm8k")
     if args.process_reward in ("prm", "implicit") and not (args.prm_path and Path(args.prm_path).exists()):
         raise UsageError(f"prm_path: give the PRM's (prm) or the policy's (implicit) directory for process_reward: "

@@ -26,7 +26,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
-from halluc_rl.data.tasks import TASKS, load_problems
+from halluc_rl.data.tasks import load_problems, task_name
 from halluc_rl.labels import (
     LabelSettings,
     StepLabelCollator,
@@ -55,6 +55,7 @@ from halluc_rl.runs import (
     check_choice,
     check_model_name,
     check_positive,
+    check_task,
     cli,
     parse_cli,
     prepare_run_dir,
@@ -132,7 +133,7 @@ def _device(name: str) -> torch.device:
 
 
 def validate_labels(args: LabelArgs) -> None:
-    check_choice("task", args.task, TASKS)
+    check_task(args.task)
     check_positive(args, "samples_per_problem", "label_temperature", "label_max_new_tokens", "mc_max_new_tokens",
                    "label_batch_size")
     check_positive(args, "mc_k", "validation_size", allow_zero=("mc_k", "validation_size"))
@@ -245,7 +246,7 @@ def validate(script: PRMScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     check_positive(lora, "lora_r", "lora_alpha")
     if script.label_type == "mc" and script.mc_k == 0:
         raise UsageError("mc_k: Monte-Carlo labels need mc_k > 0 continuations per step (or label_type: oracle)")
-    if script.label_type == "oracle" and script.task != "arithmetic":
+    if script.label_type == "oracle" and task_name(script.task) != "arithmetic":
         raise UsageError(f"label_type: oracle labels need the arithmetic task (unique solutions), not {script.task}")
     check_model_name(model_args.model_name_or_path)
 
@@ -258,7 +259,7 @@ def build_trainer(script: PRMScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     check_prm_init(model_args.model_name_or_path, script.policy, config.trust_remote_code)
     cache = Path(script.label_cache or Path(config.output_dir) / "labels-train")
     labels, tokenizer, bt = policy_labels(script, "train", script.num_train_problems,
-                                          oracle=script.task == "arithmetic", cache=cache)
+                                          oracle=task_name(script.task) == "arithmetic", cache=cache)
     rows = training_rows(labels, script.head, script.label_type, script.max_length)
     if len(rows) == 0:
         raise UsageError("the policy's answers hold no step to train on; sample more (num_train_problems)")
@@ -300,7 +301,7 @@ def evaluate(args: PRMEvalArgs) -> dict[str, dict]:
     validate_labels(args)
     check_choice("split", args.split, ("train", "validation", "test"))
     check_positive(args, "num_problems", "implicit_beta")
-    if args.task != "arithmetic":
+    if task_name(args.task) != "arithmetic":
         raise UsageError(f"task: held-out oracle labels need the arithmetic task (unique solutions), not {args.task}")
     for path in [*args.prm, *([args.implicit_policy] if args.implicit_policy else [])]:
         check_model_name(path, "prm" if path in args.prm else "implicit_policy")

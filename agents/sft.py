@@ -18,7 +18,7 @@ from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
 from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
-from halluc_rl.data.tasks import TASKS, load_problems
+from halluc_rl.data.tasks import load_problems, task_name
 from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
 from halluc_rl.modeling import (
     load_model_and_tokenizer,
@@ -32,6 +32,7 @@ from halluc_rl.runs import (
     check_choice,
     check_model_name,
     check_positive,
+    check_task,
     cli,
     parse_cli,
     run_training,
@@ -163,7 +164,7 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
 
 def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
-    check_choice("task", script.task, TASKS)
+    check_task(script.task)
     check_choice("error_source", script.error_source, ("random", "plausible", "self", "none"))
     check_choice("layout", script.layout, ("rewind", "retry"))
     check_choice("backtrack_head", script.backtrack_head, BACKTRACK_HEADS)
@@ -183,7 +184,7 @@ def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     if config.dataloader_num_workers > 0:
         raise UsageError("dataloader_num_workers: must be 0: the curriculum's cap lives in the main process "
                          "(workers would keep a stale copy) and self-generated errors sample from the model there")
-    if script.task == "arithmetic" and script.num_train_problems == 0:
+    if task_name(script.task) == "arithmetic" and script.num_train_problems == 0:
         raise UsageError("num_train_problems: the arithmetic task is endless; give a number > 0")
     if script.data_files is not None and not Path(script.data_files).exists():
         raise UsageError(f"data_files: no such file or directory {script.data_files}")

@@ -153,6 +153,16 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         raise UsageError(f"{name}: unknown value {value!r}; use one of {', '.join(map(str, choices))}")
 
 
+def check_task(spec: str, field: str = "task") -> str:
+    """Refuse an unknown task or bad task settings (``arithmetic:max_value=50``); returns the task's base name."""
+    from halluc_rl.data.tasks import parse_task
+
+    try:
+        return parse_task(spec)[0]
+    except ValueError as err:
+        raise UsageError(str(err).replace("task:", f"{field}:", 1)) from err
+
+
 def check_model_name(name: str, field: str = "model_name_or_path") -> None:
     """Refuse a model that cannot load before anything is written: a missing local path, or a Hub id offline."""
     from halluc_rl.modeling import KNOWN_MODELS, is_known_name, resolve_model_path

@@ -333,3 +333,26 @@ def test_chat_template_prompt_format(tokenizer):
     assert prompt_ids == chat(prompt, add_special_tokens=False)["input_ids"]
     assert prompt_ids.count(chat.bos_token_id) == 1  # the template's BOS only
     assert response_ids == [*chat("#### 4", add_special_tokens=False)["input_ids"], chat.eos_token_id]
+
+
+def test_a_task_name_carries_the_arithmetic_settings():
+    from halluc_rl.data.tasks import load_problems, parse_task
+
+    assert parse_task("arithmetic:max_value=50, max_steps=4") == ("arithmetic", {"max_value": 50, "max_steps": 4})
+    assert parse_task("gsm8k") == ("gsm8k", {})
+    hard = load_problems("arithmetic:min_steps=4,max_steps=4,max_value=50", "test", 3)
+    assert hard == ArithmeticTask(min_steps=4, max_steps=4, max_value=50).problems("test", 3)
+    assert all(p.solution.count("\n") == 4 for p in hard)  # four steps and the answer line
+    for bad, message in (("arithmetic:max_value=big", "cannot read 'max_value=big'"),
+                         ("arithmetic:colour=3", "cannot read 'colour=3'"), ("gsm8k:max_value=3", "cannot read"),
+                         ("chess", "unknown value 'chess'")):
+        with pytest.raises(ValueError, match=message):
+            parse_task(bad)
+
+
+def test_a_bad_task_spec_is_one_line_on_the_command_line(capsys):
+    from halluc_rl.agents import evaluate
+
+    assert evaluate.main(["--task", "arithmetic:max_vale=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("halluc-rl eval: task: cannot read 'max_vale=3'") and "max_value=N" in err

@@ -424,17 +424,49 @@ def load_reasoning_gym(
 TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
 
 
+TASK_KNOBS: dict[str, type] = {"min_steps": int, "max_steps": int, "max_value": int, "max_factor": int}
+"""The :class:`ArithmeticTask` settings a task name can carry: ``arithmetic:max_value=50,max_steps=4``."""
+
+
+def task_name(spec: str) -> str:
+    """The task a spec names, without its settings: ``arithmetic:max_value=50`` -> ``arithmetic``."""
+    return spec.partition(":")[0]
+
+
+def parse_task(spec: str) -> tuple[str, dict]:
+    """``"arithmetic:max_value=50,max_steps=4"`` -> ``("arithmetic", {"max_value": 50, "max_steps": 4})``.
+
+    One string names a task variant everywhere a task is named (every trainer's ``task`` option, ``halluc-rl eval
+    --task``), so a variant is reproducible from its configs. Raises a one-line ``ValueError`` on a bad spec.
+    """
+    name, _, options = spec.partition(":")
+    if name not in TASKS:
+        raise ValueError(f"task: unknown value {name!r}; use one of {', '.join(TASKS)} (arithmetic may carry settings: "
+                         "arithmetic:max_value=50,max_steps=4)")
+    knobs: dict = {}
+    for item in filter(None, (o.strip() for o in options.split(","))):
+        key, _, value = item.partition("=")
+        if name != "arithmetic" or key not in TASK_KNOBS or not value.strip().isdigit():
+            raise ValueError(f"task: cannot read {item!r} in {spec!r}; arithmetic takes "
+                             f"{', '.join(f'{k}=N' for k in TASK_KNOBS)}")
+        knobs[key] = TASK_KNOBS[key](value)
+    return name, knobs
+
+
 def load_problems(task: str, split: str, num_problems: int, data_files=None, seed: int = 0,
                   validation_size: int = 500, **task_kwargs) -> list[Problem]:
     """The first ``num_problems`` problems of ``task``'s ``split``: the one loader SFT, evaluation and the env use.
 
-    ``num_problems=0`` means the whole split (GSM8K only: the arithmetic task is endless). ``task_kwargs`` configure
-    :class:`ArithmeticTask`; ``data_files`` points GSM8K at local files (None: the Hub). ``validation_size`` is how
-    many GSM8K train problems are carved into validation (capped for small files, see :func:`load_gsm8k`; the
-    arithmetic task's splits are fixed and ignore it).
+    ``task`` may carry settings of :class:`ArithmeticTask` (:func:`parse_task`), as may ``task_kwargs``.
+    ``num_problems=0`` means the whole split (GSM8K only: the arithmetic task is endless). ``data_files`` points
+    GSM8K at local files (None: the Hub). ``validation_size`` is how many GSM8K train problems are carved into
+    validation (capped for small files, see :func:`load_gsm8k`; the arithmetic task's splits are fixed and ignore
+    it).
     """
     if num_problems < 0:
         raise ValueError(f"num_problems must be >= 0, got {num_problems}")
+    task, knobs = parse_task(task)
+    task_kwargs = {**knobs, **task_kwargs}
     if task == "arithmetic":
         if num_problems == 0:
             raise ValueError("the arithmetic task is endless: give num_problems > 0")
