@@ -74,7 +74,8 @@ def rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable[[], Path]]
 
 
 def one_seed(args: DemoArgs, seed: int) -> dict[str, dict]:
-    """Every row for one seed, in a worker process with one thread."""
+    """Every row for one seed, in a worker process with one thread. Each row's figures are saved as they come
+    (``seed<N>/results.json``), and a row that fails is recorded with its error: the other rows still run."""
     import torch
 
     torch.set_num_threads(1)
@@ -83,8 +84,13 @@ def one_seed(args: DemoArgs, seed: int) -> dict[str, dict]:
     out, began = {}, time.time()
     for name, (_, train) in rows(seeded, root).items():
         print(f"[seed {seed}, {(time.time() - began) / 60:5.1f} min] {name}", flush=True)
-        folder = train()
-        out[name] = evaluate_stage(seeded, folder, folder)
+        try:
+            folder = train()
+            out[name] = evaluate_stage(seeded, folder, folder)
+        except Exception as err:  # reported in the table, never silently dropped
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+            print(f"[seed {seed}] {name} failed: {out[name]['error']}", flush=True)
+        atomic_write_json(root / "results.json", out)
     return out
 
 
@@ -100,17 +106,21 @@ def run_ablation(args: DemoArgs) -> int:
     began = time.time()
     seeds = list(range(args.seed, args.seed + args.seeds))
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers
-    with ProcessPoolExecutor(max_workers=min(len(seeds), os.cpu_count() or 1)) as pool:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with ProcessPoolExecutor(max_workers=min(len(seeds), cores)) as pool:
         by_seed = dict(zip(seeds, pool.map(one_seed, [args] * len(seeds), seeds)))
     minutes = (time.time() - began) / 60
     names = list(rows(args, out))
-    results = {name: [by_seed[s][name] for s in seeds] for name in names}
+    results = {name: [by_seed[s].get(name, {"error": "not run"}) for s in seeds] for name in names}
     atomic_write_json(out / "ablation.json", {"args": asdict(args), "seeds": seeds, "minutes": minutes,
                                               "results": results})
     table = ["| row | what differs | " + " | ".join(FIGURES) + " |", "|---|---|" + "---:|" * len(FIGURES)]
     for name, (differs, _) in rows(args, out).items():
-        cells = [mean_std([m[k] for m in results[name] if m.get(k) is not None]) for k in FIGURES]
-        table.append(f"| {name} | {differs} | " + " | ".join(cells) + " |")
+        done = [m for m in results[name] if "error" not in m]
+        cells = [mean_std([m[k] for m in done if m.get(k) is not None]) for k in FIGURES]
+        failed = len(results[name]) - len(done)
+        table.append(f"| {name}{f' ({failed} seed(s) failed)' if failed else ''} | {differs} | "
+                     + " | ".join(cells) + " |")
     text = (f"# Ablation: seeds {seeds[0]}..{seeds[-1]}, mean ± std over seeds, {minutes:.0f} min\n\n"
             + "\n".join(table) + "\n")
     atomic_write_text(out / "ablation.md", text)
