@@ -113,13 +113,24 @@ def find_errors(
             trace = _oracle_trace(oracle, tokenizer, actions, reference, bt)
             first = next((t for t, ok in enumerate(trace) if not ok), None)
             limit = len(actions) if first is None else first
-            right += [(n, t) for t in range(limit) if actions[t] != bt]
+            right += _counter_states(n, actions[:limit], bt)
             if first is not None and actions[first] != bt:
                 errors.append(ErrorPoint(problem, prompts[n], actions, first, 1, 1.0))
     else:
         errors, right = _mc_errors(model, tokenizer, owners, prompts, streams, bt, mc_branches, min_drop, config,
                                    generator, batch_size)
     return Samples(errors, right, prompts, streams, owners, len(streams))
+
+
+def _counter_states(n: int, actions: Sequence[int], bt: int) -> list[tuple[int, int]]:
+    """(sample, action index) of the right states where a counter-pair can ask "continue, not backtrack": a token
+    was typed there, and the answer so far is not empty (a backtrack on an empty answer is masked: log-prob -inf)."""
+    out, visible = [], 0
+    for t, a in enumerate(actions):
+        if a != bt and visible > 0:
+            out.append((n, t))
+        visible = max(visible - 1, 0) if a == bt else visible + 1
+    return out
 
 
 def encode_reference(problem: Problem, tokenizer) -> str:
@@ -158,7 +169,7 @@ def _mc_errors(model, tokenizer, problems, prompts, streams, bt, k, min_drop, co
                 errors.append(ErrorPoint(problems[n], prompts[n], streams[n], end, len(after) - len(before), v0 - v1))
                 limit = _action_index_of_visible(streams[n], bt, len(before)) + 1 if before else 0
                 break
-        right += [(n, t) for t in range(limit) if streams[n][t] != bt]
+        right += _counter_states(n, streams[n][:limit], bt)
     return errors, right
 
 
@@ -278,7 +289,5 @@ def build_pairs(
     wanted = int(round(counter_ratio * len(pairs)))
     for n, t in rng.sample(samples.right_states, min(wanted, len(samples.right_states))):
         prompt = samples.prompts[n] + samples.actions[n][:t]
-        if t == 0:
-            continue  # a backtrack on an empty answer is masked: no decision to learn there
         counters.append(PreferencePair(prompt, [samples.actions[n][t]], [bt], len(samples.prompts[n]), "counter"))
     return pairs + counters

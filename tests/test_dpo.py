@@ -201,3 +201,11 @@ def test_the_reference_of_a_continued_adapter_keeps_its_trained_backtrack_rows(t
     rows = [n for n in params if "trainable_tokens_delta.default" in n]
     assert rows and all(torch.equal(params[n], params[n[: -len("default")] + "ref"]) for n in rows)
     assert any(params[n].abs().sum() > 0 for n in rows)  # the SFT run trained them: the copy is not trivially equal
+
+
+def test_counter_pairs_never_ask_to_backtrack_on_an_empty_answer(tokenizer):
+    """A backtrack on an empty answer is masked (log-prob -inf): such a counter-pair would make DPO's loss NaN."""
+    from halluc_rl.pairs import _counter_states
+
+    bt = backtrack_token_id(tokenizer)
+    assert _counter_states(5, [7, bt, 8, 9, bt, 10], bt) == [(5, 3), (5, 5)]
