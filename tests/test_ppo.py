@@ -149,3 +149,37 @@ def test_two_processes_through_accelerate_follow_one(base_dir, tmp_path):
         assert one["rollout/accuracy"] == two["rollout/accuracy"]
         for key in ("losses/policy", "losses/value", "rollout/kl"):
             assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-4), key
+
+
+def test_the_mc_advantage_of_a_backtrack_on_a_policy_with_known_values(tokenizer):
+    """VinePPO's estimate from cached states on the scripted policy of tests/test_values.py: typing "8" then
+    deleting it. V("") = p / (1 - (1-p) q) and V("8") = q V(""), so the deletion's advantage is V("") - V("8") minus
+    its cost, and typing the wrong "8" gets V("8") - V("")."""
+    from halluc_rl import losses
+    from halluc_rl.data.tasks import Problem
+    from halluc_rl.values import mc_values
+    from tests.test_values import Scripted
+
+    model = make_model("llama", tokenizer)
+    script = Scripted(model, tokenizer, p=0.6, q=0.5)
+    problem = Problem("What is 3 + 4?", "3 + 4 = 7\n#### 7", "7")
+    bt = backtrack_token_id(tokenizer)
+    forced = torch.tensor([[script.eight, bt, script.seven, tokenizer.eos_token_id]])
+    ro = rollout(model, tokenizer, [problem], forced_actions=forced, max_new_tokens=4, loop_guard=None)
+    boundaries, states = ppo.mc_states(ro, set(), bt)
+    assert [t for _, t, _ in states] == [0, 1, 2]  # the start, before the backtrack, after it
+    est = mc_values(model, tokenizer, [problem] * len(states), [s for _, _, s in states], 600, max_new_tokens=40,
+                    loop_guard=None, generator=torch.Generator().manual_seed(0))
+    values = torch.zeros_like(ro.rewards)
+    for (b, t, _), v in zip(states, est.values.tolist()):
+        values[b, t] = v
+    cost = 0.1
+    rewards = ro.rewards - cost * (ro.actions == bt).float()
+    adv = losses.segment_advantages(rewards, ro.action_mask, boundaries, values)
+    v_empty = 0.6 / (1 - 0.4 * 0.5)
+    v_eight = 0.5 * v_empty
+    tol = 4 * (0.25 / 600) ** 0.5 * 2  # two estimates, each within 4 standard errors
+    assert adv[0, 0].item() == pytest.approx(v_eight - v_empty, abs=tol)  # typing the wrong digit
+    assert adv[0, 1].item() == pytest.approx(v_empty - v_eight - cost, abs=tol)  # deleting it
+    assert adv[0, 2].item() == pytest.approx(1.0 - v_empty, abs=tol)  # the right digit, then EOS: reward 1
+    script.handle.remove()
