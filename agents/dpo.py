@@ -60,7 +60,10 @@ class DPOScriptArgs(RunArgs):
     sample_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the answers."})
     max_new_tokens: int = field(default=128, metadata={"help": "Actions per sampled answer."})
     locate: str = field(default="oracle", metadata={
-        "help": "How the first error is found: oracle (offline task) or mc (a Monte-Carlo value drop)."})
+        "help": "How the first error is found: oracle (offline task), mc (a Monte-Carlo value drop) or prm (a drop "
+                "of a trained PRM's score, prm_path)."})
+    prm_path: str | None = field(default=None, metadata={
+        "help": "locate prm: the PRM's directory (`halluc-rl prm`), on the policy's tokenizer."})
     form: str = field(default="single", metadata={
         "help": "single (one action: <BT> vs the next token) or continuation (backtrack + a right continuation vs "
                 "the policy's own)."})
@@ -71,7 +74,7 @@ class DPOScriptArgs(RunArgs):
     weighting: str = field(default="none", metadata={
         "help": "none, or value_drop: resample error pairs in proportion to the value drop at their branch point."})
     mc_branches: int = field(default=8, metadata={"help": "Branches per state for mc errors and sampled continuations."})
-    min_drop: float = field(default=0.5, metadata={"help": "mc errors: the value drop that marks a step wrong."})
+    min_drop: float = field(default=0.5, metadata={"help": "mc / prm errors: the value drop that marks a step wrong."})
     min_pairs: int = field(default=8, metadata={"help": "Refuse to train on fewer error pairs than this."})
     rebuild_every: int = field(default=0, metadata={
         "help": "Rebuild the pairs from the current policy every N optimiser steps (0: build them once)."})
@@ -155,6 +158,14 @@ class PairSource:
         self.rows: list[dict] = []
         self.size = 0
         self.stats: dict[str, float] = {}
+        self.prm = None
+        if script.locate == "prm":
+            from halluc_rl.rewards import HFProcessReward
+
+            try:
+                self.prm = HFProcessReward.from_pretrained(script.prm_path, tokenizer)
+            except ValueError as err:
+                raise UsageError(f"prm_path: {err}") from None
 
     def rebuild(self, round_: int) -> None:
         s = self.script
@@ -164,7 +175,8 @@ class PairSource:
                                            max_new_tokens=s.max_new_tokens)
         generator = torch.Generator().manual_seed(self.seed * 1000 + round_)
         samples = find_errors(self.model, self.tokenizer, self.problems, num_samples=s.num_samples, locate=s.locate,
-                              config=config, generator=generator, mc_branches=s.mc_branches, min_drop=s.min_drop)
+                              config=config, generator=generator, mc_branches=s.mc_branches, min_drop=s.min_drop,
+                              prm=self.prm)
         bt, _ = policy_backtrack(self.model)
         pairs = build_pairs(samples, self.tokenizer, bt, form=s.form, continuation=s.continuation, model=self.model,
                             mc_branches=s.mc_branches, config=config, generator=generator,
@@ -205,13 +217,15 @@ class RebuildCallback(TrainerCallback):
 def validate(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: DPOConfig) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
     check_task(script.task)
-    check_choice("locate", script.locate, ("oracle", "mc"))
+    check_choice("locate", script.locate, ("oracle", "mc", "prm"))
+    if script.locate == "prm" and not (script.prm_path and Path(script.prm_path).is_dir()):
+        raise UsageError(f"prm_path: locate: prm needs a PRM directory (halluc-rl prm writes one); got {script.prm_path}")
     check_choice("form", script.form, ("single", "continuation"))
     check_choice("continuation", script.continuation, ("reference", "sampled"))
     check_choice("weighting", script.weighting, ("none", "value_drop"))
     if task_name(script.task) != "arithmetic" and (script.locate == "oracle" or script.continuation == "reference"):
         raise UsageError("locate: oracle and continuation: reference need the offline task's unique solutions; use "
-                         "locate: mc and continuation: sampled on gsm8k")
+                         "locate: mc or prm and continuation: sampled on gsm8k")
     check_positive(script, "num_problems", "num_samples", "sample_temperature", "max_new_tokens", "mc_branches",
                    "min_pairs")
     check_positive(script, "counter_ratio", "rebuild_every", "min_drop", allow_zero=("counter_ratio",

@@ -90,10 +90,15 @@ def find_errors(
     mc_branches: int = 8,
     min_drop: float = 0.5,
     batch_size: int = 64,
+    prm=None,
 ) -> Samples:
-    """Sample ``num_samples`` answers per problem and find each one's first error (``locate``: oracle or mc)."""
-    if locate not in ("oracle", "mc"):
-        raise ValueError(f"locate must be 'oracle' or 'mc', got {locate!r}")
+    """Sample ``num_samples`` answers per problem and find each one's first error (``locate``: oracle, mc, or prm:
+    the first step whose value falls by ``min_drop``, valued by Monte Carlo or by ``prm``, a process reward model
+    with ``rescore(ids) -> float``, such as an :class:`~halluc_rl.rewards.HFProcessReward`)."""
+    if locate not in ("oracle", "mc", "prm"):
+        raise ValueError(f"locate must be 'oracle', 'mc' or 'prm', got {locate!r}")
+    if (locate == "prm") != (prm is not None):
+        raise ValueError("give prm exactly when locate='prm'")
     bt, _ = policy_backtrack(model)
     config = config or BacktrackGenerationConfig(do_sample=True, loop_guard=None, max_new_tokens=128)
     oracle = OracleProcessReward(tokenizer)
@@ -117,8 +122,8 @@ def find_errors(
             if first is not None and actions[first] != bt:
                 errors.append(ErrorPoint(problem, prompts[n], actions, first, 1, 1.0))
     else:
-        errors, right = _mc_errors(model, tokenizer, owners, prompts, streams, bt, mc_branches, min_drop, config,
-                                   generator, batch_size)
+        errors, right = _value_drop_errors(model, tokenizer, owners, prompts, streams, bt, mc_branches, min_drop,
+                                           config, generator, batch_size, prm)
     return Samples(errors, right, prompts, streams, owners, len(streams))
 
 
@@ -143,8 +148,11 @@ def _step_ends(visible: Sequence[int], newline_ids: set[int]) -> list[int]:
     return [i + 1 for i, t in enumerate(visible) if t in newline_ids]
 
 
-def _mc_errors(model, tokenizer, problems, prompts, streams, bt, k, min_drop, config, generator, batch_size):
-    """First step (line) after which the Monte-Carlo value falls by ``min_drop``; steps before it are right."""
+def _value_drop_errors(model, tokenizer, problems, prompts, streams, bt, k, min_drop, config, generator, batch_size,
+                       prm=None):
+    """First step (line) after which the value falls by ``min_drop``; steps before it are right. A state's value
+    is its Monte-Carlo success share (Math-Shepherd, Wang et al. 2024), or with ``prm`` the PRM's score of it;
+    the final state's value is its grade either way."""
     newline_ids = {i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([t])}
     finals = [apply_actions(a, bt).visible_ids for a in streams]
     states, owner = [], []
@@ -152,12 +160,16 @@ def _mc_errors(model, tokenizer, problems, prompts, streams, bt, k, min_drop, co
         for end in [0, *_step_ends(visible, newline_ids)]:
             states.append(visible[:end])
             owner.append(n)
-    options = {"max_new_tokens": config.max_new_tokens, "loop_guard": None, "temperature": config.temperature}
-    est = mc_values(model, tokenizer, [problems[n] for n in owner], states, k, batch_size=batch_size,
-                    generator=generator, prompts=[prompts[n] for n in owner], **options)
+    if prm is not None:
+        scorer = getattr(prm, "scorer", prm)  # an HFProcessReward keeps its model in an IncrementalScorer
+        values = [scorer.rescore([*prompts[n], *state]) for n, state in zip(owner, states)]
+    else:
+        options = {"max_new_tokens": config.max_new_tokens, "loop_guard": None, "temperature": config.temperature}
+        values = mc_values(model, tokenizer, [problems[n] for n in owner], states, k, batch_size=batch_size,
+                           generator=generator, prompts=[prompts[n] for n in owner], **options).values.tolist()
     errors, right = [], []
     by_sample: dict[int, list[tuple[list[int], float]]] = {}
-    for n, state, value in zip(owner, states, est.values.tolist()):
+    for n, state, value in zip(owner, states, values):
         by_sample.setdefault(n, []).append((state, value))
     for n, chain in by_sample.items():
         outcome = grade(tokenizer.decode(finals[n], skip_special_tokens=True), problems[n].answer)
