@@ -24,6 +24,8 @@ FIGURES: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_sam
                             "sampled_backtrack_rate", "sampled_backtrack_precision", "sampled_false_backtrack_rate",
                             "backtrack_rate", "backtrack_precision")
 
+MC_COST = 3  # an mc update costs >= 3 group updates (benchmarks/ppo.py: mc_vs_gae_cost 3.06), more as backtracks spread
+
 
 def prm_stage(args: DemoArgs, out: Path, policy: Path) -> Path:
     """A token-classification PRM trained on Monte-Carlo labels of ``policy``'s answers (``halluc-rl prm``)."""
@@ -44,6 +46,7 @@ def prm_stage(args: DemoArgs, out: Path, policy: Path) -> Path:
 def rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable[[], Path]]]:
     """Row name -> (what differs from the default pipeline, the function that trains it, returning its folder)."""
     bt, dpo = root / "backtrack_sft", root / "dpo"
+    mc_updates = max(1, round(args.ppo_updates / MC_COST))
 
     def ppo(name: str, **kw):
         return lambda: ppo_stage(args, root / name, dpo, **kw)
@@ -59,7 +62,9 @@ def rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable[[], Path]]
                                       lambda: dpo_stage(args, root / "dpo_continuation", bt, "continuation")),
         "+ PPO group, oracle PRM": ("(the default pipeline)", ppo("ppo")),
         "+ PPO gae, oracle PRM": ("ppo_advantage gae", ppo("ppo_gae", advantage="gae")),
-        "+ PPO mc, oracle PRM": ("ppo_advantage mc", ppo("ppo_mc", advantage="mc", mc_branches=2)),
+        "+ PPO mc, oracle PRM": (f"ppo_advantage mc, {mc_updates} updates (about the compute of the others' "
+                                 f"{args.ppo_updates})", ppo("ppo_mc", advantage="mc", mc_branches=2,
+                                                             updates=mc_updates)),
         "+ PPO group, no PRM": ("ppo_process_reward none", ppo("ppo_no_prm", process_reward="none")),
         "+ PPO group, trained PRM": ("ppo_process_reward prm", lambda: ppo_stage(
             args, root / "ppo_trained_prm", dpo, process_reward="prm", process_credit="return",

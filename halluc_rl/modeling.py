@@ -386,8 +386,10 @@ def base_model_name(path: str | Path) -> str | None:
     return json.loads(adapter.read_text()).get("base_model_name_or_path")
 
 
-def check_same_base(checkpoint: str | Path, expected_base: str) -> None:
-    """Refuse an adapter checkpoint trained from another base model, naming both."""
+def check_same_base(checkpoint: str | Path, start: str) -> None:
+    """Refuse an adapter checkpoint trained from another base model, naming both. ``start`` is the run's
+    ``model_name_or_path``: a base model, or a saved adapter whose own base the checkpoint must share."""
+    expected_base = base_model_name(start) or start
     found = base_model_name(checkpoint)
     if found is not None and found != resolve_model_path(expected_base) and found != expected_base:
         raise ValueError(

@@ -524,13 +524,12 @@ def run_training(script, model_args, configs: Sequence, config, build: Callable[
     """The flow every Trainer-based command shares, after its validation: check the run folder against the configs
     and write ``config.yaml`` (only then), refuse a checkpoint of another base, ``build(resume)`` the trainer (a
     model that does not load, or too little data, is a usage error), train and save the policy atomically."""
-    from halluc_rl.modeling import base_model_name, check_same_base
+    from halluc_rl.modeling import check_same_base
 
     resume = prepare_run_dir(config.output_dir, configs, resume=script.resume and not config.resume_from_checkpoint,
                              allow_change=script.allow_config_change) or config.resume_from_checkpoint
     if resume:
-        name = model_args.model_name_or_path
-        check_same_base(resume, base_model_name(name) or name)
+        check_same_base(resume, model_args.model_name_or_path)
     try:
         trainer = build(resume)
     except (OSError, ValueError) as err:

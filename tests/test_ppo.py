@@ -128,6 +128,19 @@ def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(base_dir, tmp_path):
     assert [h["update"] for h in history(out)] == list(range(1, 13))
 
 
+def test_a_run_continuing_an_adapter_may_resume_from_its_checkpoints(base_dir, tmp_path):
+    """A run started from a saved adapter (PPO after DPO) saves checkpoints on the adapter's own base: resuming
+    them must compare that base, not the adapter's folder (the ablation's reruns were refused before)."""
+    from halluc_rl.modeling import check_same_base
+
+    start, run = tmp_path / "start", tmp_path / "run"
+    assert ppo.main(args(base_dir, start, "--updates", "1")) == 0  # an adapter on base_dir
+    assert ppo.main(args(start, run, "--updates", "1")) == 0  # PPO continuing it
+    check_same_base(run / "checkpoint-1", str(start))  # its own start: accepted
+    with pytest.raises(ValueError, match="was trained from base model"):
+        check_same_base(run / "checkpoint-1", str(tmp_path / "another_base"))
+
+
 @pytest.mark.slow
 def test_two_processes_through_accelerate_follow_one(base_dir, tmp_path):
     """The same seeds: per-row sampling makes the rollouts identical, and the averaged gradients the updates."""
