@@ -60,8 +60,8 @@ class DPOScriptArgs(RunArgs):
     sample_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the answers."})
     max_new_tokens: int = field(default=128, metadata={"help": "Actions per sampled answer."})
     locate: str = field(default="oracle", metadata={
-        "help": "How the first error is found: oracle (offline task), mc (a Monte-Carlo value drop) or prm (a drop "
-                "of a trained PRM's score, prm_path)."})
+        "help": "How the first error is found: oracle (offline task), mc (a Monte-Carlo value drop) or prm (the "
+                "first step a trained PRM, prm_path, scores below prm_threshold)."})
     prm_path: str | None = field(default=None, metadata={
         "help": "locate prm: the PRM's directory (`halluc-rl prm`), on the policy's tokenizer."})
     form: str = field(default="single", metadata={
@@ -74,7 +74,8 @@ class DPOScriptArgs(RunArgs):
     weighting: str = field(default="none", metadata={
         "help": "none, or value_drop: resample error pairs in proportion to the value drop at their branch point."})
     mc_branches: int = field(default=8, metadata={"help": "Branches per state for mc errors and sampled continuations."})
-    min_drop: float = field(default=0.5, metadata={"help": "mc / prm errors: the value drop that marks a step wrong."})
+    min_drop: float = field(default=0.5, metadata={"help": "mc errors: the value drop that marks a step wrong."})
+    prm_threshold: float = field(default=0.5, metadata={"help": "prm errors: a step scored below this is wrong."})
     min_pairs: int = field(default=8, metadata={"help": "Refuse to train on fewer error pairs than this."})
     rebuild_every: int = field(default=0, metadata={
         "help": "Rebuild the pairs from the current policy every N optimiser steps (0: build them once)."})
@@ -176,7 +177,7 @@ class PairSource:
         generator = torch.Generator().manual_seed(self.seed * 1000 + round_)
         samples = find_errors(self.model, self.tokenizer, self.problems, num_samples=s.num_samples, locate=s.locate,
                               config=config, generator=generator, mc_branches=s.mc_branches, min_drop=s.min_drop,
-                              prm=self.prm)
+                              prm=self.prm, prm_threshold=s.prm_threshold)
         bt, _ = policy_backtrack(self.model)
         pairs = build_pairs(samples, self.tokenizer, bt, form=s.form, continuation=s.continuation, model=self.model,
                             mc_branches=s.mc_branches, config=config, generator=generator,

@@ -1,8 +1,9 @@
 """Preference pairs at a policy's own error points: what token-level DPO learns *when* to backtrack from.
 
 1. :func:`find_errors` samples answers from the policy and finds each one's first error: by the oracle (the first
-   token whose text leaves the reference; offline task) or by a Monte-Carlo value drop (the first step, a line,
-   after which the value of the state falls by ``min_drop`` or more; any task with a grader).
+   token whose text leaves the reference; offline task), by a Monte-Carlo value drop (the first step, a line,
+   after which the value of the state falls by ``min_drop`` or more; any task with a grader), or by a trained PRM
+   (the first step it scores below ``prm_threshold``).
 2. :func:`build_pairs` turns the error points into pairs. The prompt is the problem plus the policy's own action
    stream up to and including the erroneous tokens. Two forms:
 
@@ -91,10 +92,12 @@ def find_errors(
     min_drop: float = 0.5,
     batch_size: int = 64,
     prm=None,
+    prm_threshold: float = 0.5,
 ) -> Samples:
-    """Sample ``num_samples`` answers per problem and find each one's first error (``locate``: oracle, mc, or prm:
-    the first step whose value falls by ``min_drop``, valued by Monte Carlo or by ``prm``, a process reward model
-    with ``rescore(ids) -> float``, such as an :class:`~halluc_rl.rewards.HFProcessReward`)."""
+    """Sample ``num_samples`` answers per problem and find each one's first error. ``locate``: oracle; mc, the
+    first step after which the Monte-Carlo value falls by ``min_drop``; or prm, the first step that ``prm`` (a
+    process reward model with ``rescore(ids) -> float``, such as an :class:`~halluc_rl.rewards.HFProcessReward`)
+    scores below ``prm_threshold``, the rule of ``halluc-rl prm eval``'s first-error F1."""
     if locate not in ("oracle", "mc", "prm"):
         raise ValueError(f"locate must be 'oracle', 'mc' or 'prm', got {locate!r}")
     if (locate == "prm") != (prm is not None):
@@ -122,8 +125,8 @@ def find_errors(
             if first is not None and actions[first] != bt:
                 errors.append(ErrorPoint(problem, prompts[n], actions, first, 1, 1.0))
     else:
-        errors, right = _value_drop_errors(model, tokenizer, owners, prompts, streams, bt, mc_branches, min_drop,
-                                           config, generator, batch_size, prm)
+        errors, right = _step_value_errors(model, tokenizer, owners, prompts, streams, bt, mc_branches, min_drop,
+                                           config, generator, batch_size, prm, prm_threshold)
     return Samples(errors, right, prompts, streams, owners, len(streams))
 
 
@@ -148,11 +151,11 @@ def _step_ends(visible: Sequence[int], newline_ids: set[int]) -> list[int]:
     return [i + 1 for i, t in enumerate(visible) if t in newline_ids]
 
 
-def _value_drop_errors(model, tokenizer, problems, prompts, streams, bt, k, min_drop, config, generator, batch_size,
-                       prm=None):
-    """First step (line) after which the value falls by ``min_drop``; steps before it are right. A state's value
-    is its Monte-Carlo success share (Math-Shepherd, Wang et al. 2024), or with ``prm`` the PRM's score of it;
-    the final state's value is its grade either way."""
+def _step_value_errors(model, tokenizer, problems, prompts, streams, bt, k, min_drop, config, generator,
+                       batch_size, prm=None, prm_threshold=0.5):
+    """The first wrong step (line); steps before it are right. Without ``prm``: the first step after which the
+    Monte-Carlo value (Math-Shepherd, Wang et al. 2024) falls by ``min_drop``. With it: the first step the PRM
+    scores below ``prm_threshold``. The final state's value is its grade either way."""
     newline_ids = {i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([t])}
     finals = [apply_actions(a, bt).visible_ids for a in streams]
     states, owner = [], []
@@ -176,9 +179,10 @@ def _value_drop_errors(model, tokenizer, problems, prompts, streams, bt, k, min_
         chain = [*chain, (finals[n], outcome)]
         limit = len(streams[n])
         for (before, v0), (after, v1) in zip(chain, chain[1:]):
-            if v0 - v1 >= min_drop:
+            if (v1 < prm_threshold) if prm is not None else (v0 - v1 >= min_drop):
                 end = _action_index_of_visible(streams[n], bt, len(after))
-                errors.append(ErrorPoint(problems[n], prompts[n], streams[n], end, len(after) - len(before), v0 - v1))
+                drop = 1.0 - v1 if prm is not None else v0 - v1  # a PRM's: how sure it is that the step is wrong
+                errors.append(ErrorPoint(problems[n], prompts[n], streams[n], end, len(after) - len(before), drop))
                 limit = _action_index_of_visible(streams[n], bt, len(before)) + 1 if before else 0
                 break
         right += _counter_states(n, streams[n][:limit], bt)

@@ -212,31 +212,32 @@ def test_counter_pairs_never_ask_to_backtrack_on_an_empty_answer(tokenizer):
 
 
 class LinePRM:
-    """A mock PRM: a state scores 0 once its visible text holds a line that the oracle rejects, else 1."""
+    """A mock PRM: a state scores ``bad`` once its visible text holds a line that the oracle rejects, else ``good``."""
 
-    def __init__(self, tokenizer, prompt):
-        self.tokenizer, self.prompt, self.calls = tokenizer, prompt, 0
+    def __init__(self, tokenizer, prompt, good=1.0, bad=0.0):
+        self.tokenizer, self.prompt, self.calls, self.good, self.bad = tokenizer, prompt, 0, good, bad
         self.oracle = OracleProcessReward(tokenizer)
 
     def rescore(self, ids):
         self.calls += 1
         assert ids[: len(self.prompt)] == self.prompt  # scored as prompt + visible state
         text = self.tokenizer.decode(ids[len(self.prompt):], skip_special_tokens=True)
-        return float(self.oracle.on_track(text, " " + PROBLEM.solution))
+        return self.good if self.oracle.on_track(text, " " + PROBLEM.solution) else self.bad
 
 
-def test_prm_errors_are_the_first_step_whose_score_drops(tokenizer):
-    from halluc_rl.pairs import _value_drop_errors
+def test_prm_errors_are_the_first_step_scored_below_the_threshold(tokenizer):
+    from halluc_rl.pairs import _step_value_errors
 
     samples, ref, at = hand_samples(tokenizer)
     bt = backtrack_token_id(tokenizer)
     prompt, (wrong, right) = samples.prompts[0], samples.actions
     newline = next(t for t in range(at, len(wrong)) if "\n" in tokenizer.decode([wrong[t]]))
-    prm = LinePRM(tokenizer, prompt)
-    errors, counters = _value_drop_errors(None, tokenizer, [PROBLEM, PROBLEM], [prompt, prompt], [wrong, right], bt,
-                                          k=0, min_drop=0.5, config=None, generator=None, batch_size=8, prm=prm)
+    prm = LinePRM(tokenizer, prompt, good=0.6, bad=0.4)  # a soft PRM: its score drops by 0.2 only
+    errors, counters = _step_value_errors(None, tokenizer, [PROBLEM, PROBLEM], [prompt, prompt], [wrong, right], bt,
+                                          k=0, min_drop=0.5, config=None, generator=None, batch_size=8, prm=prm,
+                                          prm_threshold=0.5)
     assert prm.calls == 4  # each answer's empty state and its one completed line
-    assert [(e.actions, e.end, e.length, e.drop) for e in errors] == [(wrong, newline, newline + 1, 1.0)]
+    assert [(e.actions, e.end, e.length, e.drop) for e in errors] == [(wrong, newline, newline + 1, 0.6)]
     assert counters == [(1, t) for t in range(1, len(right))]  # none from the wrong answer's first line
     with pytest.raises(ValueError, match="give prm exactly when locate='prm'"):
         find_errors(None, tokenizer, [PROBLEM], locate="prm")
