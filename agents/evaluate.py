@@ -54,6 +54,10 @@ class EvalArgs:
         "help": "Greedy runs: ban re-typing a token at a position after it was deleted there this many times (0: off)."})
     sampled_loop_guard: int = field(default=0, metadata={"help": "The same for sampled runs (0: off, the default)."})
     seed: int = field(default=0, metadata={"help": "Seeds sampling (the problems are fixed by the task)."})
+    backtrack_bias: float = field(default=0.0, metadata={
+        "help": "Added to the backtrack logit in the runs with backtracking on (negative: fewer backtracks)."})
+    backtrack_budget: int | None = field(default=None, metadata={
+        "help": "Backtracks allowed per episode in the runs with backtracking on (None: unlimited)."})
     stop_strings: list[str] = field(default_factory=list, metadata={
         "help": "Also stop a response once its text ends with one of these (EOS always stops it)."})
     output_dir: str = field(default="runs/eval", metadata={
@@ -97,8 +101,8 @@ def validate(args: EvalArgs) -> None:
     check_task(args.task)
     check_choice("split", args.split, SPLITS)
     check_positive(args, "max_new_tokens", "batch_size", "temperature")
-    check_positive(args, "num_problems", "num_samples", "loop_guard", "sampled_loop_guard",
-                   allow_zero=("num_problems", "num_samples", "loop_guard", "sampled_loop_guard"))
+    check_positive(args, "num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget",
+                   allow_zero=("num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget"))
     if task_name(args.task) == "arithmetic" and args.num_problems == 0:
         raise UsageError("num_problems: the arithmetic task is endless; give a number > 0")
     if args.data_files is not None and not Path(args.data_files).exists():
@@ -129,6 +133,7 @@ def evaluate(args: EvalArgs) -> int:
         model, tokenizer, problems, num_samples=args.num_samples, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, loop_guard=args.loop_guard,
         sampled_loop_guard=args.sampled_loop_guard, seed=args.seed, stop_strings=tuple(args.stop_strings),
+        backtrack_bias=args.backtrack_bias, backtrack_budget=args.backtrack_budget,
     )
     results[name] = metrics
     safe_name = re.sub(r"[^\w.-]+", "_", name)

@@ -207,6 +207,8 @@ def evaluate_policy(
     stop_strings: Sequence[str] = (),
     backtrack_id: int | None = None,
     progress: bool = True,
+    backtrack_bias: float = 0.0,
+    backtrack_budget: int | None = None,
 ) -> dict[str, Any]:
     """Score a policy on ``problems``: greedy and sampled, each with backtracking on and off.
 
@@ -229,7 +231,8 @@ def evaluate_policy(
     ``sampled_loop_guard`` (sampled runs; off by default) ban a token at a position after that many deletions there;
     0 or None is off. The guard is for greedy decoding, which repeats its choice at a state it returns to; a sampled
     policy simply draws again, and a ban after a false deletion would forbid the right token (measured in
-    docs/demo.md).
+    docs/demo.md). ``backtrack_bias`` (added to the backtrack logit) and ``backtrack_budget`` (backtracks allowed
+    per episode) apply to the runs with backtracking on: the decoding knobs of ``BacktrackGenerationConfig``.
     Sampling draws from a ``torch.Generator`` seeded with ``seed`` (one per sampled run), so results repeat.
     """
     if not problems:
@@ -242,24 +245,25 @@ def evaluate_policy(
     prompts = [prompt for prompt, _ in encoded]
     references = [response for _, response in encoded]
     golds = [p.answer for p in problems]
-    common = dict(max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings))
-    no_bt = float("-inf")
+    common = dict(max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings), backtrack_budget=backtrack_budget)
+    on, no_bt = dict(backtrack_bias=backtrack_bias), dict(backtrack_bias=float("-inf"))
 
     n = len(problems)
     bar = tqdm(total=2 * n * (1 + num_samples), disable=not progress, unit="ep", dynamic_ncols=True)
     kw = dict(batch_size=batch_size, bar=bar, backtrack_id=bt)
     greedy_kw = dict(do_sample=False, loop_guard=loop_guard or None, **kw, **common)
-    greedy = _run(model, tokenizer, prompts, references, golds, desc="greedy", generator=None, **greedy_kw)
+    greedy = _run(model, tokenizer, prompts, references, golds, desc="greedy", generator=None, **on, **greedy_kw)
     greedy_nb = _run(model, tokenizer, prompts, references, golds, desc="greedy, no backtrack", generator=None,
-                     backtrack_bias=no_bt, **greedy_kw)
+                     **no_bt, **greedy_kw)
     sampled = sampled_nb = None
     if num_samples:
         rep = [i for i in range(n) for _ in range(num_samples)]  # each problem num_samples times, side by side
         args = ([prompts[i] for i in rep], [references[i] for i in rep], [golds[i] for i in rep])
         sampling = dict(do_sample=True, temperature=temperature, loop_guard=sampled_loop_guard or None, **kw, **common)
-        sampled = _run(model, tokenizer, *args, desc="sampled", generator=_generator(device, seed), **sampling)
+        sampled = _run(model, tokenizer, *args, desc="sampled", generator=_generator(device, seed), **on,
+                       **sampling)
         sampled_nb = _run(model, tokenizer, *args, desc="sampled, no backtrack", generator=_generator(device, seed),
-                          backtrack_bias=no_bt, **sampling)
+                          **no_bt, **sampling)
     bar.close()
 
     results: dict[str, Any] = {

@@ -169,7 +169,8 @@ def test_evaluate_policy_grades_and_masks_backtracking(tokenizer):
     # deletes every token it types. Greedy (loop_guard=1): 7, delete, 8 (7 is banned at 0 now), delete, 9, delete.
     # Sampled (no guard): 7, delete, three times over. A backtrack on the empty response would be a no-op, so
     # decoding never picks one.
-    handle = _bias_head(model, {seven: 100.0, eight: 90.0, nine: 80.0, bt: 200.0})
+    deleting = {seven: 100.0, eight: 90.0, nine: 80.0, bt: 200.0}
+    handle = _bias_head(model, deleting)
     try:
         res = evaluate_policy(model, tokenizer, problems, **kw)
     finally:
@@ -183,6 +184,20 @@ def test_evaluate_policy_grades_and_masks_backtracking(tokenizer):
         assert res[f"{prefix}backtrack_precision"] == 1.0  # the reference starts with " ####": all off it
         assert res[f"{prefix}false_backtrack_rate"] is None  # no token on the reference was typed
     assert res["tokens_per_solved"] is None and res["mean_actions"] == 6 and res["truncated_rate"] == 1.0
+
+    # the decoding knobs of the runs with backtracking on: a budget of 0 or a large negative bias stops the
+    # deletions; a large positive bias makes the "7" policy delete like the one above
+    for knobs, head in (({"backtrack_budget": 0}, deleting), ({"backtrack_bias": -1000.0}, deleting),
+                        ({"backtrack_bias": 200.0}, {seven: 100.0, eight: 90.0, nine: 80.0})):
+        handle = _bias_head(model, head)
+        try:
+            res = evaluate_policy(model, tokenizer, problems, **kw, **knobs)
+        finally:
+            handle.remove()
+        deletes = knobs.get("backtrack_bias", 0) > 0
+        assert res["backtrack_rate"] == res["sampled_backtrack_rate"] == (0.5 if deletes else 0.0), knobs
+        assert res["accuracy_greedy"] == res["accuracy_sampled"] == (0.0 if deletes else pytest.approx(2 / 3))
+        assert res["accuracy_sampled_no_backtrack"] == pytest.approx(2 / 3)  # the knobs never touch the control
 
 
 def test_evaluate_policy_counts_on_a_hand_made_trace(tokenizer):
