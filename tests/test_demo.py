@@ -88,3 +88,19 @@ def test_the_full_demo_keeps_the_documented_direction(tmp_path):
     assert r["plain_sft"]["accuracy_greedy"] > r["base"]["accuracy_greedy"] + 0.10
     assert r["ppo"]["accuracy_sampled"] < r["control_ppo"]["accuracy_sampled_no_backtrack"] + 0.03
     assert r["ppo"]["accuracy_greedy"] < r["plain_sft"]["accuracy_greedy"] + 0.03
+
+
+def test_ablation_summary_gives_mean_and_std_per_row_and_names_failed_seeds(tmp_path):
+    from halluc_rl.agents.ablation import FIGURES, rows, write_summary
+
+    args = demo.DemoArgs(output_dir=str(tmp_path))
+    names = list(rows(args, tmp_path))
+    by_seed = {seed: {name: dict.fromkeys(FIGURES, 0.5 + 0.1 * seed) for name in names} for seed in (0, 1)}
+    by_seed[1][names[3]] = {"error": "ValueError: too few pairs"}  # one seed of one row failed
+    text = write_summary(args, by_seed, minutes=12.0)
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert lines[f"| {names[0]}"].count("0.550 ± 0.071") == len(FIGURES)  # mean and stdev of 0.5 and 0.6
+    assert lines[f"| {names[3]} (1 seed(s) failed)"].count("| 0.500") == len(FIGURES)  # the seed that ran
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["results"][names[3]][1] == {"error": "ValueError: too few pairs"}
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
