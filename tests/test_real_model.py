@@ -245,3 +245,70 @@ def test_rewind_is_exact_under_batched_per_row_backtracks(policy):
                                        msg=lambda m, b=b, s=s: f"row {b}, action {s}: {m}")
         assert out.sequences[b] == apply_actions(actions, bt).visible_ids
     print(f"largest |logprob - fresh forward| over {out.actions.numel()} actions: {worst:.2e}")
+
+
+@real_model
+def test_env_equals_rollout_with_the_models_own_eos(policy):
+    """The same action streams through the env and through `rollout` on SmolLM: the same texts and rewards, and
+    both end an episode at `<|im_end|>`, the EOS of the model's generation config."""
+    import gymnasium as gym
+
+    import halluc_rl  # noqa: F401  (registers the envs)
+    from halluc_rl.rewards import RewardMixer, RuleGrader
+    from halluc_rl.rollout import rollout
+
+    model, tok, bt = policy
+    eos = model.generation_config.eos_token_id
+    assert tok.convert_ids_to_tokens(eos) == "<|im_end|>"
+    forced = torch.full((2, 20), -1)
+    forced[0, 3:5] = bt  # two backspaces, then the model goes on
+    forced[1, 6], forced[1, 12] = bt, eos  # one backspace, then the end of the turn
+    ro = rollout(model, tok, PROBLEMS[:2], RewardMixer([RuleGrader()]), max_new_tokens=20, do_sample=True,
+                 generator=torch.Generator().manual_seed(0), forced_actions=forced)
+    assert ro.action_mask[1].sum() == 13 and ro.dones[1, 12]
+    for b, problem in enumerate(PROBLEMS[:2]):
+        env = gym.make("Backtrack-Arithmetic-v0", tokenizer=tok, problems=[problem], max_new_tokens=20,
+                       generation_config=model.generation_config, rewards=[RuleGrader()])
+        env.reset(seed=0)
+        rewards, ended = [], False
+        for a in ro.actions[b][ro.action_mask[b]].tolist():
+            _, r, ended, truncated, info = env.step(a)
+            rewards.append(r)
+        assert info["text"] == ro.texts[b]
+        assert (ended, truncated) == ((True, False) if b == 1 else (False, True))  # EOS ends row 1; row 0 runs out
+        torch.testing.assert_close(torch.tensor(rewards), ro.rewards[b][ro.action_mask[b]], atol=1e-5, rtol=0)
+
+
+@real_model
+def test_sft_dpo_and_ppo_run_a_few_steps_and_the_adapters_reload(smollm_dir, tmp_path):
+    """The trainers' commands on SmolLM under LoRA, chained as in docs/real_model.md; each adapter reloads with
+    `PeftModel.from_pretrained` and keeps its trained backtrack row."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from halluc_rl.agents import dpo, ppo, sft
+
+    common = ["--task", "arithmetic", "--report_to", "none", "--seed", "0"]
+    assert sft.main(["--model_name_or_path", NAME, "--output_dir", str(tmp_path / "sft"), "--num_train_problems",
+                     "8", "--per_device_train_batch_size", "4", "--max_steps", "2", "--error_rate", "0.5",
+                     "--save_strategy", "no", "--learning_rate", "1e-3", *common]) == 0
+    assert dpo.main(["--model_name_or_path", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "dpo"),
+                     "--num_problems", "4", "--num_samples", "2", "--max_new_tokens", "24", "--min_pairs", "1",
+                     "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no",
+                     *common]) == 0
+    assert ppo.main(["--model_name_or_path", str(tmp_path / "dpo"), "--output_dir", str(tmp_path / "ppo"),
+                     "--updates", "1", "--problems_per_update", "2", "--group_size", "2", "--max_new_tokens", "16",
+                     "--num_problems", "8", "--save_every", "1", *common]) == 0
+    rows = []
+    for stage in ("sft", "dpo", "ppo"):
+        folder = tmp_path / stage
+        tok = load_tokenizer(str(folder))
+        base = load_model(NAME)
+        base.resize_token_embeddings(len(tok), mean_resizing=False)
+        reloaded = PeftModel.from_pretrained(base, str(folder))
+        row = next(p for n, p in reloaded.named_parameters() if "trainable_tokens_delta" in n)
+        saved = next(v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()
+                     if "trainable_tokens" in k)
+        assert torch.equal(row.detach(), saved) and bool(row.abs().sum() > 0), stage  # the trained row reloaded
+        rows.append(saved)
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(rows[1], rows[2])  # each stage trained it
