@@ -95,9 +95,9 @@ def find_errors(
     prm_threshold: float = 0.5,
 ) -> Samples:
     """Sample ``num_samples`` answers per problem and find each one's first error. ``locate``: oracle; mc, the
-    first step after which the Monte-Carlo value falls by ``min_drop``; or prm, the first step that ``prm`` (a
-    process reward model with ``rescore(ids) -> float``, such as an :class:`~halluc_rl.rewards.HFProcessReward`)
-    scores below ``prm_threshold``, the rule of ``halluc-rl prm eval``'s first-error F1."""
+    first step after which the Monte-Carlo value falls by ``min_drop``; or prm, the first step that ``prm`` (an
+    :class:`~halluc_rl.rewards.HFProcessReward`) scores below ``prm_threshold``, the rule of ``halluc-rl prm
+    eval``'s first-error F1."""
     if locate not in ("oracle", "mc", "prm"):
         raise ValueError(f"locate must be 'oracle', 'mc' or 'prm', got {locate!r}")
     if (locate == "prm") != (prm is not None):
@@ -163,9 +163,14 @@ def _step_value_errors(model, tokenizer, problems, prompts, streams, bt, k, min_
         for end in [0, *_step_ends(visible, newline_ids)]:
             states.append(visible[:end])
             owner.append(n)
-    if prm is not None:
-        scorer = getattr(prm, "scorer", prm)  # an HFProcessReward keeps its model in an IncrementalScorer
-        values = [scorer.rescore([*prompts[n], *state]) for n, state in zip(owner, states)]
+    if prm is not None:  # one teacher-forced PRM forward per answer scores all of its states (read at their ends)
+        import datasets
+
+        from halluc_rl.labels import prm_step_scores
+
+        ends = [[end - 1 for end in [0, *_step_ends(visible, newline_ids)]] for visible in finals]  # -1: the prompt
+        rows = datasets.Dataset.from_dict({"prompt_ids": prompts, "response_ids": finals, "step_ends": ends})
+        values = [v for scores in prm_step_scores(prm, rows, batch_size) for v in scores]
     else:
         options = {"max_new_tokens": config.max_new_tokens, "loop_guard": None, "temperature": config.temperature}
         values = mc_values(model, tokenizer, [problems[n] for n in owner], states, k, batch_size=batch_size,

@@ -2,6 +2,7 @@
 raises the margin, and the command line."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.data.tasks import ArithmeticTask, Problem, encode_problem
 from halluc_rl.modeling import load_policy
 from halluc_rl.pairs import ErrorPoint, Samples, _oracle_trace, build_pairs, find_errors
-from halluc_rl.rewards import OracleProcessReward
+from halluc_rl.rewards import HFProcessReward, OracleProcessReward
 from halluc_rl.rollout import rollout
 from halluc_rl.scoring import score_actions
 from tests.conftest import make_model
@@ -211,18 +212,26 @@ def test_counter_pairs_never_ask_to_backtrack_on_an_empty_answer(tokenizer):
     assert _counter_states(5, [7, bt, 8, 9, bt, 10], bt) == [(5, 3), (5, 5)]
 
 
-class LinePRM:
-    """A mock PRM: a state scores ``bad`` once its visible text holds a line that the oracle rejects, else ``good``."""
+class LineModel(torch.nn.Module):
+    """A mock PRM backbone: at each position, the logit of ``bad`` once the answer so far holds text the oracle
+    rejects, else of ``good`` (one label, read through a sigmoid); it counts its forwards."""
 
-    def __init__(self, tokenizer, prompt, good=1.0, bad=0.0):
-        self.tokenizer, self.prompt, self.calls, self.good, self.bad = tokenizer, prompt, 0, good, bad
+    def __init__(self, tokenizer, prompt, good, bad):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # for the scorer's device lookup
+        self.tokenizer, self.prompt, self.calls = tokenizer, prompt, 0
+        self.good, self.bad = torch.logit(torch.tensor(good)), torch.logit(torch.tensor(bad))
         self.oracle = OracleProcessReward(tokenizer)
 
-    def rescore(self, ids):
+    def forward(self, input_ids, attention_mask):
         self.calls += 1
-        assert ids[: len(self.prompt)] == self.prompt  # scored as prompt + visible state
-        text = self.tokenizer.decode(ids[len(self.prompt):], skip_special_tokens=True)
-        return self.good if self.oracle.on_track(text, " " + PROBLEM.solution) else self.bad
+        logits = torch.zeros(*input_ids.shape, 1)  # [B, T, 1]
+        for b, row in enumerate(input_ids.tolist()):
+            assert row[: len(self.prompt)] == self.prompt  # scored as prompt + answer
+            for t in range(len(self.prompt) - 1, int(attention_mask[b].sum())):
+                text = self.tokenizer.decode(row[len(self.prompt) : t + 1], skip_special_tokens=True)
+                logits[b, t, 0] = self.good if self.oracle.on_track(text, " " + PROBLEM.solution) else self.bad
+        return types.SimpleNamespace(logits=logits)
 
 
 def test_prm_errors_are_the_first_step_scored_below_the_threshold(tokenizer):
@@ -232,12 +241,14 @@ def test_prm_errors_are_the_first_step_scored_below_the_threshold(tokenizer):
     bt = backtrack_token_id(tokenizer)
     prompt, (wrong, right) = samples.prompts[0], samples.actions
     newline = next(t for t in range(at, len(wrong)) if "\n" in tokenizer.decode([wrong[t]]))
-    prm = LinePRM(tokenizer, prompt, good=0.6, bad=0.4)  # a soft PRM: its score drops by 0.2 only
+    backbone = LineModel(tokenizer, prompt, good=0.6, bad=0.4)  # a soft PRM: its score drops by 0.2 only
+    prm = HFProcessReward(backbone)
     errors, counters = _step_value_errors(None, tokenizer, [PROBLEM, PROBLEM], [prompt, prompt], [wrong, right], bt,
                                           k=0, min_drop=0.5, config=None, generator=None, batch_size=8, prm=prm,
                                           prm_threshold=0.5)
-    assert prm.calls == 4  # each answer's empty state and its one completed line
-    assert [(e.actions, e.end, e.length, e.drop) for e in errors] == [(wrong, newline, newline + 1, 0.6)]
+    assert backbone.calls == 1  # both answers, every state, in one forward: no re-encoding per state
+    assert [(e.actions, e.end, e.length) for e in errors] == [(wrong, newline, newline + 1)]
+    assert errors[0].drop == pytest.approx(0.6)
     assert counters == [(1, t) for t in range(1, len(right))]  # none from the wrong answer's first line
     with pytest.raises(ValueError, match="give prm exactly when locate='prm'"):
         find_errors(None, tokenizer, [PROBLEM], locate="prm")
