@@ -1,8 +1,8 @@
 """``halluc-rl demo --ablate --seeds 3``: every variant of the pipeline, each over several seeds.
 
 Each row changes one thing from the default pipeline (``halluc-rl demo``) and reuses the stages it shares with it
-(trained once per seed). Seeds run side by side in worker processes (one thread each: tiny models gain nothing from
-a second thread, and two processes use both cores). The table gives each figure's mean and standard deviation over
+(trained once per seed). Every (seed, row) pair is a task for a pool of worker processes, one per core and one
+thread each (tiny models gain nothing from a second thread); a task starts once the rows it builds on are done. The table gives each figure's mean and standard deviation over
 the seeds; ``ablation.json`` keeps every seed's figures, the settings and the time taken.
 """
 
@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -78,25 +78,60 @@ def rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable[[], Path]]
     }
 
 
-def one_seed(args: DemoArgs, seed: int) -> dict[str, dict]:
-    """Every row for one seed, in a worker process with one thread. Each row's figures are saved as they come
-    (``seed<N>/results.json``), and a row that fails is recorded with its error: the other rows still run."""
+# The rows a row starts from (their folders must be trained first), and each row's minutes on one core, measured
+# in the 3-seed ablation of docs/efficacy.md: only to order the work, the longest chain of work first.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "+ DPO, single-action pairs": ("backtrack SFT, factorized head",),
+    "+ DPO, continuation pairs": ("backtrack SFT, factorized head",),
+    **{row: ("+ DPO, single-action pairs",) for row in (
+        "+ PPO group, oracle PRM", "+ PPO gae, oracle PRM", "+ PPO mc, oracle PRM", "+ PPO group, no PRM",
+        "+ PPO group, trained PRM", "+ PPO group, implicit PRM")},
+    "control: plain SFT + PPO, backtrack masked": ("plain SFT",),
+}
+MINUTES: dict[str, float] = {
+    "plain SFT": 0.9, "backtrack SFT, softmax head": 1.5, "backtrack SFT, factorized head": 1.3,
+    "+ DPO, single-action pairs": 2.1, "+ DPO, continuation pairs": 7.2, "+ PPO group, oracle PRM": 3.2,
+    "+ PPO gae, oracle PRM": 3.4, "+ PPO mc, oracle PRM": 3.3, "+ PPO group, no PRM": 4.2,
+    "+ PPO group, trained PRM": 5.4, "+ PPO group, implicit PRM": 12.1,
+    "control: plain SFT + PPO, backtrack masked": 2.8,
+}
+
+
+def priority(name: str) -> float:
+    """Minutes of the longest chain of rows from ``name`` to the end: rows that hold up the most work go first
+    (critical-path list scheduling)."""
+    after = [row for row, needs in NEEDS.items() if name in needs]
+    return MINUTES.get(name, 1.0) + max((priority(row) for row in after), default=0.0)
+
+
+def ready(pending: list[tuple[int, str]], done: dict[int, dict[str, dict]]
+          ) -> tuple[list[tuple[int, str]], list[tuple[int, str, str]]]:
+    """Of the pending (seed, row) tasks: those whose needed rows have finished, most urgent first, and those that
+    cannot run because a needed row failed (with that row's name)."""
+    runnable, blocked = [], []
+    for seed, name in pending:
+        needs = NEEDS.get(name, ())
+        failed = [n for n in needs if "error" in done[seed].get(n, {})]
+        if failed:
+            blocked.append((seed, name, failed[0]))
+        elif all(n in done[seed] for n in needs):
+            runnable.append((seed, name))
+    runnable.sort(key=lambda task: (-priority(task[1]), task[0]))
+    return runnable, blocked
+
+
+def one_row(args: DemoArgs, seed: int, name: str) -> dict:
+    """One row for one seed, in a worker process with one thread: train it (its needed rows are done), evaluate it.
+    A row that fails is recorded with its error, never silently dropped: the other rows still run."""
     import torch
 
     torch.set_num_threads(1)
     seeded = replace(args, seed=seed)
-    root = Path(args.output_dir) / f"seed{seed}"
-    out, began = {}, time.time()
-    for name, (_, train) in rows(seeded, root).items():
-        print(f"[seed {seed}, {(time.time() - began) / 60:5.1f} min] {name}", flush=True)
-        try:
-            folder = train()
-            out[name] = evaluate_stage(seeded, folder, folder)
-        except Exception as err:  # reported in the table, never silently dropped
-            out[name] = {"error": f"{type(err).__name__}: {err}"}
-            print(f"[seed {seed}] {name} failed: {out[name]['error']}", flush=True)
-        atomic_write_json(root / "results.json", out)
-    return out
+    try:
+        folder = rows(seeded, Path(args.output_dir) / f"seed{seed}")[name][1]()
+        return evaluate_stage(seeded, folder, folder)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}"}
 
 
 def mean_std(values: list[float]) -> str:
@@ -138,15 +173,45 @@ def plot_ablation(results: dict[str, list[dict]], path: Path) -> Path:
 
 
 def run_ablation(args: DemoArgs) -> int:
+    """Every (seed, row) task on a pool of one-thread workers, one per core. A task starts once the rows it starts
+    from are done for its seed, the longest chain first, so both cores stay busy to the end. Each finished row is
+    saved at once (``seed<N>/results.json``); a rerun skips the stages already trained."""
     began = time.time()
     seeds = list(range(args.seed, args.seed + args.seeds))
+    names = list(rows(args, Path(args.output_dir)))
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with ProcessPoolExecutor(max_workers=min(len(seeds), cores)) as pool:
-        by_seed = dict(zip(seeds, pool.map(one_seed, [args] * len(seeds), seeds)))
-    text = write_summary(args, by_seed, (time.time() - began) / 60)
+    pending = [(seed, name) for seed in seeds for name in names]
+    done: dict[int, dict[str, dict]] = {seed: {} for seed in seeds}
+    total, workers = len(pending), min(len(pending), cores)
+
+    def record(seed: int, name: str, metrics: dict) -> None:
+        done[seed][name] = metrics
+        atomic_write_json(Path(args.output_dir) / f"seed{seed}" / "results.json",
+                          {n: done[seed][n] for n in names if n in done[seed]})
+        status = f"failed: {metrics['error']}" if "error" in metrics else "done"
+        print(f"[{(time.time() - began) / 60:5.1f} min] {sum(map(len, done.values()))}/{total} seed {seed}: "
+              f"{name} {status}", flush=True)
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        running: dict = {}
+        while pending or running:
+            runnable, blocked = ready(pending, done)
+            for seed, name, failed in blocked:
+                pending.remove((seed, name))
+                record(seed, name, {"error": f"not run: it starts from {failed!r}, which failed"})
+            for seed, name in runnable[: workers - len(running)]:
+                pending.remove((seed, name))
+                running[pool.submit(one_row, args, seed, name)] = (seed, name)
+                print(f"[{(time.time() - began) / 60:5.1f} min] seed {seed}: {name} started", flush=True)
+            if not running:  # cannot happen while NEEDS names only rows of the table
+                raise RuntimeError(f"ablation: no task can start; pending {pending}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                record(*running.pop(future), future.result())
+    text = write_summary(args, done, (time.time() - began) / 60)
     print("\n" + text)
-    print(json.dumps({"minutes": round((time.time() - began) / 60, 1), "seeds": seeds}))
+    print(json.dumps({"minutes": round((time.time() - began) / 60, 1), "seeds": seeds, "workers": workers}))
     return 0
 
 

@@ -104,3 +104,21 @@ def test_ablation_summary_gives_mean_and_std_per_row_and_names_failed_seeds(tmp_
     saved = json.loads((tmp_path / "ablation.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["results"][names[3]][1] == {"error": "ValueError: too few pairs"}
     assert (tmp_path / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ablation_tasks_start_after_the_rows_they_build_on_longest_chain_first():
+    from halluc_rl.agents.ablation import NEEDS, ready, rows
+
+    names = list(rows(demo.DemoArgs(), demo.Path("unused")))
+    assert set(NEEDS) | {n for needs in NEEDS.values() for n in needs} <= set(names)  # NEEDS names real rows
+    pending = [(seed, name) for seed in (0, 1) for name in names]
+    runnable, blocked = ready(pending, {0: {}, 1: {}})
+    assert blocked == [] and {name for _, name in runnable} == set(names) - set(NEEDS)  # only the first stages
+    assert runnable[:2] == [(0, "backtrack SFT, factorized head"), (1, "backtrack SFT, factorized head")]
+    done = {0: {"backtrack SFT, factorized head": {}, "+ DPO, single-action pairs": {}},
+            1: {"backtrack SFT, factorized head": {"error": "RuntimeError: boom"}}}
+    runnable, blocked = ready([t for t in pending if t[1] not in done[t[0]]], done)
+    assert runnable[0] == (0, "+ PPO group, implicit PRM")  # the longest of the rows DPO unlocked
+    assert (0, "+ PPO group, oracle PRM") in runnable and (1, "+ DPO, single-action pairs") not in runnable
+    assert (1, "+ DPO, single-action pairs", "backtrack SFT, factorized head") in blocked
+    assert (1, "+ PPO group, oracle PRM") not in runnable + [(s, n) for s, n, _ in blocked]  # waits on a blocked row
