@@ -33,7 +33,8 @@ def prm_stage(args: DemoArgs, out: Path, policy: Path) -> Path:
     from halluc_rl.config import LoraArgs, ModelArgs
 
     script = PRMScriptArgs(policy=str(policy), task_seed=args.seed, num_train_problems=100, samples_per_problem=4,
-                           mc_k=4, label_seed=args.seed, mc_max_new_tokens=96, label_max_new_tokens=96)
+                           mc_k=4, label_seed=args.seed, mc_max_new_tokens=args.max_new_tokens or 96,
+                           label_max_new_tokens=args.max_new_tokens or 96)
     config = PRMConfig(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=1e-3,
                        lr_scheduler_type="cosine", warmup_steps=5, save_strategy="no", report_to=[], use_cpu=True,
                        seed=args.seed, disable_tqdm=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from halluc_rl.config import LoraArgs, ModelArgs, save_config
+from halluc_rl.data.errors import PLAUSIBLE_KINDS
 from halluc_rl.data.tasks import load_problems
 from halluc_rl.evaluation import evaluate_policy, print_table, write_report
 from halluc_rl.modeling import load_policy
@@ -33,6 +34,7 @@ from halluc_rl.runs import (
     UsageError,
     atomic_write_json,
     atomic_write_text,
+    check_choice,
     check_positive,
     check_task,
     cli,
@@ -61,6 +63,8 @@ class DemoArgs:
     sft_epochs: float = field(default=2, metadata={"help": "SFT epochs (the curriculum cap rises each epoch)."})
     sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT (LoRA) learning rate."})
     error_rate: float = field(default=0.25, metadata={"help": "Share of SFT examples with plausible errors."})
+    error_kinds: list[str] = field(default_factory=lambda: list(PLAUSIBLE_KINDS), metadata={
+        "help": "The plausible errors typed in SFT (digit, operator, step, check; check needs arithmetic:check=1)."})
     backtrack_head: str = field(default="factorized", metadata={"help": "factorized or softmax."})
     dpo_steps: int = field(default=60, metadata={"help": "DPO optimiser steps (0: skip the stage)."})
     dpo_form: str = field(default="single", metadata={"help": "single or continuation pairs."})
@@ -75,6 +79,9 @@ class DemoArgs:
     ppo_learning_rate: float = field(default=3e-4, metadata={"help": "PPO learning rate."})
     kl_coef: float = field(default=0.02, metadata={"help": "PPO KL penalty to the reference."})
     backtrack_cost: float = field(default=0.1, metadata={"help": "PPO reward charged per backtrack."})
+    max_new_tokens: int = field(default=0, metadata={
+        "help": "Longest answer, in actions, for DPO sampling, PPO rollouts and evaluation (0: 128, 96 and 128, "
+                "sized for the default task; check lines double an answer)."})
     ablate: bool = field(default=False, metadata={"help": "Run every ablation row over --seeds seeds."})
     seeds: int = field(default=3, metadata={"help": "--ablate: seeds per row."})
 
@@ -84,7 +91,7 @@ def sft_stage(args: DemoArgs, out: Path, error_source: str, head: str) -> Path:
 
     caps = [1, 2]
     script = SFTScriptArgs(task=args.task, num_train_problems=args.num_train_problems, task_seed=args.seed,
-                           error_source=error_source,
+                           error_source=error_source, error_kinds=list(args.error_kinds),
                            error_rate=args.error_rate, curriculum_caps=caps, curriculum_boundaries=[1],
                            backtrack_head=head)
     config = SFTConfig(output_dir=str(out), num_train_epochs=args.sft_epochs, per_device_train_batch_size=32,
@@ -101,7 +108,8 @@ def dpo_stage(args: DemoArgs, out: Path, start: Path, form: str) -> Path:
 
     script = DPOScriptArgs(task=args.task, num_problems=args.dpo_problems, num_samples=4, task_seed=args.seed,
                            form=form,
-                           counter_ratio=args.counter_ratio, rebuild_every=0, min_pairs=8)
+                           counter_ratio=args.counter_ratio, rebuild_every=0, min_pairs=8,
+                           max_new_tokens=args.max_new_tokens or 128)
     config = DPOConfig(output_dir=str(out), max_steps=args.dpo_steps, per_device_train_batch_size=32,
                        learning_rate=args.dpo_learning_rate, lr_scheduler_type="constant", beta=args.dpo_beta,
                        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
@@ -115,7 +123,8 @@ def ppo_stage(args: DemoArgs, out: Path, start: Path, backtrack: bool = True, **
     from halluc_rl.agents.ppo import PPOArgs, train
 
     settings = dict(output_dir=str(out), task=args.task, task_seed=args.seed, num_problems=args.num_train_problems,
-                    updates=args.ppo_updates, problems_per_update=16, group_size=4, max_new_tokens=96,
+                    updates=args.ppo_updates, problems_per_update=16, group_size=4,
+                    max_new_tokens=args.max_new_tokens or 96,
                     backtrack=backtrack, advantage=args.ppo_advantage, process_reward=args.ppo_process_reward,
                     process_credit=args.ppo_process_credit, process_weight=1.0, learning_rate=args.ppo_learning_rate,
                     kl_coef=args.kl_coef, backtrack_cost=args.backtrack_cost, save_every=25, seed=args.seed,
@@ -130,6 +139,8 @@ def ppo_stage(args: DemoArgs, out: Path, start: Path, backtrack: bool = True, **
 def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
     """The stage's evaluation, cached beside it (``eval.json``) for the same settings."""
     settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed, "task": args.task}
+    if args.max_new_tokens:
+        settings["max_new_tokens"] = args.max_new_tokens
     cache = folder / "eval.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
@@ -137,7 +148,8 @@ def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
             return saved["metrics"]
     model, tokenizer, _ = load_policy(policy)
     problems = load_problems(args.task, "test", args.num_eval_problems, seed=args.seed)
-    metrics = evaluate_policy(model, tokenizer, problems, num_samples=args.num_samples, seed=args.seed)
+    metrics = evaluate_policy(model, tokenizer, problems, num_samples=args.num_samples, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens or 128)
     atomic_write_json(cache, {"settings": settings, "metrics": metrics})
     return metrics
 
@@ -207,8 +219,10 @@ def demo(args: DemoArgs) -> int:
         raise UsageError("task: the demo runs the offline arithmetic task (its oracle and its reference solutions)")
     check_positive(args, "num_train_problems", "num_eval_problems", "sft_epochs", "sft_learning_rate",
                    "ppo_updates", "ppo_learning_rate", "seeds")
-    check_positive(args, "num_samples", "dpo_steps", "kl_coef", "backtrack_cost",
-                   allow_zero=("num_samples", "dpo_steps", "kl_coef", "backtrack_cost"))
+    check_positive(args, "num_samples", "dpo_steps", "kl_coef", "backtrack_cost", "max_new_tokens",
+                   allow_zero=("num_samples", "dpo_steps", "kl_coef", "backtrack_cost", "max_new_tokens"))
+    for kind in args.error_kinds or [""]:
+        check_choice("error_kinds", kind, PLAUSIBLE_KINDS)
     if args.ablate:
         from halluc_rl.agents.ablation import run_ablation
 

@@ -17,7 +17,7 @@ from trl import SFTTrainer
 from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
-from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
+from halluc_rl.data.errors import PLAUSIBLE_KINDS, PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
 from halluc_rl.data.tasks import load_problems, task_name
 from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
 from halluc_rl.modeling import (
@@ -49,6 +49,9 @@ class SFTScriptArgs(RunArgs):
     task_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task."})
     error_source: str = field(default="plausible", metadata={"help": "random, plausible, self or none (plain SFT)."})
     error_rate: float = field(default=0.5, metadata={"help": "Share of examples that get errors."})
+    error_kinds: list[str] = field(default_factory=lambda: list(PLAUSIBLE_KINDS), metadata={
+        "help": "plausible: the mistakes typed (digit, operator, step, check; check needs a task with check lines, "
+                "arithmetic:check=1)."})
     error_length_min: int = field(default=1, metadata={"help": "Shortest error, in tokens."})
     error_length_max: int = field(default=2, metadata={"help": "Longest error, in tokens."})
     self_error_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of self errors."})
@@ -109,7 +112,8 @@ def make_error_source(script: SFTScriptArgs, model, seed: int):
     if script.error_source == "random":
         return RandomTokenErrors(error_rate=script.error_rate, max_errors=cap, error_length=lengths, seed=seed)
     if script.error_source == "plausible":
-        return PlausibleErrors(error_rate=script.error_rate, max_errors=cap, error_length=lengths, seed=seed)
+        return PlausibleErrors(script.error_kinds, error_rate=script.error_rate, max_errors=cap, error_length=lengths,
+                               seed=seed)
     if script.error_source == "self":
         return SelfGeneratedErrors(model, error_rate=script.error_rate, max_errors=cap, error_length=lengths,
                                    seed=seed, temperature=script.self_error_temperature)
@@ -167,6 +171,8 @@ def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     check_task(script.task)
     check_choice("error_source", script.error_source, ("random", "plausible", "self", "none"))
     check_choice("layout", script.layout, ("rewind", "retry"))
+    for kind in script.error_kinds or [""]:
+        check_choice("error_kinds", kind, PLAUSIBLE_KINDS)
     check_choice("backtrack_head", script.backtrack_head, BACKTRACK_HEADS)
     check_choice("curriculum_unit", script.curriculum_unit, ("epoch", "step"))
     check_positive(script, "num_train_problems", "validation_size", allow_zero=("num_train_problems",

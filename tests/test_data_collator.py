@@ -195,6 +195,24 @@ def test_rewind_layout_exact_tensors():
     assert batch["attention_mask"][1, 0, 5].int().tolist() == [0, 0, 0, 0, 0, 1, 0]  # padding sees itself
 
 
+def test_a_revealed_error_trains_backtracks_from_every_state_of_its_reveal():
+    """prompt 10 11 | correct 20 | error 30 | reveal 31 32 | BT BT BT | correction 21 2. In the rewind layout each
+    state of the reveal is later backtracked from, and that label wins: the reveal is input, not target. The retry
+    layout trains the reveal's tokens."""
+    example = assemble_example([10, 11], [20, 21, 2], [(1, [30, 31, 32], 2)], BT)
+    assert example.spans == [("prompt", 0, 2), ("correct", 2, 3), ("error", 3, 4), ("reveal", 4, 6),
+                             ("backtrack", 6, 9), ("correction", 9, 11)]
+    rewind = MaskedErrorCollator(pad_token_id=0, backtrack_token_id=BT)([example.to_features()])
+    assert rewind["input_ids"].tolist() == [[10, 11, 20, 30, 31, 32, 21, 2]]
+    assert rewind["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]
+    assert rewind["labels"].tolist() == [[X, X, 20, 21, BT, BT, BT, 2]]
+    retry = MaskedErrorCollator(layout="retry", pad_token_id=0, hard_attention=True, mask_dtype=torch.bool)(
+        [example.to_features()])
+    assert retry["labels"].tolist() == [[X, X, 20, X, 31, 32, BT, BT, BT, 21, 2]]
+    mask = retry["attention_mask"][0, 0]
+    assert [k for k in range(11) if mask[9, k]] == [0, 1, 2, 9]  # the correction sees neither error nor reveal
+
+
 def test_rewind_layout_refuses_train_errors():
     """Every state an error is typed from is left again by a backtrack or the correction: the flag would do nothing."""
     with pytest.raises(ValueError, match="layout='retry'"):

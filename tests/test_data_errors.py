@@ -1,6 +1,6 @@
 import pytest
 
-from halluc_rl.backtrack import backtrack_token_id
+from halluc_rl.backtrack import apply_actions, backtrack_token_id
 from halluc_rl.data.errors import (
     BacktrackExample,
     PlausibleErrors,
@@ -152,6 +152,44 @@ def test_plausible_error_kinds(tokenizer, kind):
                 assert tokens[0] in group and tokens[0] != response[position]
                 assert tokens[1:] == response[position + 1 : position + len(tokens)]  # noticed a little late
     assert found >= len(PROBLEMS)
+
+
+def test_check_errors_are_revealed_by_a_check_written_from_the_wrong_result(tokenizer):
+    """``check`` errors on a task with check lines: a wrong result digit (masked), then the rest of the line and the
+    check line computed from the wrong result (``reveal``, trained), whose number misses the step's first operand;
+    then one backtrack per token, and the reference again."""
+    import re
+
+    from halluc_rl.data.tasks import check_line
+
+    problems = ArithmeticTask(seed=1, check=1).problems("train", 24)
+    source = PlausibleErrors(kinds=("check",), error_rate=1.0, max_errors=2)
+    bt = backtrack_token_id(tokenizer)
+    found = 0
+    for problem, example in zip(problems, build_examples(problems, tokenizer, source)):
+        prompt, response = encode_problem(problem, tokenizer)
+        assert example.visible_response() == response
+        kinds = [kind for kind, _, _ in example.spans]
+        mask = example.labels_mask()
+        for i, (kind, start, end) in enumerate(example.spans):
+            if kind != "error":
+                continue
+            found += 1
+            assert kinds[i + 1 : i + 3] == ["reveal", "backtrack"]
+            _, r_start, r_end = example.spans[i + 1]
+            _, b_start, b_end = example.spans[i + 2]
+            assert b_end - b_start == r_end - start and set(example.input_ids[b_start:b_end]) == {bt}
+            assert not any(mask[start:end]) and all(mask[r_start:b_end])  # the wrong digits masked, the check trained
+            before = tokenizer.decode(apply_actions(example.input_ids[len(prompt) : start], bt).visible_ids)
+            step = re.search(r"(\d+) ([-+*/]) (\d+) = (\d*)$", before)  # the step whose result goes wrong
+            wrong = step.group(4) + tokenizer.decode(example.input_ids[start:end]).strip()
+            reveal = tokenizer.decode(example.input_ids[r_start:r_end])
+            assert reveal == "\n" + check_line(int(wrong), step.group(2), int(step.group(3)))
+            assert not reveal.endswith(f"= {step.group(1)}")  # the check misses: the error shows
+    assert found >= len(problems)
+    plain = PlausibleErrors(kinds=("check",), error_rate=1.0).make_example(*encode_problem(PROBLEMS[0], tokenizer),
+                                                                           tokenizer)
+    assert plain.num_errors == 0  # no check lines, no check errors
 
 
 def test_divergent_spans():

@@ -122,3 +122,16 @@ def test_ablation_tasks_start_after_the_rows_they_build_on_longest_chain_first()
     assert (0, "+ PPO group, oracle PRM") in runnable and (1, "+ DPO, single-action pairs") not in runnable
     assert (1, "+ DPO, single-action pairs", "backtrack SFT, factorized head") in blocked
     assert (1, "+ PPO group, oracle PRM") not in runnable + [(s, n) for s, n, _ in blocked]  # waits on a blocked row
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--error_kinds", "digit", "typo"], "error_kinds: unknown value 'typo'"),
+    (["--task", "arithmetic:check=2"], "check must be 0"),
+    (["--max_new_tokens", "-1"], "max_new_tokens"),
+])
+def test_bad_demo_settings_are_one_line_before_anything_is_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "demo"
+    assert demo.main(["--output_dir", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -64,13 +64,15 @@ def rewound_positions(spans: Sequence[Span], length: int) -> list[int]:
 
 
 def deleted_from(spans: Sequence[Span], length: int) -> list[int]:
-    """For each token, the first index that may no longer attend to it: the end of its error/backtrack group for
-    errors and backtracks, ``length`` (never) for everything else."""
+    """For each token, the first index that may no longer attend to it: the end of its error group (error, reveal,
+    backtracks) for the tokens of that group, ``length`` (never) for everything else."""
     until = [length] * length
     group: list[tuple[int, int]] = []
     for kind, start, end in spans:
         if kind == "error":
             group = [(start, end)]
+        elif kind == "reveal":
+            group.append((start, end))
         elif kind == "backtrack":
             group.append((start, end))
             group_end = end

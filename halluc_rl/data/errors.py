@@ -9,7 +9,8 @@ Three error sources:
 
 * :class:`RandomTokenErrors` - random vocabulary tokens (special tokens never);
 * :class:`PlausibleErrors` - a wrong digit or operator token, or tokens of a later solution step written too early
-  (the mistake kinds of "Physics of Language Models, Part 2.2");
+  (the mistake kinds of "Physics of Language Models, Part 2.2"); on tasks with check lines, also a wrong result that
+  its check line exposes (``reveal`` tokens: an error seen only after the fact);
 * :class:`SelfGeneratedErrors` - the model's own sampled solutions, aligned to the reference; where they part, the
   model's divergent tokens become the error.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import random
+import re
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -30,14 +32,18 @@ import torch
 
 from halluc_rl.backtrack import apply_actions, backtrack_token_id
 from halluc_rl.data.grading import evaluate
-from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.data.tasks import CHECK_PREFIX, Problem, check_line, encode_problem
 
-SPAN_KINDS: tuple[str, ...] = ("prompt", "correct", "error", "backtrack", "correction")
-"""``correct``: reference tokens before the first error; ``correction``: reference tokens after a group of backtracks."""
+SPAN_KINDS: tuple[str, ...] = ("prompt", "correct", "error", "reveal", "backtrack", "correction")
+"""``correct``: reference tokens before the first error; ``reveal``: tokens typed after an error that are right
+given it and expose it (a check computed from a wrong result), deleted with it, and training targets (in the rewind
+layout their states are trained to backtrack instead, see :class:`PlausibleErrors`); ``correction``: reference
+tokens after a group of backtracks."""
 
 Span = tuple[str, int, int]
-ErrorPlan = tuple[int, list[int]]
-"""(position in the reference response, the error tokens typed there instead of ``response[position]``)."""
+ErrorPlan = tuple[int, list[int]] | tuple[int, list[int], int]
+"""(position in the reference response, the tokens typed there instead of ``response[position]``[, how many of
+those tokens, at the end, are ``reveal`` tokens (default 0)])."""
 
 
 def normalize_spans(spans: Iterable) -> list[Span]:
@@ -55,7 +61,7 @@ def spans_labels_mask(length: int, spans: Iterable, train_errors: bool = False) 
     """Which tokens are training targets: everything but the prompt and (unless ``train_errors``) the errors."""
     mask = [False] * length
     for kind, start, end in normalize_spans(spans):
-        trained = kind in ("correct", "backtrack", "correction") or (kind == "error" and train_errors)
+        trained = kind in ("correct", "reveal", "backtrack", "correction") or (kind == "error" and train_errors)
         mask[start:end] = [trained] * (end - start)
     return mask
 
@@ -97,8 +103,9 @@ def assemble_example(
 ) -> BacktrackExample:
     """The example that types each planned error at its position, deletes it, and continues the reference.
 
-    ``errors`` are ``(position, tokens)`` with strictly increasing positions inside the response; an error's first
-    token differs from the reference token it stands in for, and no error holds the backtrack token.
+    ``errors`` are ``(position, tokens[, reveal])`` with strictly increasing positions inside the response; an
+    error's first token differs from the reference token it stands in for, and no error holds the backtrack token.
+    The last ``reveal`` tokens (fewer than all) are a ``reveal`` span, the others an ``error`` span.
     """
     response = list(response_ids)
     ids: list[int] = list(prompt_ids)
@@ -110,13 +117,15 @@ def assemble_example(
             ids.extend(tokens)
 
     cursor, kind = 0, "correct"
-    for position, tokens in errors:
+    for position, tokens, *rest in errors:
+        reveal = int(rest[0]) if rest else 0
         if not cursor <= position < len(response) or (position == cursor and kind == "correction"):
             raise ValueError(f"error positions must increase strictly inside the response; got {position}")
-        if not tokens or tokens[0] == response[position] or backtrack_id in tokens:
-            raise ValueError(f"invalid error tokens {list(tokens)} at position {position}")
+        if not tokens or tokens[0] == response[position] or backtrack_id in tokens or not 0 <= reveal < len(tokens):
+            raise ValueError(f"invalid error tokens {list(tokens)} (reveal {reveal}) at position {position}")
         add(kind, response[cursor:position])
-        add("error", tokens)
+        add("error", tokens[: len(tokens) - reveal])
+        add("reveal", tokens[len(tokens) - reveal :])
         add("backtrack", [backtrack_id] * len(tokens))
         cursor, kind = position, "correction"
     add(kind, response[cursor:])
@@ -275,17 +284,20 @@ class _PositionalSource(ErrorSource):
         """Positions where this source can place an error."""
 
     @abstractmethod
-    def propose(self, response: list[int], position: int, length: int, tokenizer, rng: random.Random) -> list[int]:
-        """Error tokens of about ``length`` typed instead of ``response[position]`` (empty: none possible)."""
+    def propose(self, response: list[int], position: int, length: int, tokenizer, rng: random.Random
+                ) -> list[int] | tuple[list[int], int]:
+        """Error tokens of about ``length`` typed instead of ``response[position]`` (empty: none possible), or
+        ``(tokens, reveal)`` when the last ``reveal`` of them expose the error."""
 
     def plan(self, response: list[int], tokenizer, rng: random.Random, n: int) -> list[ErrorPlan]:
         """Up to ``n`` errors at distinct random positions of ``response``."""
         spots = self.candidates(response, tokenizer)
-        plans = []
+        plans: list[ErrorPlan] = []
         for position in sorted(rng.sample(spots, min(n, len(spots)))):
-            tokens = self.propose(response, position, rng.randint(*self.error_length), tokenizer, rng)
+            proposal = self.propose(response, position, rng.randint(*self.error_length), tokenizer, rng)
+            tokens, reveal = proposal if isinstance(proposal, tuple) else (proposal, 0)
             if tokens:
-                plans.append((position, tokens))
+                plans.append((position, tokens, reveal) if reveal else (position, tokens))
         return plans
 
     def plan_batch(
@@ -310,7 +322,8 @@ class RandomTokenErrors(_PositionalSource):
         return [first, *(rng.choice(pool) for _ in range(length - 1))]
 
 
-PLAUSIBLE_KINDS: tuple[str, ...] = ("digit", "operator", "step")
+PLAUSIBLE_KINDS: tuple[str, ...] = ("digit", "operator", "step", "check")
+_STEP_RE = re.compile(r"^\s*(\d+) ([-+*/]) (\d+) = (\d+)\s*$")
 
 
 class PlausibleErrors(_PositionalSource):
@@ -318,7 +331,13 @@ class PlausibleErrors(_PositionalSource):
 
     ``digit``/``operator``: the reference token is swapped for another of the same class and shape, then the reference
     goes on for the rest of the error length (the mistake is noticed a few tokens late). ``step``: at the start of a
-    line, the first tokens of a later line are typed (skipping ahead, cf. Physics of LMs 2.2).
+    line, the first tokens of a later line are typed (skipping ahead, cf. Physics of LMs 2.2). ``check``: only where a
+    step's result is followed by a check line (``ArithmeticTask(check=1)``): a digit of the result is wrong, the step
+    line ends, and the check line is written from the wrong result, right given it, up to the number that misses the
+    step's first operand (the ``reveal``): an error seen only after the fact. In the default rewind layout every state
+    of the reveal is later backtracked from, and that label wins (:func:`halluc_rl.backtrack.rewind_layout`): the
+    policy learns to delete a result once its check has exposed it, with the reveal as input only. The retry layout
+    also trains the reveal's tokens.
     """
 
     def __init__(
@@ -335,7 +354,47 @@ class PlausibleErrors(_PositionalSource):
     def _line_starts(response: list[int], newline_ids: frozenset[int]) -> list[int]:
         return [0] + [i + 1 for i, t in enumerate(response[:-1]) if t in newline_ids]
 
-    def _kinds_at(self, response: list[int], position: int, classes: VocabularyClasses, starts: list[int]) -> list[str]:
+    def _checked_results(self, response: list[int], tokenizer, classes: VocabularyClasses
+                         ) -> dict[int, tuple[int, int, str, int]]:
+        """Digit tokens of results that a check line follows: position -> (first result token, the step's newline,
+        operator, operand). Empty unless ``check`` is a kind and the tokenizer writes a check line alike alone and
+        in context (so the wrong check's tokens are those generation would see)."""
+        if "check" not in self.kinds:
+            return {}
+        newlines = [i for i, t in enumerate(response) if t in classes.newline_ids]
+        found = {}
+        for j, end in enumerate(newlines[:-1]):
+            start, check_end = (newlines[j - 1] + 1 if j else 0), newlines[j + 1]
+            step = _STEP_RE.match(tokenizer.decode(response[start:end]))
+            check = tokenizer.decode(response[end + 1 : check_end])
+            if not step or not check.startswith(CHECK_PREFIX) or tokenizer(
+                    check, add_special_tokens=False)["input_ids"] != response[end + 1 : check_end]:
+                continue
+            first = end
+            while first > start and tokenizer.decode([response[first - 1]]).strip().isdigit():
+                first -= 1
+            if tokenizer.decode(response[first:end]).strip() == step.group(4):
+                found.update({p: (first, end, step.group(2), int(step.group(3))) for p in range(first, end)
+                              if response[p] in classes.digit_groups})
+        return found
+
+    def _wrong_checks(self, response: list[int], position: int, tokenizer, classes: VocabularyClasses,
+                      found: tuple[int, int, str, int]) -> list[tuple[int, str]]:
+        """(wrong token at ``position``, the check line written from the result it makes) for each wrong digit whose
+        check is an integer (a leading zero is never written)."""
+        first, end, op, operand = found
+        pieces = [tokenizer.decode([t]).strip() for t in response[first:end]]
+        options = []
+        for wrong in classes.digit_groups[response[position]]:
+            digits = tokenizer.decode([wrong]).strip()
+            value = "".join([*pieces[: position - first], digits, *pieces[position - first + 1 :]])
+            line = check_line(int(value), op, operand)
+            if wrong != response[position] and not line.endswith("None") and (len(value) == 1 or value[0] != "0"):
+                options.append((wrong, line))
+        return options
+
+    def _kinds_at(self, response: list[int], position: int, classes: VocabularyClasses, starts: list[int],
+                  checks: dict | None = None) -> list[str]:
         token = response[position]
         kinds = []
         if "digit" in self.kinds and token in classes.digit_groups:
@@ -346,18 +405,31 @@ class PlausibleErrors(_PositionalSource):
             q > position and response[q] != token for q in starts
         ):
             kinds.append("step")
+        if checks and position in checks:
+            kinds.append("check")
         return kinds
 
     def candidates(self, response: list[int], tokenizer) -> list[int]:
         classes = vocabulary_classes(tokenizer)
         starts = self._line_starts(response, classes.newline_ids)
-        return [p for p in range(len(response)) if self._kinds_at(response, p, classes, starts)]
+        checks = self._checked_results(response, tokenizer, classes)
+        return [p for p in range(len(response)) if self._kinds_at(response, p, classes, starts, checks)]
 
-    def propose(self, response: list[int], position: int, length: int, tokenizer, rng: random.Random) -> list[int]:
+    def propose(self, response: list[int], position: int, length: int, tokenizer, rng: random.Random
+                ) -> list[int] | tuple[list[int], int]:
         classes = vocabulary_classes(tokenizer)
         starts = self._line_starts(response, classes.newline_ids)
-        kind = rng.choice(self._kinds_at(response, position, classes, starts))
+        checks = self._checked_results(response, tokenizer, classes)
+        kind = rng.choice(self._kinds_at(response, position, classes, starts, checks))
         token = response[position]
+        if kind == "check":
+            first, end, _, _ = checks[position]
+            options = self._wrong_checks(response, position, tokenizer, classes, checks[position])
+            if not options:
+                return []
+            wrong, line = rng.choice(options)
+            reveal = [response[end], *tokenizer(line, add_special_tokens=False)["input_ids"]]  # newline, check line
+            return [wrong, *response[position + 1 : end], *reveal], len(reveal)
         if kind == "step":
             later = rng.choice([q for q in starts if q > position and response[q] != token])
             tokens = response[later : later + length]

@@ -278,6 +278,18 @@ NAMES: tuple[str, ...] = ("Tom", "Ann", "Maria", "Ben", "Lena", "Omar", "Mia", "
 ITEMS: tuple[str, ...] = ("apples", "pens", "stickers", "marbles", "books", "cookies", "shells", "cards")
 OPERATIONS: tuple[str, ...] = ("add", "sub", "mul", "div")
 
+CHECK_PREFIX = "check "
+INVERSE: dict[str, str] = {"+": "-", "-": "+", "*": "/", "/": "*"}
+
+
+def check_line(result: int, op: str, operand: int) -> str:
+    """The line that undoes a step ``a op operand = result``: ``check result inv operand = a``, computed from
+    ``result`` as written (so a wrong result gives a check that misses ``a``; None where that is no integer)."""
+    back = {"+": result - operand, "-": result + operand, "*": result / operand, "/": result * operand}[op]
+    value = int(back) if float(back).is_integer() and back >= 0 else None
+    return f"{CHECK_PREFIX}{result} {INVERSE[op]} {operand} = {value}"
+
+
 _SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
 """A question's split is fixed by a hash of its text (10 buckets), so no question is in two splits."""
 
@@ -294,6 +306,11 @@ class ArithmeticTask:
     added or removed amounts, ``max_factor`` the largest multiplier or divisor: raise them to make problems a tiny
     model cannot solve. Every intermediate result is a non-negative integer (products stay at most
     ``max_value * max_factor``). Splits are disjoint: a question belongs to exactly one split, by a hash of its text.
+
+    ``check=1`` follows each step ``a op b = c`` with a line that undoes it, ``check c inv b = a`` (``inv`` the
+    inverse operation; :data:`CHECK_PREFIX`). A wrong result then shows on the next line, as a check that does not
+    come back to ``a``: an error a solver can see only after the fact, which is where backtracking can help even
+    greedy decoding (docs/efficacy.md). The questions, answers and splits are the same as with ``check=0``.
     """
 
     min_steps: int = 2
@@ -303,6 +320,7 @@ class ArithmeticTask:
     max_factor: int = 5
     operations: tuple[str, ...] = OPERATIONS
     max_attempts: int = 1000
+    check: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.max_steps:
@@ -312,6 +330,8 @@ class ArithmeticTask:
         unknown = set(self.operations) - set(OPERATIONS)
         if unknown or not self.operations:
             raise ValueError(f"operations must be a non-empty subset of {OPERATIONS}, got {self.operations}")
+        if self.check not in (0, 1):
+            raise ValueError(f"check must be 0 (no check lines) or 1 (a check line after each step), got {self.check}")
         self._sample_rng = random.Random(f"{self.seed}:sample")
 
     def _step(self, rng: random.Random, value: int, name: str, item: str) -> tuple[str, str, int, int]:
@@ -349,6 +369,8 @@ class ArithmeticTask:
             sentence, op, k, result = self._step(rng, value, name, item)
             sentences.append(sentence)
             lines.append(f"{value} {op} {k} = {result}")
+            if self.check:
+                lines.append(check_line(result, op, k))
             value = result
         sentences.append(f"How many {item} does {name} have now?")
         return Problem(" ".join(sentences), "\n".join([*lines, f"#### {value}"]), str(value))
@@ -424,7 +446,7 @@ def load_reasoning_gym(
 TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
 
 
-TASK_KNOBS: dict[str, type] = {"min_steps": int, "max_steps": int, "max_value": int, "max_factor": int}
+TASK_KNOBS: dict[str, type] = {"min_steps": int, "max_steps": int, "max_value": int, "max_factor": int, "check": int}
 """The :class:`ArithmeticTask` settings a task name can carry: ``arithmetic:max_value=50,max_steps=4``."""
 
 
@@ -450,6 +472,11 @@ def parse_task(spec: str) -> tuple[str, dict]:
             raise ValueError(f"task: cannot read {item!r} in {spec!r}; arithmetic takes "
                              f"{', '.join(f'{k}=N' for k in TASK_KNOBS)}")
         knobs[key] = TASK_KNOBS[key](value)
+    if name == "arithmetic":
+        try:
+            ArithmeticTask(**knobs)  # settings that do not go together fail here, not when the problems are drawn
+        except ValueError as err:
+            raise ValueError(f"task: {err} in {spec!r}") from err
     return name, knobs
 
 
