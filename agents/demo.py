@@ -82,6 +82,9 @@ class DemoArgs:
     max_new_tokens: int = field(default=0, metadata={
         "help": "Longest answer, in actions, for DPO sampling, PPO rollouts and evaluation (0: 128, 96 and 128, "
                 "sized for the default task; check lines double an answer)."})
+    use_lora: bool = field(default=True, metadata={
+        "help": "LoRA policies (true) or full fine-tuning in every stage (false; PPO then needs --kl_coef 0: its KL "
+                "reference is the policy with its adapter disabled)."})
     ablate: bool = field(default=False, metadata={"help": "Run every ablation row over --seeds seeds."})
     seeds: int = field(default=3, metadata={"help": "--ablate: seeds per row."})
 
@@ -98,8 +101,9 @@ def sft_stage(args: DemoArgs, out: Path, error_source: str, head: str) -> Path:
                        learning_rate=args.sft_learning_rate, lr_scheduler_type="cosine", warmup_steps=5,
                        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True,
                        gradient_checkpointing=False, seed=args.seed, max_length=512, disable_tqdm=False)
-    if not finished_run(out, [script, ModelArgs(), LoraArgs(), config]):  # a rerun skips a finished stage
-        train(script, ModelArgs(), LoraArgs(), config)
+    lora = LoraArgs(use_lora=args.use_lora)
+    if not finished_run(out, [script, ModelArgs(), lora, config]):  # a rerun skips a finished stage
+        train(script, ModelArgs(), lora, config)
     return out
 
 
@@ -114,8 +118,9 @@ def dpo_stage(args: DemoArgs, out: Path, start: Path, form: str) -> Path:
                        learning_rate=args.dpo_learning_rate, lr_scheduler_type="constant", beta=args.dpo_beta,
                        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True,
                        gradient_checkpointing=False, seed=args.seed)
-    if not finished_run(out, [script, ModelArgs(model_name_or_path=str(start)), LoraArgs(), config]):
-        train(script, ModelArgs(model_name_or_path=str(start)), LoraArgs(), config)
+    configs = [script, ModelArgs(model_name_or_path=str(start)), LoraArgs(use_lora=args.use_lora), config]
+    if not finished_run(out, configs):
+        train(*configs)
     return out
 
 
@@ -130,7 +135,7 @@ def ppo_stage(args: DemoArgs, out: Path, start: Path, backtrack: bool = True, **
                     kl_coef=args.kl_coef, backtrack_cost=args.backtrack_cost, save_every=25, seed=args.seed,
                     report_to="none")
     settings.update(overrides)
-    configs = [PPOArgs(**settings), ModelArgs(model_name_or_path=str(start)), LoraArgs()]
+    configs = [PPOArgs(**settings), ModelArgs(model_name_or_path=str(start)), LoraArgs(use_lora=args.use_lora)]
     if not finished_run(out, configs):
         train(*configs)
     return out
@@ -221,6 +226,9 @@ def demo(args: DemoArgs) -> int:
                    "ppo_updates", "ppo_learning_rate", "seeds")
     check_positive(args, "num_samples", "dpo_steps", "kl_coef", "backtrack_cost", "max_new_tokens",
                    allow_zero=("num_samples", "dpo_steps", "kl_coef", "backtrack_cost", "max_new_tokens"))
+    if not args.use_lora and args.kl_coef:
+        raise UsageError("use_lora: a fully fine-tuned policy has no adapter to disable for PPO's KL reference; add "
+                         "--kl_coef 0 (or keep use_lora true)")
     for kind in args.error_kinds or [""]:
         check_choice("error_kinds", kind, PLAUSIBLE_KINDS)
     if args.ablate:

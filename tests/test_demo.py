@@ -128,6 +128,7 @@ def test_ablation_tasks_start_after_the_rows_they_build_on_longest_chain_first()
     (["--error_kinds", "digit", "typo"], "error_kinds: unknown value 'typo'"),
     (["--task", "arithmetic:check=2"], "check must be 0"),
     (["--max_new_tokens", "-1"], "max_new_tokens"),
+    (["--use_lora", "false"], "add --kl_coef 0"),
 ])
 def test_bad_demo_settings_are_one_line_before_anything_is_written(tmp_path, capsys, argv, message):
     out = tmp_path / "demo"
