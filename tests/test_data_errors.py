@@ -154,7 +154,8 @@ def test_plausible_error_kinds(tokenizer, kind):
     assert found >= len(PROBLEMS)
 
 
-def test_check_errors_are_revealed_by_a_check_written_from_the_wrong_result(tokenizer):
+@pytest.mark.parametrize("check, prefix", [(1, "check "), (2, " ")])
+def test_check_errors_are_revealed_by_a_check_written_from_the_wrong_result(tokenizer, check, prefix):
     """``check`` errors on a task with check lines: a wrong result digit (masked), then the rest of the line and the
     check line computed from the wrong result (``reveal``, trained), whose number misses the step's first operand;
     then one backtrack per token, and the reference again."""
@@ -162,7 +163,7 @@ def test_check_errors_are_revealed_by_a_check_written_from_the_wrong_result(toke
 
     from halluc_rl.data.tasks import check_line
 
-    problems = ArithmeticTask(seed=1, check=1).problems("train", 24)
+    problems = ArithmeticTask(seed=1, check=check).problems("train", 24)
     source = PlausibleErrors(kinds=("check",), error_rate=1.0, max_errors=2)
     bt = backtrack_token_id(tokenizer)
     found = 0
@@ -184,7 +185,7 @@ def test_check_errors_are_revealed_by_a_check_written_from_the_wrong_result(toke
             step = re.search(r"(\d+) ([-+*/]) (\d+) = (\d*)$", before)  # the step whose result goes wrong
             wrong = step.group(4) + tokenizer.decode(example.input_ids[start:end]).strip()
             reveal = tokenizer.decode(example.input_ids[r_start:r_end])
-            assert reveal == "\n" + check_line(int(wrong), step.group(2), int(step.group(3)))
+            assert reveal == "\n" + check_line(int(wrong), step.group(2), int(step.group(3)), prefix)
             assert not reveal.endswith(f"= {step.group(1)}")  # the check misses: the error shows
     assert found >= len(problems)
     plain = PlausibleErrors(kinds=("check",), error_rate=1.0).make_example(*encode_problem(PROBLEMS[0], tokenizer),

@@ -273,11 +273,12 @@ def test_harder_settings_give_longer_problems_with_bigger_numbers():
         ArithmeticTask()[-1]
 
 
-def test_check_lines_undo_each_step_and_keep_questions_answers_and_splits():
+@pytest.mark.parametrize("check, prefix", [(1, "check "), (2, " ")])
+def test_check_lines_undo_each_step_and_keep_questions_answers_and_splits(check, prefix):
     from halluc_rl.data.tasks import check_line, load_problems
 
-    plain, checked = ArithmeticTask(seed=2).problems("test", 60), load_problems("arithmetic:check=1", "test", 60,
-                                                                                  seed=2)
+    plain = ArithmeticTask(seed=2).problems("test", 60)
+    checked = load_problems(f"arithmetic:check={check}", "test", 60, seed=2)
     ops = set()
     for p, q in zip(plain, checked):
         assert (q.question, q.answer) == (p.question, p.answer)
@@ -287,13 +288,13 @@ def test_check_lines_undo_each_step_and_keep_questions_answers_and_splits():
         for step, check in zip(steps, checks):
             a, op, b, c = LINE.fullmatch(step).groups()
             inverse = {"+": "-", "-": "+", "*": "/", "/": "*"}[op]
-            assert check == f"check {c} {inverse} {b} = {a}"  # undoes the step, back to its first operand
+            assert check == f"{prefix}{c} {inverse} {b} = {a}"  # undoes the step, back to its first operand
             ops.add(op)
     assert ops == {"+", "-", "*", "/"}
     assert check_line(24, "+", 8) == "check 24 - 8 = 16"  # from a wrong result (23 is right): misses 15
-    assert check_line(26, "*", 5) == "check 26 / 5 = None"  # no integer: never typed as an error
+    assert check_line(26, "*", 5, " ") == " 26 / 5 = None"  # no integer: never typed as an error
     with pytest.raises(ValueError, match="check must be 0"):
-        ArithmeticTask(check=2)
+        ArithmeticTask(check=3)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_ablation_tasks_start_after_the_rows_they_build_on_longest_chain_first()
 
 @pytest.mark.parametrize("argv, message", [
     (["--error_kinds", "digit", "typo"], "error_kinds: unknown value 'typo'"),
-    (["--task", "arithmetic:check=2"], "check must be 0"),
+    (["--task", "arithmetic:check=3"], "check must be 0"),
     (["--max_new_tokens", "-1"], "max_new_tokens"),
     (["--use_lora", "false"], "add --kl_coef 0"),
 ])

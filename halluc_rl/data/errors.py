@@ -15,7 +15,8 @@ Three error sources:
   model's divergent tokens become the error.
 
 Token classes (digit, operator, newline, special) are decided once per vocabulary id; text is never decoded and
-re-encoded to find errors.
+re-encoded to find errors, except for a ``check`` error, whose check line needs the numbers of its step (and is used
+only where the tokenizer encodes that line alone as it does in context).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from halluc_rl.backtrack import apply_actions, backtrack_token_id
 from halluc_rl.data.grading import evaluate
-from halluc_rl.data.tasks import CHECK_PREFIX, Problem, check_line, encode_problem
+from halluc_rl.data.tasks import CHECK_PREFIXES, INVERSE, Problem, check_line, encode_problem
 
 SPAN_KINDS: tuple[str, ...] = ("prompt", "correct", "error", "reveal", "backtrack", "correction")
 """``correct``: reference tokens before the first error; ``reveal``: tokens typed after an error that are right
@@ -332,8 +333,8 @@ class PlausibleErrors(_PositionalSource):
     ``digit``/``operator``: the reference token is swapped for another of the same class and shape, then the reference
     goes on for the rest of the error length (the mistake is noticed a few tokens late). ``step``: at the start of a
     line, the first tokens of a later line are typed (skipping ahead, cf. Physics of LMs 2.2). ``check``: only where a
-    step's result is followed by a check line (``ArithmeticTask(check=1)``): a digit of the result is wrong, the step
-    line ends, and the check line is written from the wrong result, right given it, up to the number that misses the
+    step's result is followed by a check line (``ArithmeticTask(check=1)`` or ``check=2``): a digit of the result is
+    wrong, the step line ends, and the check line is written from the wrong result, right given it, up to the number that misses the
     step's first operand (the ``reveal``): an error seen only after the fact. In the default rewind layout every state
     of the reveal is later backtracked from, and that label wins (:func:`halluc_rl.backtrack.rewind_layout`): the
     policy learns to delete a result once its check has exposed it, with the reveal as input only. The retry layout
@@ -355,10 +356,11 @@ class PlausibleErrors(_PositionalSource):
         return [0] + [i + 1 for i, t in enumerate(response[:-1]) if t in newline_ids]
 
     def _checked_results(self, response: list[int], tokenizer, classes: VocabularyClasses
-                         ) -> dict[int, tuple[int, int, str, int]]:
-        """Digit tokens of results that a check line follows: position -> (first result token, the step's newline,
-        operator, operand). Empty unless ``check`` is a kind and the tokenizer writes a check line alike alone and
-        in context (so the wrong check's tokens are those generation would see)."""
+                         ) -> dict[int, tuple[int, int, str, int, str]]:
+        """Digit tokens of results that a check line follows (the next line undoes the step, with one of
+        :data:`~halluc_rl.data.tasks.CHECK_PREFIXES`): position -> (first result token, the step's newline,
+        operator, operand, the check's prefix). Empty unless ``check`` is a kind and the tokenizer encodes the check
+        line alone as in context (so a wrong check's tokens are those generation would see)."""
         if "check" not in self.kinds:
             return {}
         newlines = [i for i, t in enumerate(response) if t in classes.newline_ids]
@@ -367,28 +369,31 @@ class PlausibleErrors(_PositionalSource):
             start, check_end = (newlines[j - 1] + 1 if j else 0), newlines[j + 1]
             step = _STEP_RE.match(tokenizer.decode(response[start:end]))
             check = tokenizer.decode(response[end + 1 : check_end])
-            if not step or not check.startswith(CHECK_PREFIX) or tokenizer(
-                    check, add_special_tokens=False)["input_ids"] != response[end + 1 : check_end]:
+            if not step:
+                continue
+            a, op, b, c = step.groups()
+            prefix = next((p for p in CHECK_PREFIXES.values() if check == f"{p}{c} {INVERSE[op]} {b} = {a}"), None)
+            if prefix is None or tokenizer(check, add_special_tokens=False)["input_ids"] != response[end + 1 : check_end]:
                 continue
             first = end
             while first > start and tokenizer.decode([response[first - 1]]).strip().isdigit():
                 first -= 1
-            if tokenizer.decode(response[first:end]).strip() == step.group(4):
-                found.update({p: (first, end, step.group(2), int(step.group(3))) for p in range(first, end)
+            if tokenizer.decode(response[first:end]).strip() == c:
+                found.update({p: (first, end, op, int(b), prefix) for p in range(first, end)
                               if response[p] in classes.digit_groups})
         return found
 
     def _wrong_checks(self, response: list[int], position: int, tokenizer, classes: VocabularyClasses,
-                      found: tuple[int, int, str, int]) -> list[tuple[int, str]]:
+                      found: tuple[int, int, str, int, str]) -> list[tuple[int, str]]:
         """(wrong token at ``position``, the check line written from the result it makes) for each wrong digit whose
         check is an integer (a leading zero is never written)."""
-        first, end, op, operand = found
+        first, end, op, operand, prefix = found
         pieces = [tokenizer.decode([t]).strip() for t in response[first:end]]
         options = []
         for wrong in classes.digit_groups[response[position]]:
             digits = tokenizer.decode([wrong]).strip()
             value = "".join([*pieces[: position - first], digits, *pieces[position - first + 1 :]])
-            line = check_line(int(value), op, operand)
+            line = check_line(int(value), op, operand, prefix)
             if wrong != response[position] and not line.endswith("None") and (len(value) == 1 or value[0] != "0"):
                 options.append((wrong, line))
         return options
@@ -423,7 +428,7 @@ class PlausibleErrors(_PositionalSource):
         kind = rng.choice(self._kinds_at(response, position, classes, starts, checks))
         token = response[position]
         if kind == "check":
-            first, end, _, _ = checks[position]
+            end = checks[position][1]
             options = self._wrong_checks(response, position, tokenizer, classes, checks[position])
             if not options:
                 return []

@@ -278,16 +278,18 @@ NAMES: tuple[str, ...] = ("Tom", "Ann", "Maria", "Ben", "Lena", "Omar", "Mia", "
 ITEMS: tuple[str, ...] = ("apples", "pens", "stickers", "marbles", "books", "cookies", "shells", "cards")
 OPERATIONS: tuple[str, ...] = ("add", "sub", "mul", "div")
 
-CHECK_PREFIX = "check "
+CHECK_PREFIXES: dict[int, str] = {1: "check ", 2: " "}
+"""How a check line starts, by ``ArithmeticTask.check``: 1 the word ``check`` (new tokens to a model pretrained on
+the plain format), 2 one space (an indented line of digits and operators only)."""
 INVERSE: dict[str, str] = {"+": "-", "-": "+", "*": "/", "/": "*"}
 
 
-def check_line(result: int, op: str, operand: int) -> str:
-    """The line that undoes a step ``a op operand = result``: ``check result inv operand = a``, computed from
+def check_line(result: int, op: str, operand: int, prefix: str = CHECK_PREFIXES[1]) -> str:
+    """The line that undoes a step ``a op operand = result``: ``<prefix>result inv operand = a``, computed from
     ``result`` as written (so a wrong result gives a check that misses ``a``; None where that is no integer)."""
     back = {"+": result - operand, "-": result + operand, "*": result / operand, "/": result * operand}[op]
     value = int(back) if float(back).is_integer() and back >= 0 else None
-    return f"{CHECK_PREFIX}{result} {INVERSE[op]} {operand} = {value}"
+    return f"{prefix}{result} {INVERSE[op]} {operand} = {value}"
 
 
 _SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
@@ -308,7 +310,7 @@ class ArithmeticTask:
     ``max_value * max_factor``). Splits are disjoint: a question belongs to exactly one split, by a hash of its text.
 
     ``check=1`` follows each step ``a op b = c`` with a line that undoes it, ``check c inv b = a`` (``inv`` the
-    inverse operation; :data:`CHECK_PREFIX`). A wrong result then shows on the next line, as a check that does not
+    inverse operation); ``check=2`` writes that line indented by one space instead of the word (:data:`CHECK_PREFIXES`). A wrong result then shows on the next line, as a check that does not
     come back to ``a``: an error a solver can see only after the fact, which is where backtracking can help even
     greedy decoding (docs/efficacy.md). The questions, answers and splits are the same as with ``check=0``.
     """
@@ -330,8 +332,9 @@ class ArithmeticTask:
         unknown = set(self.operations) - set(OPERATIONS)
         if unknown or not self.operations:
             raise ValueError(f"operations must be a non-empty subset of {OPERATIONS}, got {self.operations}")
-        if self.check not in (0, 1):
-            raise ValueError(f"check must be 0 (no check lines) or 1 (a check line after each step), got {self.check}")
+        if self.check not in (0, *CHECK_PREFIXES):
+            raise ValueError(f"check must be 0 (no check lines), 1 ('check c - b = a' after each step) or 2 (the same "
+                             f"line indented, without the word), got {self.check}")
         self._sample_rng = random.Random(f"{self.seed}:sample")
 
     def _step(self, rng: random.Random, value: int, name: str, item: str) -> tuple[str, str, int, int]:
@@ -370,7 +373,7 @@ class ArithmeticTask:
             sentences.append(sentence)
             lines.append(f"{value} {op} {k} = {result}")
             if self.check:
-                lines.append(check_line(result, op, k))
+                lines.append(check_line(result, op, k, CHECK_PREFIXES[self.check]))
             value = result
         sentences.append(f"How many {item} does {name} have now?")
         return Problem(" ".join(sentences), "\n".join([*lines, f"#### {value}"]), str(value))
