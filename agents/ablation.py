@@ -2,8 +2,9 @@
 
 Each row changes one thing from the default pipeline (``halluc-rl demo``) and reuses the stages it shares with it
 (trained once per seed). Every (seed, row) pair is a task for a pool of worker processes, one per core and one
-thread each (tiny models gain nothing from a second thread); a task starts once the rows it builds on are done. The table gives each figure's mean and standard deviation over
-the seeds; ``ablation.json`` keeps every seed's figures, the settings and the time taken.
+thread each (tiny models gain nothing from a second thread); a task starts once the rows it builds on are done. The
+table gives each figure's mean and standard deviation over the seeds; ``ablation.json`` keeps every seed's figures,
+the settings and the time taken.
 """
 
 from __future__ import annotations

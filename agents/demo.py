@@ -64,7 +64,8 @@ class DemoArgs:
     sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT (LoRA) learning rate."})
     error_rate: float = field(default=0.25, metadata={"help": "Share of SFT examples with plausible errors."})
     error_kinds: list[str] = field(default_factory=lambda: list(PLAUSIBLE_KINDS), metadata={
-        "help": "The plausible errors typed in SFT (digit, operator, step, check; check needs arithmetic:check=1)."})
+        "help": "The plausible errors typed in SFT (digit, operator, step, check; check needs arithmetic:check=1 "
+                "or 2)."})
     backtrack_head: str = field(default="factorized", metadata={"help": "factorized or softmax."})
     dpo_steps: int = field(default=60, metadata={"help": "DPO optimiser steps (0: skip the stage)."})
     dpo_form: str = field(default="single", metadata={"help": "single or continuation pairs."})

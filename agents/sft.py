@@ -51,7 +51,7 @@ class SFTScriptArgs(RunArgs):
     error_rate: float = field(default=0.5, metadata={"help": "Share of examples that get errors."})
     error_kinds: list[str] = field(default_factory=lambda: list(PLAUSIBLE_KINDS), metadata={
         "help": "plausible: the mistakes typed (digit, operator, step, check; check needs a task with check lines, "
-                "arithmetic:check=1)."})
+                "arithmetic:check=1 or 2)."})
     error_length_min: int = field(default=1, metadata={"help": "Shortest error, in tokens."})
     error_length_max: int = field(default=2, metadata={"help": "Longest error, in tokens."})
     self_error_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of self errors."})

@@ -334,11 +334,11 @@ class PlausibleErrors(_PositionalSource):
     goes on for the rest of the error length (the mistake is noticed a few tokens late). ``step``: at the start of a
     line, the first tokens of a later line are typed (skipping ahead, cf. Physics of LMs 2.2). ``check``: only where a
     step's result is followed by a check line (``ArithmeticTask(check=1)`` or ``check=2``): a digit of the result is
-    wrong, the step line ends, and the check line is written from the wrong result, right given it, up to the number that misses the
-    step's first operand (the ``reveal``): an error seen only after the fact. In the default rewind layout every state
-    of the reveal is later backtracked from, and that label wins (:func:`halluc_rl.backtrack.rewind_layout`): the
-    policy learns to delete a result once its check has exposed it, with the reveal as input only. The retry layout
-    also trains the reveal's tokens.
+    wrong, the step line ends, and the check line is written from the wrong result, right given it, up to the number
+    that misses the step's first operand (the ``reveal``): an error seen only after the fact. In the default rewind
+    layout every state of the reveal is later backtracked from, and that label wins
+    (:func:`halluc_rl.backtrack.rewind_layout`): the policy learns to delete a result once its check has exposed it,
+    with the reveal as input only. The retry layout also trains the reveal's tokens.
     """
 
     def __init__(
@@ -373,7 +373,8 @@ class PlausibleErrors(_PositionalSource):
                 continue
             a, op, b, c = step.groups()
             prefix = next((p for p in CHECK_PREFIXES.values() if check == f"{p}{c} {INVERSE[op]} {b} = {a}"), None)
-            if prefix is None or tokenizer(check, add_special_tokens=False)["input_ids"] != response[end + 1 : check_end]:
+            alone = tokenizer(check, add_special_tokens=False)["input_ids"]
+            if prefix is None or alone != response[end + 1 : check_end]:
                 continue
             first = end
             while first > start and tokenizer.decode([response[first - 1]]).strip().isdigit():

@@ -309,10 +309,11 @@ class ArithmeticTask:
     model cannot solve. Every intermediate result is a non-negative integer (products stay at most
     ``max_value * max_factor``). Splits are disjoint: a question belongs to exactly one split, by a hash of its text.
 
-    ``check=1`` follows each step ``a op b = c`` with a line that undoes it, ``check c inv b = a`` (``inv`` the
-    inverse operation); ``check=2`` writes that line indented by one space instead of the word (:data:`CHECK_PREFIXES`). A wrong result then shows on the next line, as a check that does not
-    come back to ``a``: an error a solver can see only after the fact, which is where backtracking can help even
-    greedy decoding (docs/efficacy.md). The questions, answers and splits are the same as with ``check=0``.
+    ``check=1`` follows each step ``a op b = c`` with a line that undoes it, ``check c inv b = a`` (``inv`` the inverse
+    operation); ``check=2`` writes that line indented by one space instead of the word (:data:`CHECK_PREFIXES`). A
+    wrong result then shows on the next line, as a check that does not come back to ``a``: an error a solver can see
+    only after the fact, which is where backtracking can help even greedy decoding (docs/efficacy.md). The
+    questions, answers and splits are the same as with ``check=0``.
     """
 
     min_steps: int = 2
