@@ -19,7 +19,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from halluc_rl.agents.demo import DemoArgs, dpo_stage, evaluate_stage, ppo_stage, sft_stage
-from halluc_rl.runs import atomic_write_json, atomic_write_text, finished_run
+from halluc_rl.atomic import atomic_write_json, atomic_write_text
+from halluc_rl.checkpoints import finished_run
 
 FIGURES: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_sampled_no_backtrack",
                             "sampled_backtrack_rate", "sampled_backtrack_precision", "sampled_false_backtrack_rate",

@@ -25,22 +25,23 @@ from pathlib import Path
 
 import torch
 
-from halluc_rl.config import LoraArgs, ModelArgs, save_config
-from halluc_rl.data.errors import PLAUSIBLE_KINDS
-from halluc_rl.data.tasks import load_problems
-from halluc_rl.evaluation import evaluate_policy, print_table, write_report
-from halluc_rl.modeling import load_policy
-from halluc_rl.runs import (
+from halluc_rl.atomic import atomic_write_json, atomic_write_text
+from halluc_rl.checkpoints import finished_run
+from halluc_rl.config import (
+    LoraArgs,
+    ModelArgs,
     UsageError,
-    atomic_write_json,
-    atomic_write_text,
     check_choice,
     check_positive,
     check_task,
     cli,
-    finished_run,
     parse_cli,
+    save_config,
 )
+from halluc_rl.data.errors import PLAUSIBLE_KINDS
+from halluc_rl.data.tasks import load_problems
+from halluc_rl.evaluation import evaluate_policy, print_table, write_report
+from halluc_rl.modeling import load_policy
 
 STAGES: tuple[str, ...] = ("base", "plain_sft", "backtrack_sft", "dpo", "ppo", "control_ppo")
 KEYS: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_greedy_no_backtrack",

@@ -25,17 +25,12 @@ from transformers import TrainerCallback
 from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
-from halluc_rl.data.tasks import load_problems, task_name
-from halluc_rl.generation import BacktrackGenerationConfig
-from halluc_rl.modeling import (
-    load_start_policy,
-    policy_backtrack,
-    sync_reference_adapter,
-)
-from halluc_rl.pairs import build_pairs, find_errors
-from halluc_rl.runs import (
-    SafeTrainerMixin,
+from halluc_rl.adapters import sync_reference_adapter
+from halluc_rl.config import (
+    LoraArgs,
+    ModelArgs,
+    PrecisionDefaults,
+    RunArgs,
     UsageError,
     check_choice,
     check_model_name,
@@ -43,9 +38,14 @@ from halluc_rl.runs import (
     check_task,
     cli,
     parse_cli,
-    run_training,
 )
+from halluc_rl.data.tasks import load_problems, task_name
+from halluc_rl.generation import BacktrackGenerationConfig
+from halluc_rl.modeling import load_start_policy
+from halluc_rl.pairs import build_pairs, find_errors
+from halluc_rl.policy import policy_backtrack
 from halluc_rl.scoring import score_actions
+from halluc_rl.stages import SafeTrainerMixin, run_training
 
 
 @dataclass

@@ -17,12 +17,7 @@ from pathlib import Path
 
 import torch
 
-from halluc_rl.config import save_config
-from halluc_rl.data import tasks
-from halluc_rl.data.tasks import SPLITS, Problem, task_name
-from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
-from halluc_rl.modeling import is_known_name
-from halluc_rl.runs import (
+from halluc_rl.config import (
     UsageError,
     check_choice,
     check_model_name,
@@ -30,7 +25,12 @@ from halluc_rl.runs import (
     check_task,
     cli,
     parse_cli,
+    save_config,
 )
+from halluc_rl.data import tasks
+from halluc_rl.data.tasks import SPLITS, Problem, task_name
+from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
+from halluc_rl.registry import is_known_name
 
 
 @dataclass

@@ -22,29 +22,28 @@ import torch
 import trl
 from trl import GRPOTrainer
 
+from halluc_rl.adapters import base_model_name, sync_reference_adapter
 from halluc_rl.backtrack import apply_actions
-from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
-from halluc_rl.data.tasks import Problem, format_prompt, load_problems, task_name
-from halluc_rl.generation import BacktrackGenerationConfig
-from halluc_rl.modeling import (
-    base_model_name,
-    load_start_policy,
-    policy_backtrack,
-    sync_reference_adapter,
-)
-from halluc_rl.rewards import OracleProcessReward, RewardMixer, RuleGrader, Shaping
-from halluc_rl.rollout import rollout
-from halluc_rl.runs import (
-    SafeTrainerMixin,
+from halluc_rl.config import (
+    LoraArgs,
+    ModelArgs,
+    PrecisionDefaults,
+    RunArgs,
     UsageError,
     check_model_name,
     check_positive,
     check_task,
     cli,
     parse_cli,
-    run_training,
 )
+from halluc_rl.data.tasks import Problem, format_prompt, load_problems, task_name
+from halluc_rl.generation import BacktrackGenerationConfig
+from halluc_rl.modeling import load_start_policy
+from halluc_rl.policy import policy_backtrack
+from halluc_rl.rewards import OracleProcessReward, RewardMixer, RuleGrader, Shaping
+from halluc_rl.rollout import rollout
 from halluc_rl.scoring import score_actions
+from halluc_rl.stages import SafeTrainerMixin, run_training
 
 
 @dataclass

@@ -28,18 +28,15 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from halluc_rl.modeling import (
+from halluc_rl.modeling import backtrack_init_report, load_model, load_model_and_tokenizer, load_tokenizer
+from halluc_rl.registry import (
     GGUF_INSTALL_HINT,
     KNOWN_MODELS,
     KnownModel,
-    _require_gguf,
-    backtrack_init_report,
     cached_model_dir,
     is_cached,
-    load_model,
-    load_model_and_tokenizer,
-    load_tokenizer,
     models_home,
+    require_gguf,
 )
 
 Log = Callable[[str], None]
@@ -101,7 +98,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, log: Log = _log, so
     Written atomically: into a temporary folder beside ``out_dir``, then renamed into place (an existing ``out_dir``
     is replaced only once the new one is complete). Returns ``out_dir``.
     """
-    _require_gguf()
+    require_gguf()
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir).expanduser().resolve()
     if not gguf_path.is_file():
         raise FileNotFoundError(f"no GGUF file at {gguf_path}; give the path to a .gguf file")
@@ -145,7 +142,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, log: Log = _log, so
 
 
 def get_model(name: str, force: bool = False, report: bool = True, log: Log = _log) -> Path:
-    """Fetch, convert and cache a known model (see :data:`halluc_rl.modeling.KNOWN_MODELS`); returns its folder.
+    """Fetch, convert and cache a known model (see :data:`halluc_rl.registry.KNOWN_MODELS`); returns its folder.
 
     Does nothing when it is already cached (unless ``force``). With ``report``, prints how the backtrack token is
     initialised on the model's vocabulary (added to an in-memory copy; the cache keeps the base model).
@@ -156,7 +153,7 @@ def get_model(name: str, force: bool = False, report: bool = True, log: Log = _l
     if is_cached(name) and not force:
         log(f"{name} is already cached in {target} (use --force to fetch it again)")
     else:
-        _require_gguf()  # fail before downloading 93 MB
+        require_gguf()  # fail before downloading 93 MB
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="halluc_rl-download-") as workdir:
             gguf_path = fetch_gguf(spec, Path(workdir), log)

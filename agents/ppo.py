@@ -34,11 +34,33 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from halluc_rl import losses
-from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
+from halluc_rl.adapters import check_same_base, reference_mode
+from halluc_rl.atomic import atomic_write_json
+from halluc_rl.checkpoints import (
+    load_checkpoint,
+    prepare_run_dir,
+    publish,
+    save_checkpoint,
+    save_model_files,
+    staging_dir,
+)
+from halluc_rl.config import (
+    LoraArgs,
+    ModelArgs,
+    NonFiniteError,
+    RunArgs,
+    UsageError,
+    check_choice,
+    check_model_name,
+    check_positive,
+    check_task,
+    cli,
+    parse_cli,
+)
 from halluc_rl.data.tasks import encode_problem, load_problems, task_name
 from halluc_rl.evaluation import backtrack_counts
 from halluc_rl.generation import BacktrackGenerationConfig, row_generators
-from halluc_rl.modeling import check_same_base, load_policy, load_start_policy, reference_mode
+from halluc_rl.modeling import load_policy, load_start_policy
 from halluc_rl.rewards import (
     HFProcessReward,
     ImplicitProcessReward,
@@ -48,23 +70,6 @@ from halluc_rl.rewards import (
     Shaping,
 )
 from halluc_rl.rollout import rollout
-from halluc_rl.runs import (
-    NonFiniteError,
-    UsageError,
-    atomic_write_json,
-    check_choice,
-    check_model_name,
-    check_positive,
-    check_task,
-    cli,
-    load_checkpoint,
-    parse_cli,
-    prepare_run_dir,
-    publish,
-    save_checkpoint,
-    save_model_files,
-    staging_dir,
-)
 from halluc_rl.scoring import score_actions
 from halluc_rl.values import mc_values
 

@@ -22,20 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.config import save_config
+from halluc_rl.checkpoints import check_finite_weights, publish, staging_dir
+from halluc_rl.config import NonFiniteError, check_positive, cli, parse_cli, save_config
 from halluc_rl.data.tasks import ArithmeticTask, encode_problem, format_prompt, format_solution
 from halluc_rl.generation import generate
-from halluc_rl.modeling import build_tiny_model, init_backtrack_rows, set_policy_backtrack, train_tokenizer
+from halluc_rl.modeling import init_backtrack_rows
+from halluc_rl.policy import set_policy_backtrack
 from halluc_rl.rewards import RuleGrader
-from halluc_rl.runs import (
-    NonFiniteError,
-    check_finite_weights,
-    check_positive,
-    cli,
-    parse_cli,
-    publish,
-    staging_dir,
-)
+from halluc_rl.tiny import build_tiny_model, train_tokenizer
 
 
 @dataclass

@@ -25,7 +25,21 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
+from halluc_rl.adapters import base_model_name, check_same_base
+from halluc_rl.atomic import atomic_write_json, atomic_write_text
+from halluc_rl.checkpoints import prepare_run_dir
+from halluc_rl.config import (
+    LoraArgs,
+    ModelArgs,
+    RunArgs,
+    UsageError,
+    check_choice,
+    check_model_name,
+    check_positive,
+    check_task,
+    cli,
+    parse_cli,
+)
 from halluc_rl.data.tasks import load_problems, task_name
 from halluc_rl.labels import (
     LabelSettings,
@@ -37,30 +51,11 @@ from halluc_rl.labels import (
     step_loss,
     training_rows,
 )
-from halluc_rl.modeling import (
-    DTYPES,
-    base_model_name,
-    check_same_base,
-    load_policy,
-    load_tokenizer,
-    resolve_model_path,
-    set_policy_backtrack,
-)
+from halluc_rl.modeling import DTYPES, load_policy, load_tokenizer
+from halluc_rl.policy import set_policy_backtrack
+from halluc_rl.registry import resolve_model_path
 from halluc_rl.rewards import HFProcessReward, ImplicitProcessReward, tokenizer_mismatch
-from halluc_rl.runs import (
-    SafeTrainerMixin,
-    UsageError,
-    atomic_write_json,
-    atomic_write_text,
-    check_choice,
-    check_model_name,
-    check_positive,
-    check_task,
-    cli,
-    parse_cli,
-    prepare_run_dir,
-    train_and_save,
-)
+from halluc_rl.stages import SafeTrainerMixin, train_and_save
 
 HEADS = ("classification", "scalar")
 LABEL_TYPES = ("mc", "oracle")

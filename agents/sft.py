@@ -14,20 +14,12 @@ from pathlib import Path
 import trl
 from trl import SFTTrainer
 
-from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
-from halluc_rl.data.collator import MaskedErrorCollator
-from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
-from halluc_rl.data.errors import PLAUSIBLE_KINDS, PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
-from halluc_rl.data.tasks import load_problems, task_name
-from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
-from halluc_rl.modeling import (
-    load_model_and_tokenizer,
-    make_lora_model,
-    policy_backtrack,
-    set_policy_backtrack,
-)
-from halluc_rl.runs import (
-    SafeTrainerMixin,
+from halluc_rl.adapters import make_lora_model
+from halluc_rl.config import (
+    LoraArgs,
+    ModelArgs,
+    PrecisionDefaults,
+    RunArgs,
     UsageError,
     check_choice,
     check_model_name,
@@ -35,8 +27,15 @@ from halluc_rl.runs import (
     check_task,
     cli,
     parse_cli,
-    run_training,
 )
+from halluc_rl.data.collator import MaskedErrorCollator
+from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
+from halluc_rl.data.errors import PLAUSIBLE_KINDS, PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
+from halluc_rl.data.tasks import load_problems, task_name
+from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
+from halluc_rl.modeling import load_model_and_tokenizer
+from halluc_rl.policy import policy_backtrack, set_policy_backtrack
+from halluc_rl.stages import SafeTrainerMixin, run_training
 
 
 @dataclass
@@ -83,7 +82,7 @@ class MaskedErrorSFTTrainer(SafeTrainerMixin, SFTTrainer):
     trainable-token rows on the head, so the backtrack logit would never be trained (and the untied-head wrapper
     has no ``bias``, which that path reads). The plain causal-LM loss over the collator's labels is the same
     quantity, computed through every wrapper; the price is materialising the logits of a batch. The head and the
-    backtrack id are read from ``model.config`` (their one home); :class:`~halluc_rl.runs.SafeTrainerMixin` stops
+    backtrack id are read from ``model.config`` (their one home); :class:`~halluc_rl.stages.SafeTrainerMixin` stops
     on non-finite values, saves atomically and writes those settings with every copy.
     """
 

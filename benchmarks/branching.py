@@ -27,7 +27,8 @@ from generation import BT, PAD, VOCAB, _Tok, best_times, make_prompts  # noqa: E
 
 from halluc_rl.cache import RewindableCache  # noqa: E402
 from halluc_rl.generation import generate  # noqa: E402
-from halluc_rl.modeling import build_tiny_model, set_policy_backtrack  # noqa: E402
+from halluc_rl.policy import set_policy_backtrack
+from halluc_rl.tiny import build_tiny_model
 
 
 def main() -> None:

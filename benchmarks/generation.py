@@ -31,7 +31,7 @@ import torch
 from transformers import DynamicCache
 
 from halluc_rl.generation import generate
-from halluc_rl.modeling import build_tiny_model
+from halluc_rl.tiny import build_tiny_model
 
 VOCAB, BT, PAD = 512, 4, 0
 

@@ -30,9 +30,8 @@ import time
 import torch
 
 from halluc_rl.agents import ppo
-from halluc_rl.config import LoraArgs, ModelArgs
+from halluc_rl.config import LoraArgs, ModelArgs, parse_cli
 from halluc_rl.data.tasks import format_prompt, load_problems
-from halluc_rl.runs import parse_cli
 
 PROBLEMS, GROUP, ACTIONS = 16, 4, 64
 
@@ -98,8 +97,7 @@ def trl_grpo(out: str, updates: int) -> tuple[float, float]:
 MEMORY_SCRIPT = """
 import json, resource, sys
 from halluc_rl.agents import ppo, sft
-from halluc_rl.config import LoraArgs, ModelArgs
-from halluc_rl.runs import parse_cli
+from halluc_rl.config import LoraArgs, ModelArgs, parse_cli
 kind, model, problems, out, step = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
 if kind == "ppo":
     argv = ["--output_dir", out, "--updates", "1" if step else "0", "--problems_per_update", str(problems),

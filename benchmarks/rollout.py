@@ -33,9 +33,9 @@ from generation import best_time, best_times, load_bench_model, make_prompts, pl
 
 from halluc_rl.data.tasks import Problem  # noqa: E402
 from halluc_rl.generation import generate  # noqa: E402
-from halluc_rl.modeling import tiny_config  # noqa: E402
 from halluc_rl.rewards import HFProcessReward, RewardMixer, RuleGrader  # noqa: E402
 from halluc_rl.rollout import rollout  # noqa: E402
+from halluc_rl.tiny import tiny_config
 
 
 def main() -> None:

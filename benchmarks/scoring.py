@@ -28,8 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import best_times  # noqa: E402
 
-from halluc_rl.modeling import build_tiny_model, load_model_and_tokenizer, set_policy_backtrack  # noqa: E402
+from halluc_rl.modeling import load_model_and_tokenizer
+from halluc_rl.policy import set_policy_backtrack
 from halluc_rl.scoring import score_actions  # noqa: E402
+from halluc_rl.tiny import build_tiny_model
 
 
 def make_streams(batch: int, steps: int, vocab: int, bt: int, low: int, seed: int = 0):

@@ -116,7 +116,8 @@ class BacktrackEnv(gym.Env):
             if value is not None and int(value) <= 0:
                 raise ValueError(f"{name} must be a positive number of tokens, got {value}")
         if isinstance(tokenizer, str) or tokenizer is None:
-            from halluc_rl.modeling import load_tokenizer, resolve_model_path
+            from halluc_rl.modeling import load_tokenizer
+            from halluc_rl.registry import resolve_model_path
 
             name = tokenizer or "tiny"
             tokenizer = load_tokenizer(name)

@@ -1,14 +1,33 @@
-"""Config flow shared by every command: dataclass defaults, then a YAML file (``--config``), then CLI overrides.
+"""The command line, its one home: config parsing and validation, and the errors a command exits with.
 
-Parsing is TRL's :class:`trl.TrlParser` (YAML read with ``yaml.safe_load``; unknown keys rejected by name). Model,
-tokenizer and LoRA options live in :class:`ModelArgs` and :class:`LoraArgs`, shared by all trainers.
+* **Config flow** shared by every command: dataclass defaults, then a YAML file (``--config``), then CLI overrides.
+  Parsing is TRL's :class:`trl.TrlParser` (YAML read with ``yaml.safe_load``; unknown keys rejected by name).
+  Model, tokenizer and LoRA options live in :class:`ModelArgs` and :class:`LoraArgs`, shared by all trainers.
+* **Bad input** is a :class:`UsageError`: :func:`cli` prints it as one line naming the field, the value and the
+  fix, and exits with status 2. :func:`parse_cli` turns config-file problems into such errors and checks every
+  field's type (YAML values bypass argparse's conversion, so ``num_train_problems: 2.5`` or
+  ``lora_target_modules: q_proj`` would otherwise slip through).
+* **Nothing non-finite is reported as success**: a :class:`NonFiniteError` (a NaN loss, a dead gradient) exits
+  with status 3 and one line naming the step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import json
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from halluc_rl.atomic import atomic_write_text
+from halluc_rl.data.tasks import parse_task
+from halluc_rl.registry import KNOWN_MODELS, is_known_name, resolve_model_path
 
 
 @dataclass
@@ -92,8 +111,150 @@ def parse_config(types: Sequence[type], argv: Sequence[str] | None = None, prog:
 
 def save_config(path: str | Path, *configs) -> Path:
     """Write the resolved config (every dataclass, merged) as YAML next to a run's outputs, atomically."""
-    import yaml
-
-    from halluc_rl.runs import atomic_write_text, resolved_config
-
     return atomic_write_text(path, yaml.safe_dump(resolved_config(*configs), sort_keys=True))
+
+
+class UsageError(ValueError):
+    """Bad input: the message is one line naming the problem and the fix."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient or weight became non-finite: the run stops and nothing non-finite is saved."""
+
+
+def cli(prog: str, main: Callable[[], int | None]) -> int:
+    """Run a command's ``main``: bad input exits 2 with one line, a non-finite run exits 3 with one line."""
+    try:
+        return int(main() or 0)
+    except UsageError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        print(f"{prog}: stopped: {err}", file=sys.stderr)
+        return 3
+
+
+def parse_cli(types_: Sequence[type], argv: Sequence[str] | None, prog: str) -> tuple:
+    """:func:`halluc_rl.config.parse_config` with every failure turned into one-line :class:`UsageError` s."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        path = Path(argv[index + 1]) if index + 1 < len(argv) else None
+        if path is None or not path.is_file():
+            raise UsageError(f"--config: no such file {str(path) if path else '(missing)'}; give a YAML file "
+                             "(see configs/ for examples)")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise UsageError(f"--config: {path} is not valid YAML ({' '.join(str(err).split())[:160]})") from err
+        if not isinstance(data, dict):
+            raise UsageError(f"--config: {path} must hold a YAML mapping of option: value")
+    try:
+        parsed = parse_config(types_, argv, prog=prog)
+    except ValueError as err:  # unknown keys, from the file or the command line
+        raise UsageError(" ".join(str(err).split())) from err
+    for obj in parsed:
+        check_types(obj)
+    return parsed
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits a simple type hint (int, float, bool, str, list[...], X | None, Literal); complex
+    hints (dicts, enums, callables) are accepted as they are."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin is list:
+        (inner,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, inner) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _hint_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def check_types(obj: Any) -> None:
+    """Raise a :class:`UsageError` for the first dataclass field whose value does not fit its type hint."""
+    if not is_dataclass(obj):
+        return
+    try:
+        hints = typing.get_type_hints(type(obj))
+    except Exception:  # unresolvable annotations (third-party configs): nothing to check against
+        return
+    for f in fields(obj):
+        if f.name not in hints or not f.init:
+            continue
+        value = getattr(obj, f.name)
+        if not _matches(value, hints[f.name]):
+            raise UsageError(f"{f.name}: expected {_hint_name(hints[f.name])}, got {value!r} "
+                             f"({type(value).__name__}); fix it in the YAML file or on the command line")
+
+
+def check_positive(obj: Any, *names: str, allow_zero: Iterable[str] = ()) -> None:
+    """Refuse zero or negative values of the named fields (``allow_zero``: zero is allowed there)."""
+    zero_ok = set(allow_zero)
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and name not in zero_ok):
+            needs = ">= 0" if name in zero_ok else "> 0"
+            raise UsageError(f"{name}: must be {needs}, got {value}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise UsageError(f"{name}: unknown value {value!r}; use one of {', '.join(map(str, choices))}")
+
+
+def check_task(spec: str, field: str = "task") -> str:
+    """Refuse an unknown task or bad task settings (``arithmetic:max_value=50``); returns the task's base name."""
+    try:
+        return parse_task(spec)[0]
+    except ValueError as err:
+        raise UsageError(str(err).replace("task:", f"{field}:", 1)) from err
+
+
+def check_model_name(name: str, field: str = "model_name_or_path") -> None:
+    """Refuse a model that cannot load before anything is written: a missing local path, or a Hub id offline."""
+    if is_known_name(name):
+        try:
+            resolve_model_path(name)
+        except FileNotFoundError as err:
+            raise UsageError(f"{field}: {err}") from err
+        return
+    path = Path(name)
+    if path.exists():
+        if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            raise UsageError(f"{field}: {name} holds no model (no config.json); give a model directory")
+        return
+    hub_like = name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not hub_like or offline:
+        why = "no such directory" if not hub_like else "it looks like a Hub id, but HF_HUB_OFFLINE is set"
+        raise UsageError(f"{field}: cannot load {name!r} ({why}); give a local model directory, a known name "
+                         f"(tiny, {', '.join(KNOWN_MODELS)}), or a Hub id with network access")
+
+
+def resolved_config(*configs) -> dict:
+    """Every dataclass merged into one plain dict (JSON types), as ``config.yaml`` stores it."""
+    merged: dict = {}
+    for cfg in configs:
+        data = cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+        merged.update(json.loads(json.dumps(data, default=str)))
+    return merged

@@ -32,7 +32,7 @@ from halluc_rl.backtrack import ActionKind, BacktrackState
 from halluc_rl.data.grading import reward
 from halluc_rl.data.tasks import Problem, encode_problem
 from halluc_rl.generation import BacktrackGenerationOutput, generate
-from halluc_rl.modeling import policy_backtrack
+from halluc_rl.policy import policy_backtrack
 
 # ----------------------------------------------------------------------------------------------------------------
 # Backtrack metrics from a trace
@@ -419,7 +419,7 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path,
     """
     if not results:
         raise ValueError("no results to report")
-    from halluc_rl.runs import atomic_write_bytes, atomic_write_text
+    from halluc_rl.atomic import atomic_write_bytes, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, StepEvent, stop_token_ids
 from halluc_rl.cache import RewindableCache
 from halluc_rl.losses import action_log_probs
-from halluc_rl.modeling import policy_backtrack
+from halluc_rl.policy import policy_backtrack
 
 
 @dataclass

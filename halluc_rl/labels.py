@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 
+from halluc_rl.adapters import base_fingerprint
 from halluc_rl.backtrack import stop_token_ids
 from halluc_rl.data.grading import reward as grade
 from halluc_rl.data.tasks import Problem, encode_problem, format_solution
 from halluc_rl.generation import BacktrackGenerationConfig, generate
 from halluc_rl.losses import IGNORE_INDEX
-from halluc_rl.modeling import base_fingerprint, policy_backtrack
+from halluc_rl.policy import policy_backtrack
 from halluc_rl.values import mc_values
 
 CACHE_VERSION = 1
@@ -219,7 +220,7 @@ def _hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
 
 
 def _peft_base_fingerprint(model) -> str:
-    """:func:`halluc_rl.modeling.base_fingerprint`'s rule (the first and last matrices, rounded to bf16) over a
+    """:func:`halluc_rl.adapters.base_fingerprint`'s rule (the first and last matrices, rounded to bf16) over a
     PEFT model's base weights: every parameter not stored under an adapter's name, ``.base_layer`` dropped from
     the names. The same for the same base whether the adapter was just trained or loaded from disk."""
     adapters = tuple(model.peft_config)
@@ -241,7 +242,7 @@ def policy_fingerprint(model) -> dict[str, Any]:
 
     A PEFT policy: a fingerprint of its base weights (:func:`_peft_base_fingerprint`) and a hash of its adapter's
     weights (``get_peft_model_state_dict``: LoRA, the trainable backtrack rows, saved modules). A full model:
-    :func:`halluc_rl.modeling.base_fingerprint` and a hash of every weight.
+    :func:`halluc_rl.adapters.base_fingerprint` and a hash of every weight.
     """
     bt, head = policy_backtrack(model)
     record: dict[str, Any] = {"backtrack_token_id": bt, "backtrack_head": head}
@@ -303,11 +304,11 @@ def record_differences(saved: Mapping[str, Any], wanted: Mapping[str, Any]) -> l
 def load_label_cache(path: str | Path, record: Mapping[str, Any]):
     """The cached labels at ``path`` if they were made as ``record`` says; None when there is no cache there.
 
-    A cache made otherwise is refused with a :class:`~halluc_rl.runs.UsageError` naming the differences.
+    A cache made otherwise is refused with a :class:`~halluc_rl.config.UsageError` naming the differences.
     """
     import datasets
 
-    from halluc_rl.runs import UsageError
+    from halluc_rl.config import UsageError
 
     path = Path(path)
     if not path.exists():
@@ -329,7 +330,7 @@ def save_label_cache(dataset, path: str | Path, record: Mapping[str, Any]) -> Pa
 
     Raises ``FileExistsError`` when another process put a cache at ``path`` first (this one is then dropped).
     """
-    from halluc_rl.runs import atomic_write_json
+    from halluc_rl.atomic import atomic_write_json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from halluc_rl.backtrack import apply_actions
 from halluc_rl.data.grading import reward as grade
 from halluc_rl.data.tasks import Problem, encode_problem
 from halluc_rl.generation import BacktrackGenerationConfig
-from halluc_rl.modeling import policy_backtrack
+from halluc_rl.policy import policy_backtrack
 from halluc_rl.rewards import OracleProcessReward
 from halluc_rl.rollout import rollout
 from halluc_rl.values import mc_values

@@ -407,7 +407,7 @@ class ImplicitProcessReward:
         if not hasattr(policy, "disable_adapter"):
             raise TypeError(f"ImplicitProcessReward needs a PEFT policy (the reference is its base, the adapter "
                             f"disabled); got a {type(policy).__name__}")
-        from halluc_rl.modeling import policy_backtrack
+        from halluc_rl.policy import policy_backtrack
 
         self.policy, self.beta, self.name = policy, float(beta), name
         self.backtrack_id, self.head = policy_backtrack(policy)

@@ -37,7 +37,7 @@ from halluc_rl.generation import (
     mask_scores,
 )
 from halluc_rl.losses import IGNORE_INDEX
-from halluc_rl.modeling import policy_backtrack
+from halluc_rl.policy import policy_backtrack
 
 # ----------------------------------------------------------------------------------------------------------------
 # The one packing

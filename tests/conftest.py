@@ -13,7 +13,8 @@ import pytest
 for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
-from halluc_rl.modeling import add_backtrack_token, build_tiny_model, train_tokenizer  # noqa: E402
+from halluc_rl.modeling import add_backtrack_token  # noqa: E402
+from halluc_rl.tiny import build_tiny_model, train_tokenizer  # noqa: E402
 
 FULL = os.environ.get("HALLUC_RL_FULL") == "1"
 """Run the full versions of slow end-to-end tests (CI runs their short versions)."""

@@ -10,7 +10,8 @@ from transformers import DynamicCache, StaticCache
 from halluc_rl.backtrack import apply_actions, backtrack_token_id
 from halluc_rl.cache import RewindableCache, rewind_cache
 from halluc_rl.generation import generate
-from halluc_rl.modeling import add_backtrack_token, tiny_config
+from halluc_rl.modeling import add_backtrack_token
+from halluc_rl.tiny import tiny_config
 from tests.conftest import ARCHS, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,7 +23,7 @@ from halluc_rl.evaluation import (
     write_report,
 )
 from halluc_rl.generation import generate
-from halluc_rl.modeling import build_tiny_model, train_tokenizer
+from halluc_rl.tiny import build_tiny_model, train_tokenizer
 from tests.conftest import CORPUS, make_model
 
 # `agents/` is installed as halluc_rl.agents (a package-dir mapping ruff's import sorter cannot see)
@@ -332,8 +332,9 @@ def test_eval_cli_end_to_end(tmp_path, tokenizer, capsys):
 
 def test_eval_cli_adapter_policy(tmp_path, tokenizer):
     """A PEFT adapter directory (with its tokenizer) is evaluated on its base model."""
+    from halluc_rl.adapters import base_model_name, make_lora_model
     from halluc_rl.config import LoraArgs
-    from halluc_rl.modeling import base_model_name, load_model, make_lora_model
+    from halluc_rl.modeling import load_model
 
     base = _save_policy(make_model("llama", tokenizer), tokenizer, tmp_path / "base")
     lora = make_lora_model(load_model(str(base)), LoraArgs(lora_r=4), backtrack_token_id(tokenizer))

@@ -6,9 +6,9 @@ from transformers import AutoModelForTokenClassification
 
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.data.tasks import ArithmeticTask
-from halluc_rl.modeling import tiny_config
 from halluc_rl.rewards import HFProcessReward, RewardMixer, RuleGrader, Shaping
 from halluc_rl.rollout import rollout
+from halluc_rl.tiny import tiny_config
 from tests.conftest import make_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

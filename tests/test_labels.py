@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import halluc_rl.labels as labels_mod
+from halluc_rl.config import UsageError
 from halluc_rl.data.tasks import ArithmeticTask, Problem, encode_problem, format_solution
 from halluc_rl.labels import (
     LabelSettings,
@@ -22,8 +23,7 @@ from halluc_rl.labels import (
     step_ends,
     step_labels,
 )
-from halluc_rl.modeling import train_tokenizer
-from halluc_rl.runs import UsageError
+from halluc_rl.tiny import train_tokenizer
 from tests.conftest import CORPUS, make_model
 from tests.test_values import Scripted
 
@@ -182,8 +182,10 @@ def test_the_cache_is_reused_and_refused_for_another_policy_or_task(tokenizer, t
 def test_the_cache_tells_adapters_apart_and_knows_one_reloaded(tokenizer, tmp_path):
     """A cache made by a freshly trained adapter is reused by the same adapter loaded from disk (in another
     process, say), and refused once its weights change."""
+    from halluc_rl.adapters import make_lora_model
     from halluc_rl.config import LoraArgs
-    from halluc_rl.modeling import load_model, load_policy, make_lora_model, write_policy_config
+    from halluc_rl.modeling import load_model, load_policy
+    from halluc_rl.policy import write_policy_config
 
     base = tmp_path / "base"
     make_model("llama", tokenizer).save_pretrained(base)

@@ -2,14 +2,8 @@ import pytest
 import torch
 
 from halluc_rl.backtrack import BACKTRACK_TOKEN, backtrack_token_id
-from halluc_rl.modeling import (
-    INIT_WORDS,
-    _single_token_ids,
-    add_backtrack_token,
-    build_tiny_model,
-    load_model,
-    train_tokenizer,
-)
+from halluc_rl.modeling import INIT_WORDS, _single_token_ids, add_backtrack_token, load_model
+from halluc_rl.tiny import build_tiny_model, train_tokenizer
 from tests.conftest import CORPUS
 
 

@@ -14,11 +14,11 @@ import torch
 
 from halluc_rl.agents import ppo
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.config import LoraArgs, ModelArgs
+from halluc_rl.checkpoints import checkpoint_problem
+from halluc_rl.config import LoraArgs, ModelArgs, parse_cli
 from halluc_rl.data.tasks import ArithmeticTask
 from halluc_rl.rewards import CallableReward, RewardMixer
 from halluc_rl.rollout import rollout
-from halluc_rl.runs import checkpoint_problem, parse_cli
 from tests.conftest import FULL, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,7 +131,7 @@ def test_a_killed_ppo_run_resumes_from_its_last_checkpoint(base_dir, tmp_path):
 def test_a_run_continuing_an_adapter_may_resume_from_its_checkpoints(base_dir, tmp_path):
     """A run started from a saved adapter (PPO after DPO) saves checkpoints on the adapter's own base: resuming
     them must compare that base, not the adapter's folder (the ablation's reruns were refused before)."""
-    from halluc_rl.modeling import check_same_base
+    from halluc_rl.adapters import check_same_base
 
     start, run = tmp_path / "start", tmp_path / "run"
     assert ppo.main(args(base_dir, start, "--updates", "1")) == 0  # an adapter on base_dir

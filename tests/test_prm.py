@@ -11,20 +11,16 @@ import pytest
 import torch
 from transformers import AutoModelForTokenClassification
 
+from halluc_rl.adapters import make_lora_model
 from halluc_rl.backtrack import apply_actions, backtrack_token_id
 from halluc_rl.config import LoraArgs, ModelArgs, parse_config
 from halluc_rl.data.tasks import ArithmeticTask
 from halluc_rl.labels import step_token_ids
 from halluc_rl.losses import action_log_probs
-from halluc_rl.modeling import (
-    make_lora_model,
-    set_policy_backtrack,
-    tiny_config,
-    train_tokenizer,
-    write_policy_config,
-)
+from halluc_rl.policy import set_policy_backtrack, write_policy_config
 from halluc_rl.rewards import HFProcessReward, ImplicitProcessReward, RewardMixer
 from halluc_rl.rollout import rollout
+from halluc_rl.tiny import tiny_config, train_tokenizer
 from tests.conftest import make_model
 
 prm = importlib.import_module("halluc_rl.agents.prm")  # agents/ is mapped into the package

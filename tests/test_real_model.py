@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from halluc_rl.adapters import base_model_name, make_lora_model
 from halluc_rl.backtrack import BACKTRACK_TOKEN, apply_actions
 from halluc_rl.config import LoraArgs
 from halluc_rl.data.tasks import Problem, encode_problem, format_prompt
@@ -22,16 +23,12 @@ from halluc_rl.modeling import (
     _single_token_ids,
     add_backtrack_token,
     backtrack_init_report,
-    base_model_name,
-    cached_model_dir,
-    is_cached,
     load_model,
     load_model_and_tokenizer,
     load_policy,
     load_tokenizer,
-    make_lora_model,
-    resolve_model_path,
 )
+from halluc_rl.registry import cached_model_dir, is_cached, resolve_model_path
 
 NAME = "smollm2-135m"
 models = importlib.import_module("halluc_rl.agents.models")

@@ -13,9 +13,9 @@ from transformers import AutoModelForTokenClassification
 
 from halluc_rl.backtrack import ActionKind, apply_actions, backtrack_token_id
 from halluc_rl.data.tasks import ArithmeticTask
-from halluc_rl.modeling import tiny_config
 from halluc_rl.rewards import HFProcessReward, RewardMixer
 from halluc_rl.rollout import Rollout, rollout
+from halluc_rl.tiny import tiny_config
 from tests.conftest import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

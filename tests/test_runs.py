@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -17,8 +18,11 @@ from safetensors.torch import load_file, save_file
 
 from halluc_rl.agents import evaluate as eval_cli
 from halluc_rl.agents import sft
+from halluc_rl.atomic import atomic_write_text
+from halluc_rl.checkpoints import checkpoint_problem, resume_checkpoint
+from halluc_rl.config import NonFiniteError
 from halluc_rl.modeling import load_policy
-from halluc_rl.runs import atomic_write_text, checkpoint_problem, resume_checkpoint
+from halluc_rl.stages import SafeTrainerMixin
 from tests.conftest import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -277,5 +281,34 @@ def test_a_diverged_run_whose_gradients_died_is_stopped(tmp_path, capsys):
                      "10", "--per_device_train_batch_size", "8", "--use_cpu", "true", "--bf16", "true",
                      "--report_to", "none", "--disable_tqdm", "true"])
     err = capsys.readouterr().err
-    assert code == 3 and "gradient norm has been 0" in err and "diverged" in err
+    # which of the two stops comes first depends on the transformers release (5.23: a dead gradient; 5.24: a NaN
+    # gradient norm one step earlier); the dead-gradient rule itself is pinned by the unit test below
+    assert code == 3 and ("gradient norm has been 0" in err or "gradient norm is nan" in err)
     assert not (out / "adapter_model.safetensors").exists()
+
+
+class _Norms:
+    """A stand-in for ``transformers.Trainer``: returns the gradient norms it is given, one per step."""
+
+    def __init__(self, norms: list[float], loss: float) -> None:
+        self.norms, self._last_loss = list(norms), loss
+        self.state, self.args = types.SimpleNamespace(global_step=0), types.SimpleNamespace(learning_rate=1000.0)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        self.state.global_step += 1
+        return self.norms.pop(0)
+
+
+class _DeadGradients(SafeTrainerMixin, _Norms):
+    pass
+
+
+def test_the_dead_gradient_rule_stops_after_two_zero_norms_with_a_positive_loss():
+    trainer = _DeadGradients([0.5, 0.0, 0.0], loss=2.0)
+    trainer._get_grad_norm(None)
+    trainer._get_grad_norm(None)  # one zero norm may be a plateau
+    with pytest.raises(NonFiniteError, match="gradient norm has been 0 for 2 steps"):
+        trainer._get_grad_norm(None)
+    calm = _DeadGradients([0.0, 0.0, 0.0], loss=0.0)  # a loss of 0 with no gradient is a solved batch, not divergence
+    for _ in range(3):
+        calm._get_grad_norm(None)

@@ -7,6 +7,7 @@ import torch
 from transformers import GenerationConfig
 
 import halluc_rl  # noqa: F401  (registers the envs)
+from halluc_rl.adapters import make_lora_model
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.config import LoraArgs
 from halluc_rl.data.collator import MaskedErrorCollator
@@ -18,7 +19,7 @@ from halluc_rl.generation import (
     generate,
     mask_scores,
 )
-from halluc_rl.modeling import make_lora_model, policy_backtrack, set_policy_backtrack
+from halluc_rl.policy import policy_backtrack, set_policy_backtrack
 from halluc_rl.rewards import RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout
 from halluc_rl.scoring import decode_context, pack_streams, score_actions, score_rollout

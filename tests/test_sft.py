@@ -10,10 +10,9 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.config import LoraArgs, ModelArgs, parse_config
+from halluc_rl.config import LoraArgs, ModelArgs, UsageError, parse_config
 from halluc_rl.generation import generate
 from halluc_rl.modeling import load_policy
-from halluc_rl.runs import UsageError
 from tests.conftest import make_model
 
 sft = importlib.import_module("halluc_rl.agents.sft")  # agents/ is mapped into the package

@@ -1,0 +1,129 @@
+"""The flow every Trainer-based command shares: a ``transformers.Trainer`` (TRL's included) that stops on
+non-finite losses and dead gradients, saves atomically with the policy's backtrack settings, and
+:func:`run_training`: check the run folder, build, train and save."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from halluc_rl.adapters import check_same_base
+from halluc_rl.atomic import atomic_write_json
+from halluc_rl.checkpoints import check_finite_weights, is_finite, prepare_run_dir, publish, staging_dir
+from halluc_rl.config import NonFiniteError, UsageError
+from halluc_rl.policy import write_policy_config
+
+
+class SafeTrainerMixin:
+    """For ``transformers.Trainer`` subclasses (TRL's included): stop on non-finite losses and gradient norms before
+    the optimiser applies them, never save non-finite weights, save checkpoints atomically, and save the policy's
+    model config (its backtrack settings) with every copy."""
+
+    dead_steps_limit = 2
+    """Consecutive steps with a zero gradient norm but a positive loss after which the run counts as diverged (a
+    learning rate far too high saturates the network: the loss flattens and nothing trains any more)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not is_finite(loss):
+            raise NonFiniteError(f"step {self.state.global_step + 1}: the loss is {float(loss)}; nothing was saved "
+                                 f"for this step (lower the learning rate, now {self.args.learning_rate})")
+        self._last_loss = float(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        step = self.state.global_step + 1
+        if not is_finite(norm):
+            raise NonFiniteError(f"step {step}: the gradient norm is {float(norm)}; nothing was saved for this step "
+                                 f"(lower the learning rate, now {self.args.learning_rate})")
+        dead = norm is not None and float(norm) == 0.0 and getattr(self, "_last_loss", 0.0) > 0
+        self._dead_steps = getattr(self, "_dead_steps", 0) + 1 if dead else 0
+        if self._dead_steps >= self.dead_steps_limit:
+            raise NonFiniteError(f"step {step}: the gradient norm has been 0 for {self._dead_steps} steps while the "
+                                 f"loss is {self._last_loss:.4g}: the run diverged and no longer learns; nothing "
+                                 f"was saved for these steps (lower the learning rate, now {self.args.learning_rate})")
+        return norm
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        check_finite_weights(self.model, f"step {self.state.global_step}")
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if hasattr(model, "peft_config") and self.args.should_save:
+            # The adapter alone: the backtrack rows travel as trainable tokens, and the base's embeddings are never
+            # saved (PEFT's "auto" would look the base up by name, on the Hub for a name like "tiny").
+            os.makedirs(output_dir, exist_ok=True)
+            model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False,
+                                  selected_adapters=[model.active_adapter])  # not TRL's frozen "ref" copy
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        elif not hasattr(model, "peft_config"):
+            super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            write_policy_config(self.model, output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` into a hidden staging folder, then rename it into place (atomic)."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run_dir / f".staging-{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self._get_output_dir = lambda trial=None: str(staging)  # Trainer writes run_dir/checkpoint-N: redirect it
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = run_dir / name
+            if final.exists():  # a resumed run saving the same step again
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging)
+            rotate_checkpoints(str(run_dir), self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+def save_policy(trainer, output_dir: str | Path) -> None:
+    """Save the trained policy into ``output_dir`` through a staging folder (:func:`publish`), so every file there
+    is complete whatever happens, and nothing non-finite is saved."""
+    staging = staging_dir(output_dir) if trainer.args.should_save else Path(output_dir) / ".staging-final"
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        publish(staging, output_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+def train_and_save(trainer, output_dir: str | Path, resume: str | None) -> None:
+    """``trainer.train()`` (from ``resume``), then the policy and ``log_history.json``, atomically."""
+    trainer.train(resume_from_checkpoint=resume)
+    save_policy(trainer, output_dir)
+    if trainer.is_world_process_zero():
+        atomic_write_json(Path(output_dir) / "log_history.json", trainer.state.log_history)
+
+
+def run_training(script, model_args, configs: Sequence, config, build: Callable[[str | None], Any]):
+    """The flow every Trainer-based command shares, after its validation: check the run folder against the configs
+    and write ``config.yaml`` (only then), refuse a checkpoint of another base, ``build(resume)`` the trainer (a
+    model that does not load, or too little data, is a usage error), train and save the policy atomically."""
+    resume = prepare_run_dir(config.output_dir, configs, resume=script.resume and not config.resume_from_checkpoint,
+                             allow_change=script.allow_config_change) or config.resume_from_checkpoint
+    if resume:
+        check_same_base(resume, model_args.model_name_or_path)
+    try:
+        trainer = build(resume)
+    except (OSError, ValueError) as err:
+        if isinstance(err, (UsageError, NonFiniteError)):
+            raise
+        raise UsageError(" ".join(str(err).split())) from err
+    train_and_save(trainer, config.output_dir, resume)
+    return trainer
