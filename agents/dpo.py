@@ -31,11 +31,13 @@ from halluc_rl.config import (
     ModelArgs,
     PrecisionDefaults,
     RunArgs,
+    SamplingArgs,
+    TaskArgs,
     UsageError,
     check_choice,
     check_model_name,
     check_positive,
-    check_task,
+    check_task_args,
     cli,
     parse_cli,
 )
@@ -49,15 +51,12 @@ from halluc_rl.stages import SafeTrainerMixin, run_training
 
 
 @dataclass
-class DPOScriptArgs(RunArgs):
-    """Where the pairs come from and what they look like (and, from RunArgs, resume settings)."""
+class DPOScriptArgs(RunArgs, SamplingArgs, TaskArgs):
+    """Where the pairs come from and what they look like (the task, the sampling temperature and resume settings
+    come from the shared blocks)."""
 
-    task: str = field(default="arithmetic", metadata={"help": "arithmetic (offline) or gsm8k."})
-    data_files: str | None = field(default=None, metadata={"help": "Local GSM8K jsonl/parquet path (None: the Hub)."})
     num_problems: int = field(default=256, metadata={"help": "Train problems the policy answers each round."})
     num_samples: int = field(default=4, metadata={"help": "Sampled answers per problem."})
-    task_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task."})
-    sample_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the answers."})
     max_new_tokens: int = field(default=128, metadata={"help": "Actions per sampled answer."})
     locate: str = field(default="oracle", metadata={
         "help": "How the first error is found: oracle (offline task), mc (a Monte-Carlo value drop) or prm (the "
@@ -172,7 +171,7 @@ class PairSource:
         s = self.script
         was_training = self.model.training
         self.model.eval()
-        config = BacktrackGenerationConfig(do_sample=True, loop_guard=None, temperature=s.sample_temperature,
+        config = BacktrackGenerationConfig(do_sample=True, loop_guard=None, temperature=s.temperature,
                                            max_new_tokens=s.max_new_tokens)
         generator = torch.Generator().manual_seed(self.seed * 1000 + round_)
         samples = find_errors(self.model, self.tokenizer, self.problems, num_samples=s.num_samples, locate=s.locate,
@@ -217,7 +216,7 @@ class RebuildCallback(TrainerCallback):
 
 def validate(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: DPOConfig) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
-    check_task(script.task)
+    check_task_args(script)
     check_choice("locate", script.locate, ("oracle", "mc", "prm"))
     if script.locate == "prm" and not (script.prm_path and Path(script.prm_path).is_dir()):
         raise UsageError(f"prm_path: locate: prm needs a PRM directory (halluc-rl prm writes one); got {script.prm_path}")
@@ -227,7 +226,7 @@ def validate(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     if task_name(script.task) != "arithmetic" and (script.locate == "oracle" or script.continuation == "reference"):
         raise UsageError("locate: oracle and continuation: reference need the offline task's unique solutions; use "
                          "locate: mc or prm and continuation: sampled on gsm8k")
-    check_positive(script, "num_problems", "num_samples", "sample_temperature", "max_new_tokens", "mc_branches",
+    check_positive(script, "num_problems", "num_samples", "temperature", "max_new_tokens", "mc_branches",
                    "min_pairs")
     check_positive(script, "counter_ratio", "rebuild_every", "min_drop", allow_zero=("counter_ratio",
                                                                                      "rebuild_every", "min_drop"))
@@ -241,11 +240,11 @@ def build_trainer(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     """The policy (a saved adapter continued, or a base with a new adapter), the first pairs, the trainer."""
     from transformers import set_seed
 
-    validate(script, model_args, lora, config)
     set_seed(config.seed)
     model, tokenizer, _ = load_start_policy(model_args.model_name_or_path, lora, model_args.dtype,
                                             config.trust_remote_code, model_args.revision)
-    problems = load_problems(script.task, "train", script.num_problems, script.data_files, seed=script.task_seed)
+    problems = load_problems(script.task, "train", script.num_problems, script.data_files, seed=script.task_seed,
+                             validation_size=script.validation_size)
     source = PairSource(script, model, tokenizer, problems, config.seed)
     source.rebuild(0)
     config.remove_unused_columns = False
@@ -258,15 +257,13 @@ def build_trainer(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
 
 def train(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: DPOConfig):
     """Validate, then train (resuming from the newest complete checkpoint in ``output_dir``) and save the policy."""
-    validate(script, model_args, lora, config)
-
     def build(resume: str | None):
         trainer = build_trainer(script, model_args, lora, config)
         if resume and script.rebuild_every:  # the pairs of the round the checkpoint was in, from its policy
             trainer.pair_source.rebuild(int(Path(resume).name.split("-")[-1]) // script.rebuild_every)
         return trainer
 
-    return run_training(script, model_args, [script, model_args, lora, config], config, build)
+    return run_training([script, model_args, lora, config], validate, build)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,36 +18,35 @@ from pathlib import Path
 import torch
 
 from halluc_rl.config import (
+    SamplingArgs,
+    TaskArgs,
     UsageError,
     check_choice,
     check_model_name,
     check_positive,
-    check_task,
+    check_task_args,
     cli,
     parse_cli,
     save_config,
 )
 from halluc_rl.data import tasks
-from halluc_rl.data.tasks import SPLITS, Problem, task_name
+from halluc_rl.data.tasks import SPLITS, Problem
 from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
 from halluc_rl.registry import is_known_name
 
 
 @dataclass
-class EvalArgs:
-    """What to evaluate, on which problems, how, and where the report goes."""
+class EvalArgs(SamplingArgs, TaskArgs):
+    """What to evaluate, on which problems, how, and where the report goes (the task and the sampling temperature
+    come from the shared blocks)."""
 
     policy: str = field(default="tiny", metadata={
         "help": "A saved policy directory (full model or PEFT adapter with its tokenizer), or 'tiny' for the "
                 "embedded model."})
-    task: str = field(default="arithmetic", metadata={"help": "Problems: 'arithmetic' (offline) or 'gsm8k'."})
-    data_files: str | None = field(default=None, metadata={
-        "help": "GSM8K: a local directory or file (jsonl/parquet); None loads openai/gsm8k from the Hub."})
     split: str = field(default="test", metadata={"help": "Split to evaluate: train, validation or test."})
     num_problems: int = field(default=200, metadata={
         "help": "Problems to evaluate, from the start of the split (0: all; GSM8K only)."})
     num_samples: int = field(default=4, metadata={"help": "Samples per problem for sampled accuracy (0: skip)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     max_new_tokens: int = field(default=128, metadata={"help": "Actions per response, backtracks included."})
     batch_size: int = field(default=64, metadata={"help": "Sequences generated together."})
     loop_guard: int = field(default=1, metadata={
@@ -71,7 +70,8 @@ class EvalArgs:
 
 def load_problems(args: EvalArgs) -> list[Problem]:
     """The first ``num_problems`` problems of the task's split."""
-    return tasks.load_problems(args.task, args.split, args.num_problems, args.data_files)
+    return tasks.load_problems(args.task, args.split, args.num_problems, args.data_files, seed=args.task_seed,
+                               validation_size=args.validation_size)
 
 
 def load_eval_policy(policy: str):
@@ -98,15 +98,11 @@ def validate(args: EvalArgs) -> None:
                          "PEFT adapter saved with its tokenizer), or --policy tiny for the embedded model. To "
                          "evaluate a Hub model, download it first and pass its local directory.")
     check_model_name(args.policy, "policy")
-    check_task(args.task)
+    check_task_args(args, args.num_problems, "num_problems")
     check_choice("split", args.split, SPLITS)
     check_positive(args, "max_new_tokens", "batch_size", "temperature")
     check_positive(args, "num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget",
                    allow_zero=("num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget"))
-    if task_name(args.task) == "arithmetic" and args.num_problems == 0:
-        raise UsageError("num_problems: the arithmetic task is endless; give a number > 0")
-    if args.data_files is not None and not Path(args.data_files).exists():
-        raise UsageError(f"data_files: no such file or directory {args.data_files}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 import trl
@@ -28,38 +27,38 @@ from halluc_rl.config import (
     LoraArgs,
     ModelArgs,
     PrecisionDefaults,
+    RewardArgs,
     RunArgs,
+    TaskArgs,
     UsageError,
     check_model_name,
     check_positive,
-    check_task,
+    check_reward_args,
+    check_task_args,
     cli,
     parse_cli,
 )
-from halluc_rl.data.tasks import Problem, format_prompt, load_problems, task_name
+from halluc_rl.data.tasks import Problem, format_prompt, load_problems
 from halluc_rl.generation import BacktrackGenerationConfig
+from halluc_rl.mixers import build_rewards
 from halluc_rl.modeling import load_start_policy
 from halluc_rl.policy import policy_backtrack
-from halluc_rl.rewards import OracleProcessReward, RewardMixer, RuleGrader, Shaping
+from halluc_rl.rewards import RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout
 from halluc_rl.scoring import score_actions
 from halluc_rl.stages import SafeTrainerMixin, run_training
 
 
 @dataclass
-class GRPOScriptArgs(RunArgs):
-    """The task, the backtrack decoding rules and the rewards (and, from RunArgs, resume settings)."""
+class GRPOScriptArgs(RunArgs, RewardArgs, TaskArgs):
+    """The backtrack decoding rules (the task, the rewards and resume settings come from the shared blocks; the
+    sampling temperature is TRL's own ``temperature``)."""
 
-    task: str = field(default="arithmetic", metadata={"help": "arithmetic (offline) or gsm8k."})
-    data_files: str | None = field(default=None, metadata={"help": "Local GSM8K jsonl/parquet path (None: the Hub)."})
     num_train_problems: int = field(default=2000, metadata={"help": "Training problems (0: all of GSM8K's split)."})
-    task_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task."})
-    validation_size: int = field(default=500, metadata={"help": "GSM8K: train problems held out as validation."})
     backtrack_bias: float = field(default=0.0, metadata={"help": "Added to the backtrack logit when sampling."})
     backtrack_budget: int | None = field(default=None, metadata={"help": "Backtracks allowed per episode."})
-    loop_guard: int | None = field(default=3, metadata={"help": "Deletions at a position before a token is banned."})
-    backtrack_cost: float = field(default=0.0, metadata={"help": "Shaping: charged for every backtrack."})
-    oracle_weight: float = field(default=0.0, metadata={"help": "Oracle process reward weight (arithmetic; 0: off)."})
+    loop_guard: int = field(default=3, metadata={
+        "help": "Deletions at a position before a token is banned (0: off)."})
     process_advantage_coef: float = field(default=0.0, metadata={
         "help": "Per-token advantages: add this times each action's process reward to its advantage (0: off)."})
 
@@ -221,25 +220,20 @@ def check_exact_sampling(args: trl.GRPOConfig) -> None:
 
 def validate(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
-    check_task(script.task)
-    check_positive(script, "num_train_problems", "validation_size", "backtrack_budget", "loop_guard",
-                   allow_zero=("num_train_problems", "validation_size", "backtrack_budget"))
+    check_task_args(script, script.num_train_problems)
+    check_reward_args(script, script.task)
+    check_positive(script, "num_train_problems", "backtrack_budget", "loop_guard",
+                   allow_zero=("num_train_problems", "backtrack_budget", "loop_guard"))
     check_positive(config, "learning_rate", "per_device_train_batch_size", "max_completion_length", "temperature")
     check_positive(lora, "lora_r", "lora_alpha")
     check_exact_sampling(config)
-    if task_name(script.task) == "arithmetic" and script.num_train_problems == 0:
-        raise UsageError("num_train_problems: the arithmetic task is endless; give a number > 0")
-    if script.oracle_weight and task_name(script.task) != "arithmetic":
-        raise UsageError("oracle_weight: the oracle process reward needs the arithmetic task's unique solutions")
-    if script.process_advantage_coef and not script.oracle_weight:
-        raise UsageError("process_advantage_coef: no process reward is configured; set oracle_weight too")
+    if script.process_advantage_coef and script.process_reward == "none":
+        raise UsageError("process_advantage_coef: no process reward is configured; set process_reward too")
     if config.beta and not lora.use_lora:
         raise UsageError("beta: TRL 1.16 reloads a full fine-tune's reference from the model id, without the "
                          "backtrack row; use use_lora: true (the reference is then the starting adapter) or beta: 0")
     if base_model_name(model_args.model_name_or_path) is not None and not lora.use_lora:
         raise UsageError("use_lora: the starting policy is an adapter, which GRPO goes on training; set it to true")
-    if script.data_files is not None and not Path(script.data_files).exists():
-        raise UsageError(f"data_files: no such file or directory {script.data_files}")
     check_model_name(model_args.model_name_or_path)
 
 
@@ -248,7 +242,6 @@ def build_trainer(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs,
     """Everything up to ``trainer.train()``: the starting policy, the prompts, the rewards and the decoding rules."""
     from transformers import set_seed
 
-    validate(script, model_args, lora, config)
     set_seed(config.seed)  # before the LoRA weights are drawn: the same config gives the same run
     model, tokenizer, _ = load_start_policy(model_args.model_name_or_path, lora, model_args.dtype,
                                             config.trust_remote_code, model_args.revision)
@@ -256,17 +249,14 @@ def build_trainer(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs,
                              seed=script.task_seed, validation_size=script.validation_size)
     decoding = BacktrackGenerationConfig(backtrack_bias=script.backtrack_bias, backtrack_budget=script.backtrack_budget,
                                          loop_guard=script.loop_guard)
-    oracle = [(OracleProcessReward(tokenizer), script.oracle_weight)] if script.oracle_weight else []
-    rewards = RewardMixer([RuleGrader(), *oracle], Shaping(backtrack_cost=script.backtrack_cost))
     return BacktrackGRPOTrainer(model, config, problem_dataset(problems, tokenizer), tokenizer,
-                                rewards=rewards, generation_config=decoding,
+                                rewards=build_rewards(script, tokenizer), generation_config=decoding,
                                 process_advantage_coef=script.process_advantage_coef)
 
 
 def train(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: GRPOConfig) -> BacktrackGRPOTrainer:
     """Validate, then train (resuming from the newest complete checkpoint in ``output_dir``) and save the policy."""
-    validate(script, model_args, lora, config)
-    return run_training(script, model_args, [script, model_args, lora, config], config,
+    return run_training([script, model_args, lora, config], validate,
                         lambda resume: build_trainer(script, model_args, lora, config))
 
 

@@ -25,18 +25,19 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from halluc_rl.adapters import base_model_name, check_same_base
+from halluc_rl.adapters import base_model_name
 from halluc_rl.atomic import atomic_write_json, atomic_write_text
-from halluc_rl.checkpoints import prepare_run_dir
 from halluc_rl.config import (
     LoraArgs,
     ModelArgs,
     RunArgs,
+    SamplingArgs,
+    TaskArgs,
     UsageError,
     check_choice,
     check_model_name,
     check_positive,
-    check_task,
+    check_task_args,
     cli,
     parse_cli,
 )
@@ -55,26 +56,22 @@ from halluc_rl.modeling import DTYPES, load_policy, load_tokenizer
 from halluc_rl.policy import set_policy_backtrack
 from halluc_rl.registry import resolve_model_path
 from halluc_rl.rewards import HFProcessReward, ImplicitProcessReward, tokenizer_mismatch
-from halluc_rl.stages import SafeTrainerMixin, train_and_save
+from halluc_rl.stages import SafeTrainerMixin, run_training
 
 HEADS = ("classification", "scalar")
 LABEL_TYPES = ("mc", "oracle")
 
 
 @dataclass
-class LabelArgs:
-    """Which problems the policy answers and how its steps are labelled (see :class:`halluc_rl.labels.LabelSettings`)."""
+class LabelArgs(SamplingArgs, TaskArgs):
+    """Which problems the policy answers and how its steps are labelled (see :class:`halluc_rl.labels.LabelSettings`;
+    the task and the sampling temperature come from the shared blocks)."""
 
     policy: str = field(default="tiny", metadata={"help": "The policy whose answers are labelled (a saved policy or tiny)."})
-    task: str = field(default="arithmetic", metadata={"help": "arithmetic (offline) or gsm8k."})
-    data_files: str | None = field(default=None, metadata={"help": "Local GSM8K jsonl/parquet path (None: the Hub)."})
-    task_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task."})
-    validation_size: int = field(default=500, metadata={"help": "GSM8K: train problems held out as validation."})
     samples_per_problem: int = field(default=4, metadata={"help": "Answers sampled from the policy per problem."})
     mc_k: int = field(default=8, metadata={"help": "Monte-Carlo continuations per step (0: no MC labels)."})
     label_seed: int = field(default=0, metadata={"help": "Seeds the answers and continuations."})
-    label_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of answers and continuations."})
-    label_max_new_tokens: int = field(default=128, metadata={"help": "Actions per sampled answer."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Actions per sampled answer."})
     mc_max_new_tokens: int = field(default=128, metadata={"help": "Actions per continuation."})
     label_batch_size: int = field(default=256, metadata={"help": "Rows decoded together while labelling."})
     label_cache: str | None = field(default=None, metadata={
@@ -84,8 +81,8 @@ class LabelArgs:
 
     def settings(self, oracle: bool) -> LabelSettings:
         return LabelSettings(samples_per_problem=self.samples_per_problem, k=self.mc_k, oracle=oracle,
-                             seed=self.label_seed, temperature=self.label_temperature,
-                             max_new_tokens=self.label_max_new_tokens, mc_max_new_tokens=self.mc_max_new_tokens,
+                             seed=self.label_seed, temperature=self.temperature,
+                             max_new_tokens=self.max_new_tokens, mc_max_new_tokens=self.mc_max_new_tokens,
                              batch_size=self.label_batch_size)
 
 
@@ -128,12 +125,10 @@ def _device(name: str) -> torch.device:
 
 
 def validate_labels(args: LabelArgs) -> None:
-    check_task(args.task)
-    check_positive(args, "samples_per_problem", "label_temperature", "label_max_new_tokens", "mc_max_new_tokens",
+    check_task_args(args)
+    check_positive(args, "samples_per_problem", "temperature", "max_new_tokens", "mc_max_new_tokens",
                    "label_batch_size")
-    check_positive(args, "mc_k", "validation_size", allow_zero=("mc_k", "validation_size"))
-    if args.data_files is not None and not Path(args.data_files).exists():
-        raise UsageError(f"data_files: no such file or directory {args.data_files}")
+    check_positive(args, "mc_k", allow_zero=("mc_k",))
     check_model_name(args.policy, "policy")
 
 
@@ -250,7 +245,6 @@ def build_trainer(script: PRMScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     """Labels (made or reused), the PRM, its data and the trainer: everything up to ``trainer.train()``."""
     from transformers import set_seed
 
-    validate(script, model_args, lora, config)
     check_prm_init(model_args.model_name_or_path, script.policy, config.trust_remote_code)
     cache = Path(script.label_cache or Path(config.output_dir) / "labels-train")
     labels, tokenizer, bt = policy_labels(script, "train", script.num_train_problems,
@@ -270,18 +264,8 @@ def build_trainer(script: PRMScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
 
 def train(script: PRMScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: PRMConfig) -> PRMTrainer:
     """Validate, then train (resuming from the newest complete checkpoint in ``output_dir``) and save the PRM."""
-    validate(script, model_args, lora, config)
-    resume = prepare_run_dir(config.output_dir, [script, model_args, lora, config],
-                             resume=script.resume and not config.resume_from_checkpoint,
-                             allow_change=script.allow_config_change) or config.resume_from_checkpoint
-    if resume:
-        check_same_base(resume, model_args.model_name_or_path)
-    try:
-        trainer = build_trainer(script, model_args, lora, config)
-    except OSError as err:  # a model that does not load (the message names it and the offline alternative)
-        raise UsageError(" ".join(str(err).split())) from err
-    train_and_save(trainer, config.output_dir, resume)
-    return trainer
+    return run_training([script, model_args, lora, config], validate,
+                        lambda resume: build_trainer(script, model_args, lora, config))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ dataclasses below, then ``--config file.yaml``, then ``--key value`` overrides; 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trl
 from trl import SFTTrainer
@@ -20,18 +19,20 @@ from halluc_rl.config import (
     ModelArgs,
     PrecisionDefaults,
     RunArgs,
+    SamplingArgs,
+    TaskArgs,
     UsageError,
     check_choice,
     check_model_name,
     check_positive,
-    check_task,
+    check_task_args,
     cli,
     parse_cli,
 )
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
 from halluc_rl.data.errors import PLAUSIBLE_KINDS, PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
-from halluc_rl.data.tasks import load_problems, task_name
+from halluc_rl.data.tasks import load_problems
 from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
 from halluc_rl.modeling import load_model_and_tokenizer
 from halluc_rl.policy import policy_backtrack, set_policy_backtrack
@@ -39,13 +40,11 @@ from halluc_rl.stages import SafeTrainerMixin, run_training
 
 
 @dataclass
-class SFTScriptArgs(RunArgs):
-    """What to train on: the task, the errors and how they are laid out (and, from RunArgs, resume settings)."""
+class SFTScriptArgs(RunArgs, SamplingArgs, TaskArgs):
+    """What to train on: the errors and how they are laid out (the task, sampling of self errors and resume
+    settings come from the shared blocks)."""
 
-    task: str = field(default="arithmetic", metadata={"help": "arithmetic (offline) or gsm8k."})
-    data_files: str | None = field(default=None, metadata={"help": "Local GSM8K jsonl/parquet path (None: the Hub)."})
     num_train_problems: int = field(default=2000, metadata={"help": "Training problems (0: all of GSM8K's split)."})
-    task_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task."})
     error_source: str = field(default="plausible", metadata={"help": "random, plausible, self or none (plain SFT)."})
     error_rate: float = field(default=0.5, metadata={"help": "Share of examples that get errors."})
     error_kinds: list[str] = field(default_factory=lambda: list(PLAUSIBLE_KINDS), metadata={
@@ -53,7 +52,6 @@ class SFTScriptArgs(RunArgs):
                 "arithmetic:check=1 or 2)."})
     error_length_min: int = field(default=1, metadata={"help": "Shortest error, in tokens."})
     error_length_max: int = field(default=2, metadata={"help": "Longest error, in tokens."})
-    self_error_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of self errors."})
     curriculum_caps: list[int] = field(default_factory=lambda: [2, 5, 10],
                                        metadata={"help": "Most errors per example, stage by stage."})
     curriculum_boundaries: list[int] = field(default_factory=lambda: [1, 2],
@@ -66,8 +64,6 @@ class SFTScriptArgs(RunArgs):
     backtrack_head: str = field(default="softmax", metadata={
         "help": "softmax (the backtrack token is one more vocabulary entry) or factorized (a sigmoid delete-or-not "
                 "decision; see halluc_rl.losses)."})
-    validation_size: int = field(default=500, metadata={
-        "help": "GSM8K: train problems held out as validation (capped for small files)."})
 
 
 @dataclass
@@ -115,7 +111,7 @@ def make_error_source(script: SFTScriptArgs, model, seed: int):
                                seed=seed)
     if script.error_source == "self":
         return SelfGeneratedErrors(model, error_rate=script.error_rate, max_errors=cap, error_length=lengths,
-                                   seed=seed, temperature=script.self_error_temperature)
+                                   seed=seed, temperature=script.temperature)
     raise ValueError(f"unknown error_source {script.error_source!r}; use random, plausible, self or none")
 
 
@@ -138,7 +134,6 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     """Everything up to ``trainer.train()``: model, tokenizer, LoRA, data, collator and curriculum."""
     from transformers import set_seed
 
-    validate(script, model_args, lora, config)
     set_seed(config.seed)  # before the LoRA weights are drawn: the same config gives the same run
     model, tokenizer, bt = load_model_and_tokenizer(
         model_args.model_name_or_path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code,
@@ -167,16 +162,15 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
 
 def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
-    check_task(script.task)
+    check_task_args(script, script.num_train_problems)
     check_choice("error_source", script.error_source, ("random", "plausible", "self", "none"))
     check_choice("layout", script.layout, ("rewind", "retry"))
     for kind in script.error_kinds or [""]:
         check_choice("error_kinds", kind, PLAUSIBLE_KINDS)
     check_choice("backtrack_head", script.backtrack_head, BACKTRACK_HEADS)
     check_choice("curriculum_unit", script.curriculum_unit, ("epoch", "step"))
-    check_positive(script, "num_train_problems", "validation_size", allow_zero=("num_train_problems",
-                                                                                 "validation_size"))
-    check_positive(script, "error_length_min", "error_length_max", "self_error_temperature")
+    check_positive(script, "num_train_problems", allow_zero=("num_train_problems",))
+    check_positive(script, "error_length_min", "error_length_max", "temperature")
     check_positive(config, "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
     check_positive(lora, "lora_r", "lora_alpha")
     if not 0.0 <= script.error_rate <= 1.0:
@@ -189,17 +183,12 @@ def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     if config.dataloader_num_workers > 0:
         raise UsageError("dataloader_num_workers: must be 0: the curriculum's cap lives in the main process "
                          "(workers would keep a stale copy) and self-generated errors sample from the model there")
-    if task_name(script.task) == "arithmetic" and script.num_train_problems == 0:
-        raise UsageError("num_train_problems: the arithmetic task is endless; give a number > 0")
-    if script.data_files is not None and not Path(script.data_files).exists():
-        raise UsageError(f"data_files: no such file or directory {script.data_files}")
     check_model_name(model_args.model_name_or_path)
 
 
 def train(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, config: SFTConfig) -> SFTTrainer:
     """Validate, then train (resuming from the newest complete checkpoint in ``output_dir``) and save the policy."""
-    validate(script, model_args, lora, config)
-    return run_training(script, model_args, [script, model_args, lora, config], config,
+    return run_training([script, model_args, lora, config], validate,
                         lambda resume: build_trainer(script, model_args, lora, config))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -61,6 +62,56 @@ class RunArgs:
         "help": "Resume from the newest complete checkpoint in output_dir when there is one (false: start afresh)."})
     allow_config_change: bool = field(default=False, metadata={
         "help": "Let a resumed run continue under a config that differs from the one saved in output_dir."})
+
+
+@dataclass
+class TaskArgs:
+    """Which problems a command works on: one block every command shares (each field declared here only)."""
+
+    task: str = field(default="arithmetic", metadata={
+        "help": "arithmetic (offline; settings by name, e.g. arithmetic:max_value=50,check=2) or gsm8k."})
+    data_files: str | None = field(default=None, metadata={
+        "help": "gsm8k: a local jsonl/parquet file or folder (None: the Hub)."})
+    task_seed: int = field(default=0, metadata={"help": "Seed of the offline task's problems."})
+    validation_size: int = field(default=500, metadata={
+        "help": "gsm8k: train problems held out as validation (capped for small files)."})
+
+
+@dataclass
+class SamplingArgs:
+    """How a command samples the policy: one name for the temperature everywhere (PPO's rollouts, DPO's pairs,
+    PRM labels, self-generated errors, evaluation)."""
+
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (softmax of logits / T)."})
+
+
+PROCESS_REWARDS: tuple[str, ...] = ("none", "oracle", "prm", "implicit")
+
+
+@dataclass
+class RewardArgs:
+    """The rewards of an RL command (PPO, GRPO): the outcome grader is always on; one process reward and the
+    backtrack cost are chosen here. :func:`halluc_rl.mixers.build_rewards` assembles them."""
+
+    process_reward: str = field(default="none", metadata={
+        "help": "none, oracle (the offline task's reference), prm (a trained PRM directory, `halluc-rl prm`) or "
+                "implicit (PRIME: the log-ratio of a saved PEFT policy, e.g. a DPO run, to its base)."})
+    prm_path: str | None = field(default=None, metadata={"help": "prm / implicit: the PRM or the policy to load."})
+    implicit_beta: float = field(default=0.1, metadata={"help": "implicit: the beta of its log-ratio reward."})
+    process_weight: float = field(default=0.5, metadata={"help": "Weight of the process reward."})
+    process_form: str = field(default="delta", metadata={
+        "help": "delta (potential-based: Phi(s') - Phi(s)) or min (PURE min-form credit)."})
+    backtrack_cost: float = field(default=0.0, metadata={"help": "Reward charged for every backtrack."})
+
+
+RENAMED: dict[str, str] = {
+    "sample_temperature": "temperature",
+    "label_temperature": "temperature",
+    "self_error_temperature": "temperature",
+    "label_max_new_tokens": "max_new_tokens",
+}
+"""Options that were renamed when the sampling settings got one name everywhere: the old names are still read
+(command line and YAML) as the new ones."""
 
 
 @dataclass
@@ -137,25 +188,53 @@ def cli(prog: str, main: Callable[[], int | None]) -> int:
 def parse_cli(types_: Sequence[type], argv: Sequence[str] | None, prog: str) -> tuple:
     """:func:`halluc_rl.config.parse_config` with every failure turned into one-line :class:`UsageError` s."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
-        index = argv.index("--config")
-        path = Path(argv[index + 1]) if index + 1 < len(argv) else None
-        if path is None or not path.is_file():
-            raise UsageError(f"--config: no such file {str(path) if path else '(missing)'}; give a YAML file "
-                             "(see configs/ for examples)")
+    known = {f.name for t in types_ if is_dataclass(t) for f in fields(t)}
+    renames = {old: new for old, new in RENAMED.items() if new in known and old not in known}
+    argv = [_renamed_flag(arg, renames) for arg in argv]
+    with tempfile.TemporaryDirectory() as tmp:
+        if "--config" in argv:
+            index = argv.index("--config")
+            argv[index + 1] = str(_read_config_file(argv[index + 1] if index + 1 < len(argv) else None, renames,
+                                                    Path(tmp)))
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise UsageError(f"--config: {path} is not valid YAML ({' '.join(str(err).split())[:160]})") from err
-        if not isinstance(data, dict):
-            raise UsageError(f"--config: {path} must hold a YAML mapping of option: value")
-    try:
-        parsed = parse_config(types_, argv, prog=prog)
-    except ValueError as err:  # unknown keys, from the file or the command line
-        raise UsageError(" ".join(str(err).split())) from err
+            parsed = parse_config(types_, argv, prog=prog)
+        except ValueError as err:  # unknown keys, from the file or the command line
+            raise UsageError(" ".join(str(err).split())) from err
     for obj in parsed:
         check_types(obj)
     return parsed
+
+
+def _renamed_flag(arg: str, renames: dict[str, str]) -> str:
+    """``--old_name[=value]`` (or ``--old-name``) as the option's new name."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    new = renames.get(name.replace("-", "_"))
+    return f"--{new}{eq}{value}" if new else arg
+
+
+def _read_config_file(given: str | None, renames: dict[str, str], tmp: Path) -> Path:
+    """Check a ``--config`` file (one line per problem); a file using renamed keys is read through a renamed copy."""
+    path = Path(given) if given else None
+    if path is None or not path.is_file():
+        raise UsageError(f"--config: no such file {str(path) if path else '(missing)'}; give a YAML file "
+                         "(see configs/ for examples)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UsageError(f"--config: {path} is not valid YAML ({' '.join(str(err).split())[:160]})") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"--config: {path} must hold a YAML mapping of option: value")
+    if not any(key in renames for key in data):
+        return path
+    clash = [f"{old} and {renames[old]}" for old in data if old in renames and renames[old] in data]
+    if clash:
+        raise UsageError(f"--config: {path} sets both {clash[0]} (the same option, renamed); keep "
+                         f"{clash[0].split(' and ')[1]}")
+    copy = tmp / path.name
+    copy.write_text(yaml.safe_dump({renames.get(k, k): v for k, v in data.items()}, sort_keys=False))
+    return copy
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -220,6 +299,31 @@ def check_positive(obj: Any, *names: str, allow_zero: Iterable[str] = ()) -> Non
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise UsageError(f"{name}: unknown value {value!r}; use one of {', '.join(map(str, choices))}")
+
+
+def check_task_args(args: TaskArgs, num_problems: int | None = None, count_field: str = "num_train_problems") -> str:
+    """Refuse bad task settings, a missing data file, or an endless task asked for all of its problems
+    (``num_problems`` 0); returns the task's base name."""
+    name = check_task(args.task)
+    check_positive(args, "validation_size", allow_zero=("validation_size",))
+    if name == "arithmetic" and num_problems == 0:
+        raise UsageError(f"{count_field}: the arithmetic task is endless; give a number > 0")
+    if args.data_files is not None and not Path(args.data_files).exists():
+        raise UsageError(f"data_files: no such file or directory {args.data_files}")
+    return name
+
+
+def check_reward_args(args: RewardArgs, task: str) -> None:
+    """Refuse an unknown process reward or form, negative weights, and a process reward that cannot be loaded."""
+    check_choice("process_reward", args.process_reward, PROCESS_REWARDS)
+    check_choice("process_form", args.process_form, ("delta", "min"))
+    check_positive(args, "backtrack_cost", "process_weight", "implicit_beta", allow_zero=(
+        "backtrack_cost", "process_weight"))
+    if args.process_reward == "oracle" and check_task(task) != "arithmetic":
+        raise UsageError("process_reward: the oracle knows only the offline task's solutions; use prm on gsm8k")
+    if args.process_reward in ("prm", "implicit") and not (args.prm_path and Path(args.prm_path).exists()):
+        raise UsageError(f"prm_path: give the PRM's (prm) or the policy's (implicit) directory for process_reward: "
+                         f"{args.process_reward} (got {args.prm_path})")
 
 
 def check_task(spec: str, field: str = "task") -> str:

@@ -111,10 +111,18 @@ def train_and_save(trainer, output_dir: str | Path, resume: str | None) -> None:
         atomic_write_json(Path(output_dir) / "log_history.json", trainer.state.log_history)
 
 
-def run_training(script, model_args, configs: Sequence, config, build: Callable[[str | None], Any]):
-    """The flow every Trainer-based command shares, after its validation: check the run folder against the configs
-    and write ``config.yaml`` (only then), refuse a checkpoint of another base, ``build(resume)`` the trainer (a
-    model that does not load, or too little data, is a usage error), train and save the policy atomically."""
+def run_training(configs: Sequence, validate: Callable[..., None], build: Callable[[str | None], Any]):
+    """The flow every Trainer-based command shares. ``configs`` is the command's parsed dataclasses, its script
+    arguments first, :class:`~halluc_rl.config.ModelArgs` second and the trainer's config last.
+
+    1. ``validate(*configs)``, once: one-line usage errors, before anything is loaded or written;
+    2. check the run folder against the configs and write ``config.yaml`` (only then), and refuse a checkpoint of
+       another base;
+    3. ``build(resume)`` the trainer (a model that does not load, or too little data, is a usage error);
+    4. train, and save the policy and its history atomically.
+    """
+    script, model_args, config = configs[0], configs[1], configs[-1]
+    validate(*configs)
     resume = prepare_run_dir(config.output_dir, configs, resume=script.resume and not config.resume_from_checkpoint,
                              allow_change=script.allow_config_change) or config.resume_from_checkpoint
     if resume:

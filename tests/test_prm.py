@@ -40,7 +40,7 @@ def base_dir(tmp_path, tokenizer):
 
 def argv(base_dir, out, *extra) -> list[str]:
     return ["--policy", str(base_dir), "--model_name_or_path", str(base_dir), "--output_dir", str(out),
-            "--num_train_problems", "4", "--samples_per_problem", "2", "--mc_k", "2", "--label_max_new_tokens", "16",
+            "--num_train_problems", "4", "--samples_per_problem", "2", "--mc_k", "2", "--max_new_tokens", "16",
             "--mc_max_new_tokens", "8", "--per_device_train_batch_size", "4", "--learning_rate", "0.01",
             "--report_to", "none", "--use_cpu", "true", "--logging_steps", "1", "--disable_tqdm", "true",
             "--seed", "0", "--max_steps", "3", "--save_strategy", "no", "--lora_r", "4", *extra]
@@ -218,7 +218,7 @@ def test_prm_eval_reports_every_prm_on_the_same_labels(base_dir, tmp_path, token
     write_policy_config(policy, adapter)
     out = tmp_path / "eval"
     rc = prm.main(["eval", "--policy", str(base_dir), "--num_problems", "3", "--samples_per_problem", "2",
-                   "--mc_k", "2", "--label_max_new_tokens", "16", "--mc_max_new_tokens", "8", "--prm", str(run),
+                   "--mc_k", "2", "--max_new_tokens", "16", "--mc_max_new_tokens", "8", "--prm", str(run),
                    "--implicit_policy", str(adapter), "--output_dir", str(out)])
     assert rc == 0
     results = json.loads((out / "results.json").read_text())

@@ -312,3 +312,37 @@ def test_the_dead_gradient_rule_stops_after_two_zero_norms_with_a_positive_loss(
     calm = _DeadGradients([0.0, 0.0, 0.0], loss=0.0)  # a loss of 0 with no gradient is a solved batch, not divergence
     for _ in range(3):
         calm._get_grad_norm(None)
+
+
+def test_renamed_sampling_options_are_read_as_their_new_names(tmp_path):
+    """The sampling temperature has one name everywhere; the old names still work, on the command line and in
+    YAML files, and a file may not set both."""
+    from halluc_rl.agents import dpo, prm
+    from halluc_rl.config import LoraArgs, ModelArgs, UsageError, parse_cli
+
+    types_ = [dpo.DPOScriptArgs, ModelArgs, LoraArgs, dpo.DPOConfig]
+    script = parse_cli(types_, ["--sample-temperature", "0.7", "--output_dir", str(tmp_path)], "t")[0]
+    assert script.temperature == 0.7
+    old = tmp_path / "old.yaml"
+    old.write_text("sample_temperature: 0.5\noutput_dir: out\n")
+    assert parse_cli(types_, ["--config", str(old)], "t")[0].temperature == 0.5
+    both = tmp_path / "both.yaml"
+    both.write_text("sample_temperature: 0.5\ntemperature: 0.6\n")
+    with pytest.raises(UsageError, match="sets both sample_temperature and temperature"):
+        parse_cli(types_, ["--config", str(both)], "t")
+    labels = parse_cli([prm.PRMEvalArgs], ["--label_temperature=0.9", "--label_max_new_tokens", "7"], "t")[0]
+    assert (labels.temperature, labels.max_new_tokens) == (0.9, 7)
+
+
+def test_the_task_block_is_declared_once_and_checked_alike(tmp_path):
+    """Every command takes the task settings from one block, and refuses a missing data file in the same line."""
+    from halluc_rl.agents import dpo, evaluate, grpo, prm
+    from halluc_rl.config import TaskArgs, UsageError, check_task_args
+
+    for args in (sft.SFTScriptArgs, dpo.DPOScriptArgs, grpo.GRPOScriptArgs, prm.PRMScriptArgs, evaluate.EvalArgs):
+        assert issubclass(args, TaskArgs)
+    with pytest.raises(UsageError, match="data_files: no such file or directory /no/such"):
+        check_task_args(TaskArgs(task="gsm8k", data_files="/no/such"))
+    with pytest.raises(UsageError, match="num_problems: the arithmetic task is endless"):
+        check_task_args(TaskArgs(), 0, "num_problems")
+    assert check_task_args(TaskArgs(task="arithmetic:max_value=50"), 10) == "arithmetic"

@@ -156,4 +156,5 @@ def test_missing_model_names_it_and_the_offline_alternative(tmp_path):
         [sft.SFTScriptArgs, ModelArgs, LoraArgs, sft.SFTConfig],
         ["--model_name_or_path", "not-a-local/model-xyz", "--output_dir", str(tmp_path), "--use_cpu", "true"])
     with pytest.raises(UsageError, match="not-a-local/model-xyz.*HF_HUB_OFFLINE.*tiny"):
-        sft.build_trainer(script, model_args, lora, config)
+        sft.train(script, model_args, lora, config)
+    assert not (tmp_path / "config.yaml").exists()  # refused before anything was written
