@@ -24,7 +24,8 @@ from trl import GRPOTrainer
 
 from halluc_rl.backtrack import apply_actions
 from halluc_rl.config import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs
-from halluc_rl.data.tasks import Problem, format_prompt, load_problems, task_name
+from halluc_rl.data.problems import Problem, format_prompt
+from halluc_rl.data.tasks import load_problems, task_name
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.modeling import (
     base_model_name,

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.config import save_config
-from halluc_rl.data.tasks import ArithmeticTask, encode_problem, format_prompt, format_solution
+from halluc_rl.data.arithmetic import ArithmeticTask
+from halluc_rl.data.problems import encode_problem, format_prompt, format_solution
 from halluc_rl.generation import generate
 from halluc_rl.modeling import build_tiny_model, init_backtrack_rows, set_policy_backtrack, train_tokenizer
 from halluc_rl.rewards import RuleGrader
