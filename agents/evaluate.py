@@ -30,7 +30,7 @@ from halluc_rl.config import (
     save_config,
 )
 from halluc_rl.data import tasks
-from halluc_rl.data.tasks import SPLITS, Problem
+from halluc_rl.data.problems import SPLITS, Problem
 from halluc_rl.evaluation import evaluate_policy, load_results, print_table, write_report
 from halluc_rl.registry import is_known_name
 

@@ -38,7 +38,8 @@ from halluc_rl.config import (
     cli,
     parse_cli,
 )
-from halluc_rl.data.tasks import Problem, format_prompt, load_problems
+from halluc_rl.data.problems import Problem, format_prompt
+from halluc_rl.data.tasks import load_problems
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.mixers import build_rewards
 from halluc_rl.modeling import load_start_policy

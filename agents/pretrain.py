@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.checkpoints import check_finite_weights, publish, staging_dir
 from halluc_rl.config import NonFiniteError, check_positive, cli, parse_cli, save_config
-from halluc_rl.data.tasks import ArithmeticTask, encode_problem, format_prompt, format_solution
+from halluc_rl.data.arithmetic import ArithmeticTask
+from halluc_rl.data.problems import encode_problem, format_prompt, format_solution
 from halluc_rl.generation import generate
 from halluc_rl.modeling import init_backtrack_rows
 from halluc_rl.policy import set_policy_backtrack

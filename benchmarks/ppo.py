@@ -31,7 +31,8 @@ import torch
 
 from halluc_rl.agents import ppo
 from halluc_rl.config import LoraArgs, ModelArgs, parse_cli
-from halluc_rl.data.tasks import format_prompt, load_problems
+from halluc_rl.data.problems import format_prompt
+from halluc_rl.data.tasks import load_problems
 
 PROBLEMS, GROUP, ACTIONS = 16, 4, 64
 

@@ -31,7 +31,7 @@ from transformers import AutoModelForTokenClassification
 sys.path.insert(0, str(Path(__file__).parent))
 from generation import best_time, best_times, load_bench_model, make_prompts, plain_loop  # noqa: E402
 
-from halluc_rl.data.tasks import Problem  # noqa: E402
+from halluc_rl.data.problems import Problem  # noqa: E402
 from halluc_rl.generation import generate  # noqa: E402
 from halluc_rl.rewards import HFProcessReward, RewardMixer, RuleGrader  # noqa: E402
 from halluc_rl.rollout import rollout  # noqa: E402

@@ -22,9 +22,9 @@ import datasets
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.errors import PlausibleErrors, build_examples
-from halluc_rl.data.tasks import ArithmeticTask
 from halluc_rl.modeling import load_model_and_tokenizer
 
 sft = importlib.import_module("halluc_rl.agents.sft")

@@ -32,7 +32,7 @@ import torch
 from halluc_rl.backtrack import ActionKind, StepEvent
 from halluc_rl.cache import RewindableCache
 from halluc_rl.data.grading import reward as grade
-from halluc_rl.data.tasks import Problem
+from halluc_rl.data.problems import Problem, format_solution
 
 
 @runtime_checkable
@@ -232,8 +232,6 @@ class OracleProcessReward:
         self.potential: torch.Tensor | None = None  # [B]
 
     def set_problems(self, problems: Sequence[Problem]) -> None:
-        from halluc_rl.data.tasks import format_solution
-
         self.references = [format_solution(p.solution, self.tokenizer) for p in problems]
 
     def on_track(self, text: str, reference: str, ended: bool = False) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from halluc_rl.data.grading import reward as grade
-from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.data.problems import Problem, encode_problem
 from halluc_rl.generation import BacktrackGenerationConfig, generate
 
 

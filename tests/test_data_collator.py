@@ -3,9 +3,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from halluc_rl.backtrack import backtrack_token_id
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.collator import MaskedErrorCollator
-from halluc_rl.data.errors import RandomTokenErrors, assemble_example, build_examples
-from halluc_rl.data.tasks import ArithmeticTask, encode_problem
+from halluc_rl.data.errors import RandomTokenErrors, build_examples
+from halluc_rl.data.examples import assemble_example
+from halluc_rl.data.problems import encode_problem
 from tests.conftest import ARCHS, make_model
 
 BT = 4

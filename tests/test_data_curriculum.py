@@ -4,10 +4,10 @@ import pytest
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from halluc_rl.backtrack import backtrack_token_id
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
 from halluc_rl.data.errors import PlausibleErrors, RandomTokenErrors
-from halluc_rl.data.tasks import ArithmeticTask
 from tests.conftest import make_model
 
 PROBLEMS = ArithmeticTask(seed=2).problems("train", 60)

@@ -1,18 +1,20 @@
+import importlib
+
 import pytest
 
 from halluc_rl.backtrack import apply_actions, backtrack_token_id
+from halluc_rl.data import errors
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.errors import (
-    BacktrackExample,
     PlausibleErrors,
     RandomTokenErrors,
     SelfGeneratedErrors,
-    assemble_example,
     build_examples,
     divergent_spans,
-    special_ids,
-    vocabulary_classes,
 )
-from halluc_rl.data.tasks import ArithmeticTask, encode_problem
+from halluc_rl.data.examples import BacktrackExample, assemble_example
+from halluc_rl.data.problems import encode_problem
+from halluc_rl.data.vocabulary import special_ids, until_special, vocabulary_classes
 from tests.conftest import make_model
 
 PROBLEMS = ArithmeticTask(seed=1).problems("train", 24)
@@ -161,7 +163,7 @@ def test_check_errors_are_revealed_by_a_check_written_from_the_wrong_result(toke
     then one backtrack per token, and the reference again."""
     import re
 
-    from halluc_rl.data.tasks import check_line
+    from halluc_rl.data.arithmetic import check_line
 
     problems = ArithmeticTask(seed=1, check=check).problems("train", 24)
     source = PlausibleErrors(kinds=("check",), error_rate=1.0, max_errors=2)
@@ -256,3 +258,20 @@ def test_self_generated_errors_come_from_generate(tokenizer):
         for position, tokens in _errors_with_positions(example):
             assert (position, tokens) in [(p, t[: len(tokens)]) for p, t in divergent_spans(sample, response)]
     assert sum(e.num_errors for e in examples) >= 3
+
+
+def test_errors_reexports_the_example_and_vocabulary_names():
+    homes = {"examples": ["SPAN_KINDS", "Span", "ErrorPlan", "BacktrackExample", "assemble_example",
+                          "normalize_spans", "spans_labels_mask"],
+             "vocabulary": ["OPERATORS", "VocabularyClasses", "special_ids", "vocabulary_classes"]}
+    for module, names in homes.items():
+        home = importlib.import_module(f"halluc_rl.data.{module}")
+        for name in names:
+            assert getattr(errors, name) is getattr(home, name), f"errors.{name} is not {module}.{name}"
+            assert name in errors.__all__
+
+
+def test_until_special_cuts_before_the_first_special_token():
+    assert until_special([5, 6, 2, 7], {2}) == [5, 6]
+    assert until_special([2, 5], {2}) == []
+    assert until_special((5, 6), {2}) == [5, 6] and all(type(t) is int for t in until_special([True, 3], set()))

@@ -1,6 +1,8 @@
 import copy
+import importlib
 import json
 import re
+import subprocess
 import sys
 import types
 import warnings
@@ -8,18 +10,11 @@ import warnings
 import pytest
 
 from halluc_rl.data import tasks
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.grading import evaluate
-from halluc_rl.data.tasks import (
-    ArithmeticTask,
-    Problem,
-    encode_problem,
-    format_prompt,
-    format_solution,
-    load_gsm8k,
-    load_problems,
-    load_reasoning_gym,
-    validation_count,
-)
+from halluc_rl.data.gsm8k import load_gsm8k, validation_count
+from halluc_rl.data.problems import Problem, encode_problem, format_prompt, format_solution
+from halluc_rl.data.tasks import load_problems, load_reasoning_gym
 
 ROWS = [
     {"question": "Q1?", "answer": "1 + 1 = <<1+1=2>>2\n#### 2"},
@@ -275,7 +270,8 @@ def test_harder_settings_give_longer_problems_with_bigger_numbers():
 
 @pytest.mark.parametrize("check, prefix", [(1, "check "), (2, " ")])
 def test_check_lines_undo_each_step_and_keep_questions_answers_and_splits(check, prefix):
-    from halluc_rl.data.tasks import check_line, load_problems
+    from halluc_rl.data.arithmetic import check_line
+    from halluc_rl.data.tasks import load_problems
 
     plain = ArithmeticTask(seed=2).problems("test", 60)
     checked = load_problems(f"arithmetic:check={check}", "test", 60, seed=2)
@@ -380,3 +376,34 @@ def test_a_bad_task_spec_is_one_line_on_the_command_line(capsys):
     assert evaluate.main(["--task", "arithmetic:max_vale=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("halluc-rl eval: task: cannot read 'max_vale=3'") and "max_value=N" in err
+
+
+SPLIT_HOMES = {
+    "problems": ["SPLITS", "PLAIN_TEMPLATE", "Problem", "encode_problem", "format_prompt", "format_solution"],
+    "gsm8k": ["GSM8K_HUB_ID", "load_gsm8k", "rows_to_problems", "split_validation", "validation_count"],
+    "arithmetic": ["CHECK_PREFIXES", "INVERSE", "ITEMS", "NAMES", "OPERATIONS", "ArithmeticTask", "check_line"],
+}
+"""Where each name ``halluc_rl.data.tasks`` re-exports is defined."""
+
+
+def test_tasks_reexports_every_name_from_its_home():
+    for module, names in SPLIT_HOMES.items():
+        home = importlib.import_module(f"halluc_rl.data.{module}")
+        for name in names:
+            assert getattr(tasks, name) is getattr(home, name), f"tasks.{name} is not {module}.{name}"
+            assert name in tasks.__all__
+    import halluc_rl.data as data
+
+    for name in ("Problem", "ArithmeticTask", "load_gsm8k", "load_reasoning_gym", "encode_problem"):
+        assert getattr(data, name) is getattr(tasks, name)  # the package's lazy names: the same objects
+
+
+def test_the_problem_modules_import_only_downward():
+    """problems <- gsm8k, arithmetic <- tasks: a lower module never loads a higher one."""
+    higher = {"problems": ["gsm8k", "arithmetic", "tasks"], "gsm8k": ["arithmetic", "tasks"],
+              "arithmetic": ["gsm8k", "tasks"]}
+    for module, above in higher.items():
+        code = (f"import sys, halluc_rl.data.{module}; "
+                f"print([m for m in {above!r} if 'halluc_rl.data.' + m in sys.modules])")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "[]", f"importing {module} loaded {out.strip()}"

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from halluc_rl.agents import dpo
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.data.tasks import ArithmeticTask, Problem, encode_problem
+from halluc_rl.data.arithmetic import ArithmeticTask
+from halluc_rl.data.problems import Problem, encode_problem
 from halluc_rl.modeling import load_policy
 from halluc_rl.pairs import ErrorPoint, Samples, _oracle_trace, build_pairs, find_errors
 from halluc_rl.rewards import HFProcessReward, OracleProcessReward

@@ -7,7 +7,8 @@ from transformers import AutoModelForTokenClassification
 
 import halluc_rl  # noqa: F401  (registers the envs)
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.data.tasks import ArithmeticTask, encode_problem
+from halluc_rl.data.arithmetic import ArithmeticTask
+from halluc_rl.data.problems import encode_problem
 from halluc_rl.rewards import CallableReward, HFProcessReward, RewardMixer, RuleGrader, Shaping
 from halluc_rl.rollout import rollout
 from halluc_rl.tiny import tiny_config

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.data.tasks import ArithmeticTask, Problem, encode_problem
+from halluc_rl.data.arithmetic import ArithmeticTask
+from halluc_rl.data.problems import Problem, encode_problem
 from halluc_rl.evaluation import (
     REPORT_COLUMNS,
     BacktrackCounts,

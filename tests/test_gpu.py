@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.data.tasks import ArithmeticTask
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.rewards import HFProcessReward, RewardMixer, RuleGrader, Shaping
 from halluc_rl.rollout import rollout
 from halluc_rl.tiny import tiny_config

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from halluc_rl.adapters import make_lora_model
 from halluc_rl.backtrack import apply_actions, backtrack_token_id
 from halluc_rl.config import LoraArgs
-from halluc_rl.data.tasks import ArithmeticTask, encode_problem
+from halluc_rl.data.arithmetic import ArithmeticTask
+from halluc_rl.data.problems import encode_problem
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.modeling import load_policy
 from halluc_rl.rewards import CallableReward, OracleProcessReward, RewardMixer, RuleGrader

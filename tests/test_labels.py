@@ -3,6 +3,7 @@ the label cache (reused, refused for another policy or task), and the PRM yardst
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -11,18 +12,17 @@ import torch
 
 import halluc_rl.labels as labels_mod
 from halluc_rl.config import UsageError
-from halluc_rl.data.tasks import ArithmeticTask, Problem, encode_problem, format_solution
+from halluc_rl.data.arithmetic import ArithmeticTask
+from halluc_rl.data.problems import Problem, encode_problem, format_solution
 from halluc_rl.labels import (
     LabelSettings,
-    evaluate_step_scores,
-    first_error_f1,
     make_step_labels,
     newline_token_ids,
     oracle_step_labels,
-    roc_auc,
     step_ends,
     step_labels,
 )
+from halluc_rl.prm_metrics import evaluate_step_scores, first_error_f1, roc_auc
 from halluc_rl.tiny import train_tokenizer
 from tests.conftest import CORPUS, make_model
 from tests.test_values import Scripted
@@ -273,3 +273,15 @@ def test_labels_of_a_real_policy_line_up(tokenizer):
         assert len(row["step_ends"]) == len(row["oracle"]) == len(row["mc_soft"])
         assert row["prompt_ids"] == encode_problem(problems[row["problem_index"]], tokenizer)[0]
         assert all(row["response_ids"][e] == NL for e in row["step_ends"][:-1])
+
+
+def test_labels_reexports_the_cache_and_metric_names():
+    homes = {"label_cache": ["CACHE_VERSION", "RECORD_FILE", "policy_fingerprint", "tokenizer_fingerprint",
+                             "problems_fingerprint", "record_differences", "load_label_cache", "save_label_cache"],
+             "prm_metrics": ["roc_auc", "first_error", "first_error_f1", "evaluate_step_scores", "prm_step_scores",
+                             "implicit_step_scores"]}
+    for module, names in homes.items():
+        home = importlib.import_module(f"halluc_rl.{module}")
+        for name in names:
+            assert getattr(labels_mod, name) is getattr(home, name), f"labels.{name} is not {module}.{name}"
+            assert name in labels_mod.__all__

@@ -16,7 +16,7 @@ from halluc_rl.agents import ppo
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.checkpoints import checkpoint_problem
 from halluc_rl.config import LoraArgs, ModelArgs, parse_cli
-from halluc_rl.data.tasks import ArithmeticTask
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.rewards import CallableReward, RewardMixer
 from halluc_rl.rollout import rollout
 from tests.conftest import FULL, make_model
@@ -169,7 +169,7 @@ def test_the_mc_advantage_of_a_backtrack_on_a_policy_with_known_values(tokenizer
     deleting it. V("") = p / (1 - (1-p) q) and V("8") = q V(""), so the deletion's advantage is V("") - V("8") minus
     its cost, and typing the wrong "8" gets V("8") - V("")."""
     from halluc_rl import losses
-    from halluc_rl.data.tasks import Problem
+    from halluc_rl.data.problems import Problem
     from halluc_rl.values import mc_values
     from tests.test_values import Scripted
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForTokenClassification
 from halluc_rl.adapters import make_lora_model
 from halluc_rl.backtrack import apply_actions, backtrack_token_id
 from halluc_rl.config import LoraArgs, ModelArgs, parse_config
-from halluc_rl.data.tasks import ArithmeticTask
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.labels import step_token_ids
 from halluc_rl.losses import action_log_probs
 from halluc_rl.policy import set_policy_backtrack, write_policy_config

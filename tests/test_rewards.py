@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 from halluc_rl.backtrack import ActionKind, apply_actions, backtrack_token_id
-from halluc_rl.data.tasks import ArithmeticTask
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.rewards import HFProcessReward, RewardMixer
 from halluc_rl.rollout import Rollout, rollout
 from halluc_rl.tiny import tiny_config
@@ -116,7 +116,7 @@ def test_delta_reward_with_step_tokens_scores_the_last_completed_step(tokenizer)
 def test_oracle_rewards_leaving_and_returning_to_the_reference(tokenizer):
     """Token granularity: -1 for the token that leaves the reference, +1 for the backspace back; step
     granularity: judged when a line ends; a premature EOS is wrong."""
-    from halluc_rl.data.tasks import encode_problem
+    from halluc_rl.data.problems import encode_problem
     from halluc_rl.rewards import OracleProcessReward
 
     model = make_model("llama", tokenizer)

@@ -10,8 +10,8 @@ import halluc_rl  # noqa: F401  (registers the envs)
 from halluc_rl.adapters import make_lora_model
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.config import LoraArgs
+from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.collator import MaskedErrorCollator
-from halluc_rl.data.tasks import ArithmeticTask
 from halluc_rl.generation import (
     BacktrackGenerationConfig,
     decoding_log_probs,
@@ -187,7 +187,7 @@ def test_a_second_eos_from_the_generation_config_ends_env_episodes_and_rollouts_
 
 def test_evaluation_reads_the_reference_nll_through_the_scorer(tokenizer):
     """``reference_nll`` (an evaluation metric) equals the teacher-forced NLL of a fresh causal forward."""
-    from halluc_rl.data.tasks import encode_problem
+    from halluc_rl.data.problems import encode_problem
     from halluc_rl.evaluation import reference_nll
 
     model = make_model("llama", tokenizer)

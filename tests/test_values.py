@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.data.problems import Problem, encode_problem
 from halluc_rl.generation import BacktrackGenerationConfig, decoding_log_probs, generate, mask_scores
 from halluc_rl.rewards import RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout

@@ -1,8 +1,12 @@
 """The data layer: problems and the prompt format, grading, backtrack examples, the collator and the curriculum.
 
 * :mod:`~halluc_rl.data.grading` - extract, normalise and compare final answers (GSM8K style);
-* :mod:`~halluc_rl.data.tasks` - GSM8K, the offline :class:`ArithmeticTask`, reasoning-gym, and the prompt format;
-* :mod:`~halluc_rl.data.errors` - backtrack examples from random, plausible and self-generated errors;
+* :mod:`~halluc_rl.data.problems` - the :class:`Problem` type and the prompt format;
+* :mod:`~halluc_rl.data.gsm8k`, :mod:`~halluc_rl.data.arithmetic` - GSM8K, the offline :class:`ArithmeticTask`;
+* :mod:`~halluc_rl.data.tasks` - the task registry and loader (and reasoning-gym), re-exporting the three above;
+* :mod:`~halluc_rl.data.examples` - backtrack examples and their spans;
+* :mod:`~halluc_rl.data.vocabulary` - token classes of a vocabulary (digits, operators, newlines, special tokens);
+* :mod:`~halluc_rl.data.errors` - error sources: random, plausible and self-generated errors;
 * :mod:`~halluc_rl.data.collator` - :class:`MaskedErrorCollator` (masked errors, hard attention, rewound positions);
 * :mod:`~halluc_rl.data.curriculum` - caps on errors per example that grow over training.
 
@@ -15,10 +19,13 @@ from importlib import import_module
 
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["evaluate", "extract_answer", "extract_hash_answer", "normalize_number", "reward"], "grading"),
-    **dict.fromkeys(["ArithmeticTask", "Problem", "encode_problem", "format_prompt", "format_solution",
-                     "load_gsm8k", "load_reasoning_gym"], "tasks"),
-    **dict.fromkeys(["BacktrackExample", "ErrorSource", "PlausibleErrors", "RandomTokenErrors",
-                     "SelfGeneratedErrors", "assemble_example", "build_examples", "divergent_spans"], "errors"),
+    **dict.fromkeys(["Problem", "encode_problem", "format_prompt", "format_solution"], "problems"),
+    "load_gsm8k": "gsm8k",
+    "ArithmeticTask": "arithmetic",
+    "load_reasoning_gym": "tasks",
+    **dict.fromkeys(["BacktrackExample", "assemble_example"], "examples"),
+    **dict.fromkeys(["ErrorSource", "PlausibleErrors", "RandomTokenErrors", "SelfGeneratedErrors", "build_examples",
+                     "divergent_spans"], "errors"),
     "MaskedErrorCollator": "collator",
     **dict.fromkeys(["Curriculum", "CurriculumCallback", "CurriculumDataset"], "curriculum"),
 }

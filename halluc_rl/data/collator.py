@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from halluc_rl.data.errors import Span, normalize_spans, spans_labels_mask
+from halluc_rl.data.examples import Span, normalize_spans, spans_labels_mask
 
 IGNORE_INDEX = -100
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 from halluc_rl.data.errors import ErrorSource
-from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.data.problems import Problem, encode_problem
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ Three error sources:
 * :class:`SelfGeneratedErrors` - the model's own sampled solutions, aligned to the reference; where they part, the
   model's divergent tokens become the error.
 
-Token classes (digit, operator, newline, special) are decided once per vocabulary id; text is never decoded and
+Examples and their spans are built by :mod:`halluc_rl.data.examples`. Token classes (digit, operator, newline,
+special) are decided once per vocabulary id (:mod:`halluc_rl.data.vocabulary`); text is never decoded and
 re-encoded to find errors, except for a ``check`` error, whose check line needs the numbers of its step (and is used
 only where the tokenizer encodes that line alone as it does in context).
 """
@@ -24,196 +25,32 @@ from __future__ import annotations
 import difflib
 import random
 import re
-import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 
-from halluc_rl.backtrack import apply_actions, backtrack_token_id
+from halluc_rl.backtrack import backtrack_token_id
+from halluc_rl.data.arithmetic import CHECK_PREFIXES, INVERSE, check_line
+from halluc_rl.data.examples import (
+    SPAN_KINDS,
+    BacktrackExample,
+    ErrorPlan,
+    Span,
+    assemble_example,
+    normalize_spans,
+    spans_labels_mask,
+)
 from halluc_rl.data.grading import evaluate
-from halluc_rl.data.tasks import CHECK_PREFIXES, INVERSE, Problem, check_line, encode_problem
-
-SPAN_KINDS: tuple[str, ...] = ("prompt", "correct", "error", "reveal", "backtrack", "correction")
-"""``correct``: reference tokens before the first error; ``reveal``: tokens typed after an error that are right
-given it and expose it (a check computed from a wrong result), deleted with it, and training targets (in the rewind
-layout their states are trained to backtrack instead, see :class:`PlausibleErrors`); ``correction``: reference
-tokens after a group of backtracks."""
-
-Span = tuple[str, int, int]
-ErrorPlan = tuple[int, list[int]] | tuple[int, list[int], int]
-"""(position in the reference response, the tokens typed there instead of ``response[position]``[, how many of
-those tokens, at the end, are ``reveal`` tokens (default 0)])."""
-
-
-def normalize_spans(spans: Iterable) -> list[Span]:
-    """Spans as ``(kind, start, end)`` tuples, from tuples/lists or from dicts ``{"kind", "start", "end"}``."""
-    out = []
-    for span in spans:
-        kind, start, end = (span["kind"], span["start"], span["end"]) if isinstance(span, dict) else span
-        if kind not in SPAN_KINDS:
-            raise ValueError(f"unknown span kind {kind!r}; expected one of {SPAN_KINDS}")
-        out.append((str(kind), int(start), int(end)))
-    return out
-
-
-def spans_labels_mask(length: int, spans: Iterable, train_errors: bool = False) -> list[bool]:
-    """Which tokens are training targets: everything but the prompt and (unless ``train_errors``) the errors."""
-    mask = [False] * length
-    for kind, start, end in normalize_spans(spans):
-        trained = kind in ("correct", "reveal", "backtrack", "correction") or (kind == "error" and train_errors)
-        mask[start:end] = [trained] * (end - start)
-    return mask
-
-
-@dataclass
-class BacktrackExample:
-    """One training sequence and the exact token spans of its parts."""
-
-    input_ids: list[int]
-    spans: list[Span]
-    backtrack_id: int
-
-    @property
-    def prompt_length(self) -> int:
-        return sum(end - start for kind, start, end in self.spans if kind == "prompt")
-
-    @property
-    def num_errors(self) -> int:
-        """How many errors (each with its own group of backtracks) the example holds."""
-        return sum(kind == "error" for kind, _, _ in self.spans)
-
-    def labels_mask(self, train_errors: bool = False) -> list[bool]:
-        """Per-token training targets (see :func:`spans_labels_mask`)."""
-        return spans_labels_mask(len(self.input_ids), self.spans, train_errors)
-
-    def visible_response(self) -> list[int]:
-        """The response left after applying every backtrack: the reference response."""
-        return apply_actions(self.input_ids[self.prompt_length :], self.backtrack_id).visible_ids
-
-    def to_features(self) -> dict:
-        """``{"input_ids", "spans"}`` for :class:`~halluc_rl.data.collator.MaskedErrorCollator`; spans as dicts, so a
-        ``datasets.Dataset`` can store them."""
-        spans = [{"kind": kind, "start": start, "end": end} for kind, start, end in self.spans]
-        return {"input_ids": list(self.input_ids), "spans": spans}
-
-
-def assemble_example(
-    prompt_ids: Sequence[int], response_ids: Sequence[int], errors: Sequence[ErrorPlan], backtrack_id: int
-) -> BacktrackExample:
-    """The example that types each planned error at its position, deletes it, and continues the reference.
-
-    ``errors`` are ``(position, tokens[, reveal])`` with strictly increasing positions inside the response; an
-    error's first token differs from the reference token it stands in for, and no error holds the backtrack token.
-    The last ``reveal`` tokens (fewer than all) are a ``reveal`` span, the others an ``error`` span.
-    """
-    response = list(response_ids)
-    ids: list[int] = list(prompt_ids)
-    spans: list[Span] = [("prompt", 0, len(ids))] if ids else []
-
-    def add(kind: str, tokens: Sequence[int]) -> None:
-        if tokens:
-            spans.append((kind, len(ids), len(ids) + len(tokens)))
-            ids.extend(tokens)
-
-    cursor, kind = 0, "correct"
-    for position, tokens, *rest in errors:
-        reveal = int(rest[0]) if rest else 0
-        if not cursor <= position < len(response) or (position == cursor and kind == "correction"):
-            raise ValueError(f"error positions must increase strictly inside the response; got {position}")
-        if not tokens or tokens[0] == response[position] or backtrack_id in tokens or not 0 <= reveal < len(tokens):
-            raise ValueError(f"invalid error tokens {list(tokens)} (reveal {reveal}) at position {position}")
-        add(kind, response[cursor:position])
-        add("error", tokens[: len(tokens) - reveal])
-        add("reveal", tokens[len(tokens) - reveal :])
-        add("backtrack", [backtrack_id] * len(tokens))
-        cursor, kind = position, "correction"
-    add(kind, response[cursor:])
-    return BacktrackExample(ids, spans, backtrack_id)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Vocabulary classes (decided once per id)
-# ----------------------------------------------------------------------------------------------------------------
-
-OPERATORS: frozenset[str] = frozenset({"+", "-", "*", "/", "×", "÷"})
-
-
-def special_ids(tokenizer) -> set[int]:
-    """Ids of every special token (BOS/EOS/PAD/UNK, added special tokens, the backtrack token)."""
-    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
-    ids |= {int(i) for i, tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items() if tok.special}
-    try:
-        ids.add(backtrack_token_id(tokenizer))
-    except ValueError:
-        pass
-    return ids
-
-
-def _shape(text: str) -> tuple[bool, bool]:
-    return text[:1].isspace(), text[-1:].isspace()
-
-
-@dataclass
-class VocabularyClasses:
-    """Single-token classes of a vocabulary: what random and plausible errors draw from."""
-
-    normal_ids: list[int]
-    """Every id that is not a special token."""
-    digit_groups: dict[int, list[int]]
-    """id -> the digit tokens of the same shape (spacing, number of digits), itself included."""
-    operator_groups: dict[int, list[int]]
-    """id -> the operator tokens of the same spacing, itself included."""
-    newline_ids: frozenset[int]
-    """Ids whose text holds a line break (steps of a solution end on them)."""
-
-
-_CLASSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def vocabulary_classes(tokenizer) -> VocabularyClasses:
-    """Classify every vocabulary id once (cached per tokenizer object and size)."""
-    cached = _CLASSES.get(tokenizer)
-    if cached is not None and cached[0] == len(tokenizer):
-        return cached[1]
-    special = special_ids(tokenizer)
-    normal = [i for i in range(len(tokenizer)) if i not in special]
-    texts = tokenizer.batch_decode([[i] for i in normal])
-    digits: dict[tuple, list[int]] = {}
-    operators: dict[tuple, list[int]] = {}
-    newlines = set()
-    for i, text in zip(normal, texts):
-        core = text.strip()
-        if core and core.isascii() and core.isdigit():
-            digits.setdefault((*_shape(text), len(core)), []).append(i)
-        elif core in OPERATORS:
-            operators.setdefault(_shape(text), []).append(i)
-        if "\n" in text:
-            newlines.add(i)
-    classes = VocabularyClasses(
-        normal_ids=normal,
-        digit_groups={i: group for group in digits.values() if len(group) > 1 for i in group},
-        operator_groups={i: group for group in operators.values() if len(group) > 1 for i in group},
-        newline_ids=frozenset(newlines),
-    )
-    _CLASSES[tokenizer] = (len(tokenizer), classes)
-    return classes
-
-
-def _until_special(tokens: Sequence[int], special: set[int]) -> list[int]:
-    """``tokens`` cut before the first special token: an error never holds EOS (it would end generation)."""
-    out = []
-    for token in tokens:
-        if token in special:
-            break
-        out.append(int(token))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Error sources
-# ----------------------------------------------------------------------------------------------------------------
+from halluc_rl.data.problems import Problem, encode_problem
+from halluc_rl.data.vocabulary import (
+    OPERATORS,
+    VocabularyClasses,
+    special_ids,
+    until_special,
+    vocabulary_classes,
+)
+from halluc_rl.generation import generate
 
 
 class ErrorSource(ABC):
@@ -358,7 +195,7 @@ class PlausibleErrors(_PositionalSource):
     def _checked_results(self, response: list[int], tokenizer, classes: VocabularyClasses
                          ) -> dict[int, tuple[int, int, str, int, str]]:
         """Digit tokens of results that a check line follows (the next line undoes the step, with one of
-        :data:`~halluc_rl.data.tasks.CHECK_PREFIXES`): position -> (first result token, the step's newline,
+        :data:`~halluc_rl.data.arithmetic.CHECK_PREFIXES`): position -> (first result token, the step's newline,
         operator, operand, the check's prefix). Empty unless ``check`` is a kind and the tokenizer encodes the check
         line alone as in context (so a wrong check's tokens are those generation would see)."""
         if "check" not in self.kinds:
@@ -443,7 +280,7 @@ class PlausibleErrors(_PositionalSource):
             group = (classes.digit_groups if kind == "digit" else classes.operator_groups)[token]
             wrong = rng.choice([t for t in group if t != token])
             tokens = [wrong, *response[position + 1 : position + length]]
-        return _until_special(tokens, special_ids(tokenizer))
+        return until_special(tokens, special_ids(tokenizer))
 
 
 def divergent_spans(sample: Sequence[int], reference: Sequence[int]) -> list[ErrorPlan]:
@@ -485,8 +322,6 @@ class SelfGeneratedErrors(ErrorSource):
 
     def sample(self, prompts: Sequence[Sequence[int]], tokenizer, max_new_tokens: int, seed: int) -> list[list[int]]:
         """One sampled visible response per prompt (the backtrack token is never sampled)."""
-        from halluc_rl.generation import generate
-
         device = next(self.model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
         out = generate(self.model, tokenizer, [list(p) for p in prompts], max_new_tokens=max_new_tokens,
@@ -512,7 +347,7 @@ class SelfGeneratedErrors(ErrorSource):
         special = special_ids(tokenizer)
         plans = []
         for position, tokens in divergent_spans(sample, reference):
-            tokens = _until_special(tokens, special)[: self.error_length[1]]
+            tokens = until_special(tokens, special)[: self.error_length[1]]
             if tokens and tokens[0] != reference[position]:
                 plans.append((position, tokens))
             if len(plans) == n:
@@ -548,7 +383,7 @@ def build_examples(
 
 
 __all__ = [
-    "SPAN_KINDS", "BacktrackExample", "ErrorSource", "PlausibleErrors", "RandomTokenErrors", "SelfGeneratedErrors",
-    "VocabularyClasses", "assemble_example", "build_examples", "divergent_spans", "normalize_spans", "special_ids",
-    "spans_labels_mask", "vocabulary_classes",
+    "OPERATORS", "PLAUSIBLE_KINDS", "SPAN_KINDS", "BacktrackExample", "ErrorPlan", "ErrorSource", "PlausibleErrors",
+    "RandomTokenErrors", "SelfGeneratedErrors", "Span", "VocabularyClasses", "assemble_example", "build_examples",
+    "divergent_spans", "normalize_spans", "special_ids", "spans_labels_mask", "vocabulary_classes",
 ]
