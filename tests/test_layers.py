@@ -20,8 +20,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("models", ("halluc_rl.registry", "halluc_rl.tiny", "halluc_rl.adapters", "halluc_rl.modeling")),
     ("data", ("halluc_rl.data",)),
     ("runs", ("halluc_rl.config", "halluc_rl.checkpoints", "halluc_rl.stages")),
-    ("rl", ("halluc_rl.rewards", "halluc_rl.rollout", "halluc_rl.values", "halluc_rl.labels", "halluc_rl.label_cache",
-            "halluc_rl.prm_metrics", "halluc_rl.pairs", "halluc_rl.evaluation", "halluc_rl.reporting")),
+    ("rl", ("halluc_rl.rewards", "halluc_rl.mixers", "halluc_rl.rollout", "halluc_rl.values", "halluc_rl.labels",
+            "halluc_rl.label_cache", "halluc_rl.prm_metrics", "halluc_rl.pairs", "halluc_rl.evaluation",
+            "halluc_rl.reporting")),
     ("apps", ("halluc_rl.envs", "halluc_rl.agents")),
     ("entry", ("halluc_rl.cli", "halluc_rl.__main__")),
 )
