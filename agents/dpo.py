@@ -47,7 +47,7 @@ from halluc_rl.modeling import load_start_policy
 from halluc_rl.pairs import build_pairs, find_errors
 from halluc_rl.policy import policy_backtrack
 from halluc_rl.scoring import score_actions
-from halluc_rl.stages import SafeTrainerMixin, run_training
+from halluc_rl.training import SafeTrainerMixin, run_training
 
 
 @dataclass

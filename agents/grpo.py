@@ -47,7 +47,7 @@ from halluc_rl.policy import policy_backtrack
 from halluc_rl.rewards import RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout
 from halluc_rl.scoring import score_actions
-from halluc_rl.stages import SafeTrainerMixin, run_training
+from halluc_rl.training import SafeTrainerMixin, run_training
 
 
 @dataclass

@@ -56,7 +56,7 @@ from halluc_rl.modeling import DTYPES, load_policy, load_tokenizer
 from halluc_rl.policy import set_policy_backtrack
 from halluc_rl.registry import resolve_model_path
 from halluc_rl.rewards import HFProcessReward, ImplicitProcessReward, tokenizer_mismatch
-from halluc_rl.stages import SafeTrainerMixin, run_training
+from halluc_rl.training import SafeTrainerMixin, run_training
 
 HEADS = ("classification", "scalar")
 LABEL_TYPES = ("mc", "oracle")

@@ -36,7 +36,7 @@ from halluc_rl.data.tasks import load_problems
 from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
 from halluc_rl.modeling import load_model_and_tokenizer
 from halluc_rl.policy import policy_backtrack, set_policy_backtrack
-from halluc_rl.stages import SafeTrainerMixin, run_training
+from halluc_rl.training import SafeTrainerMixin, run_training
 
 
 @dataclass
@@ -78,7 +78,7 @@ class MaskedErrorSFTTrainer(SafeTrainerMixin, SFTTrainer):
     trainable-token rows on the head, so the backtrack logit would never be trained (and the untied-head wrapper
     has no ``bias``, which that path reads). The plain causal-LM loss over the collator's labels is the same
     quantity, computed through every wrapper; the price is materialising the logits of a batch. The head and the
-    backtrack id are read from ``model.config`` (their one home); :class:`~halluc_rl.stages.SafeTrainerMixin` stops
+    backtrack id are read from ``model.config`` (their one home); :class:`~halluc_rl.training.SafeTrainerMixin` stops
     on non-finite values, saves atomically and writes those settings with every copy.
     """
 

@@ -7,7 +7,7 @@
   (:func:`save_checkpoint`, :func:`publish`), so a kill at any moment leaves either a complete folder or none.
 * **Nothing non-finite is saved** (:func:`check_finite_weights`).
 
-Trainer-based commands get the same layout from :class:`halluc_rl.stages.SafeTrainerMixin`; custom loops (PPO) call
+Trainer-based commands get the same layout from :class:`halluc_rl.training.SafeTrainerMixin`; custom loops (PPO) call
 :func:`save_checkpoint` / :func:`load_checkpoint` here.
 """
 

@@ -22,7 +22,7 @@ from halluc_rl.atomic import atomic_write_text
 from halluc_rl.checkpoints import checkpoint_problem, resume_checkpoint
 from halluc_rl.config import NonFiniteError
 from halluc_rl.modeling import load_policy
-from halluc_rl.stages import SafeTrainerMixin
+from halluc_rl.training import SafeTrainerMixin
 from tests.conftest import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
