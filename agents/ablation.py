@@ -11,39 +11,23 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from halluc_rl.agents.demo import DemoArgs, dpo_stage, evaluate_stage, ppo_stage, sft_stage
+import torch
+
+from halluc_rl.agents.stages import DemoArgs, dpo_stage, evaluate_stage, ppo_stage, prm_stage, sft_stage
 from halluc_rl.atomic import atomic_write_json, atomic_write_text
-from halluc_rl.checkpoints import finished_run
+from halluc_rl.reporting import ablation_table, mean_std, plot_ablation  # noqa: F401  (mean_std: its old home)
 
 FIGURES: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_sampled_no_backtrack",
                             "sampled_backtrack_rate", "sampled_backtrack_precision", "sampled_false_backtrack_rate",
                             "backtrack_rate", "backtrack_precision")
 
 MC_COST = 3  # an mc update costs >= 3 group updates (benchmarks/ppo.py: mc_vs_gae_cost 3.06), more as backtracks spread
-
-
-def prm_stage(args: DemoArgs, out: Path, policy: Path) -> Path:
-    """A token-classification PRM trained on Monte-Carlo labels of ``policy``'s answers (``halluc-rl prm``)."""
-    from halluc_rl.agents.prm import PRMConfig, PRMScriptArgs, train
-    from halluc_rl.config import LoraArgs, ModelArgs
-
-    script = PRMScriptArgs(policy=str(policy), task_seed=args.seed, num_train_problems=100, samples_per_problem=4,
-                           mc_k=4, label_seed=args.seed, mc_max_new_tokens=args.max_new_tokens or 96,
-                           label_max_new_tokens=args.max_new_tokens or 96)
-    config = PRMConfig(output_dir=str(out), num_train_epochs=3, per_device_train_batch_size=32, learning_rate=1e-3,
-                       lr_scheduler_type="cosine", warmup_steps=5, save_strategy="no", report_to=[], use_cpu=True,
-                       seed=args.seed, disable_tqdm=True)
-    configs = [script, ModelArgs(), LoraArgs(), config]
-    if not finished_run(out, configs):
-        train(*configs)
-    return out
 
 
 def rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable[[], Path]]]:
@@ -126,8 +110,6 @@ def ready(pending: list[tuple[int, str]], done: dict[int, dict[str, dict]]
 def one_row(args: DemoArgs, seed: int, name: str) -> dict:
     """One row for one seed, in a worker process with one thread: train it (its needed rows are done), evaluate it.
     A row that fails is recorded with its error, never silently dropped: the other rows still run."""
-    import torch
-
     torch.set_num_threads(1)
     seeded = replace(args, seed=seed)
     try:
@@ -135,44 +117,6 @@ def one_row(args: DemoArgs, seed: int, name: str) -> dict:
         return evaluate_stage(seeded, folder, folder)
     except Exception as err:
         return {"error": f"{type(err).__name__}: {err}"}
-
-
-def mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
-
-
-def plot_ablation(results: dict[str, list[dict]], path: Path) -> Path:
-    """Per row, the mean greedy and sampled accuracy and the sampled accuracy with backtracking masked, with one
-    standard deviation over seeds as error bars (rows that failed on every seed are left out)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    keys = {"accuracy_greedy": "greedy", "accuracy_sampled": "sampled (T=1)",
-            "accuracy_sampled_no_backtrack": "sampled, backtracking masked"}
-    names = [n for n, runs in results.items() if any("error" not in m for m in runs)]
-    fig = Figure(figsize=(12, 4.6))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / len(keys)
-    for j, (key, label) in enumerate(keys.items()):
-        values = [[m[key] for m in results[n] if "error" not in m and m.get(key) is not None] for n in names]
-        means = [statistics.fmean(v) if v else 0.0 for v in values]
-        errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, means, width=width, yerr=errs, capsize=2, label=label, color=f"C{j}",
-               hatch="//" if "no_backtrack" in key else None, alpha=0.6 if "no_backtrack" in key else 1.0)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=30, ha="right", fontsize="small")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (mean ± std over seeds)")
-    ax.legend(fontsize="small", loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    return path
 
 
 def run_ablation(args: DemoArgs) -> int:
@@ -226,15 +170,9 @@ def write_summary(args: DemoArgs, by_seed: dict[int, dict[str, dict]], minutes: 
     results = {name: [by_seed[s].get(name, {"error": "not run"}) for s in seeds] for name in names}
     atomic_write_json(out / "ablation.json", {"args": asdict(args), "seeds": seeds, "minutes": minutes,
                                               "results": results})
-    table = ["| row | what differs | " + " | ".join(FIGURES) + " |", "|---|---|" + "---:|" * len(FIGURES)]
-    for name, (differs, _) in rows(args, out).items():
-        done = [m for m in results[name] if "error" not in m]
-        cells = [mean_std([m[k] for m in done if m.get(k) is not None]) for k in FIGURES]
-        failed = len(results[name]) - len(done)
-        table.append(f"| {name}{f' ({failed} seed(s) failed)' if failed else ''} | {differs} | "
-                     + " | ".join(cells) + " |")
+    differs = {name: what for name, (what, _) in rows(args, out).items()}
     text = (f"# Ablation: seeds {seeds[0]}..{seeds[-1]}, mean ± std over seeds, {minutes:.0f} min\n\n"
-            + "\n".join(table) + "\n")
+            + ablation_table(results, differs, FIGURES) + "\n")
     atomic_write_text(out / "ablation.md", text)
     plot_ablation(results, out / "ablation.png")
     return text

@@ -55,6 +55,7 @@ from halluc_rl.labels import (
 from halluc_rl.modeling import DTYPES, load_policy, load_tokenizer
 from halluc_rl.policy import set_policy_backtrack
 from halluc_rl.registry import resolve_model_path
+from halluc_rl.reporting import cell, markdown_table
 from halluc_rl.rewards import HFProcessReward, ImplicitProcessReward, tokenizer_mismatch
 from halluc_rl.training import SafeTrainerMixin, run_training
 
@@ -317,20 +318,17 @@ def evaluate(args: PRMEvalArgs) -> dict[str, dict]:
     return results
 
 
-def _cell(value) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 def write_results(results: dict[str, dict], args: PRMEvalArgs, samples: int) -> None:
+    """``results.json`` and ``results.md`` (what was labelled, then one table row per PRM), also printed."""
     out = Path(args.output_dir)
     atomic_write_json(out / "results.json", results)
     first = next(iter(results.values()))
-    lines = [f"Held-out labels: {samples} answers of {args.policy} to {args.num_problems} {args.split} problems, "
-             f"{first['steps']} steps ({first['samples_with_error']} answers with an error).", "",
-             "| PRM | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |" for name, row in results.items()]
-    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    table = markdown_table(["PRM", *COLUMNS], [[name, *(cell(c, row.get(c)) for c in COLUMNS)]
+                                               for name, row in results.items()])
+    text = (f"Held-out labels: {samples} answers of {args.policy} to {args.num_problems} {args.split} problems, "
+            f"{first['steps']} steps ({first['samples_with_error']} answers with an error).\n\n{table}")
+    atomic_write_text(out / "results.md", text + "\n")
+    print(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,9 @@ Three parts:
   policy backtracks, whether what it deletes was wrong, and how often it deletes a token that was right;
 * :func:`evaluate_policy` runs a policy on problems greedily and sampled, each with backtracking on and off
   (``backtrack_bias=-inf``), and returns one flat metrics dict;
-* :func:`write_report` turns ``{stage: metrics}`` (base, plain SFT, backtrack SFT, later DPO/PPO...) into
-  ``results.json``, a markdown table and a bar plot; :func:`print_table` shows the table in a terminal.
+* the reports (:func:`write_report` turns ``{stage: metrics}`` into ``results.json``, a markdown table and a bar
+  plot; :func:`print_table` shows the table in a terminal) live in :mod:`halluc_rl.reporting`, and are importable
+  from here too.
 
 A token is *correct* when the visible response up to and including it is a prefix of the reference response ids
 (``encode_problem``'s response, EOS included). Once the text has left the reference, every later token counts as
@@ -16,13 +17,8 @@ wrong, even one that happens to equal the reference token at its position: the t
 
 from __future__ import annotations
 
-import io
-import json
-import math
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +29,21 @@ from halluc_rl.data.grading import reward
 from halluc_rl.data.tasks import Problem, encode_problem
 from halluc_rl.generation import BacktrackGenerationOutput, generate
 from halluc_rl.policy import policy_backtrack
+from halluc_rl.reporting import (  # noqa: F401  (re-exported: the report's names were defined here first)
+    ACCURACY_KEYS,
+    REPORT_COLUMNS,
+    SHORT_NAMES,
+    format_table,
+    load_results,
+    plot_accuracy,
+    print_table,
+    write_report,
+)
+from halluc_rl.reporting import PLOT_LABELS as _PLOT_LABELS  # noqa: F401  (the old private names)
+from halluc_rl.reporting import cell as _cell  # noqa: F401
+from halluc_rl.reporting import finite as _finite  # noqa: F401
+from halluc_rl.reporting import json_default as _json_default  # noqa: F401
+from halluc_rl.reporting import stage_rows as _rows  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------------------
 # Backtrack metrics from a trace
@@ -153,12 +164,6 @@ def backtrack_metrics(out: BacktrackGenerationOutput, references: Sequence[Seque
 # Policy evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
-ACCURACY_KEYS: tuple[str, ...] = (
-    "accuracy_greedy", "accuracy_sampled", "accuracy_greedy_no_backtrack", "accuracy_sampled_no_backtrack",
-)
-"""The four accuracies :func:`evaluate_policy` reports (and the report plots)."""
-
-
 @dataclass
 class _RunTotals:
     """What one decoding mode accumulates over its batches."""
@@ -240,18 +245,31 @@ def evaluate_policy(
     if num_samples < 0 or batch_size < 1 or max_new_tokens < 1:
         raise ValueError("need num_samples >= 0, batch_size >= 1 and max_new_tokens >= 1")
     bt, _ = policy_backtrack(model, backtrack_id)
-    device = next(model.parameters()).device
     encoded = [encode_problem(p, tokenizer) for p in problems]
     prompts = [prompt for prompt, _ in encoded]
     references = [response for _, response in encoded]
     golds = [p.answer for p in problems]
-    common = dict(max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings), backtrack_budget=backtrack_budget)
-    on, no_bt = dict(backtrack_bias=backtrack_bias), dict(backtrack_bias=float("-inf"))
+    runs = _decode_runs(model, tokenizer, prompts, references, golds, num_samples=num_samples,
+                        temperature=temperature, seed=seed, loop_guard=loop_guard,
+                        sampled_loop_guard=sampled_loop_guard, backtrack_bias=backtrack_bias, progress=progress,
+                        batch_size=batch_size, backtrack_id=bt, max_new_tokens=max_new_tokens,
+                        stop_strings=tuple(stop_strings), backtrack_budget=backtrack_budget)
+    nll = reference_nll(model, prompts, references, batch_size=batch_size, backtrack_id=bt)
+    return _summarise(*runs, reference_nll=nll, num_samples=num_samples)
 
-    n = len(problems)
+
+def _decode_runs(model, tokenizer, prompts: list[list[int]], references: list[list[int]], golds: list[str], *,
+                 num_samples: int, temperature: float, seed: int, loop_guard: int | None,
+                 sampled_loop_guard: int | None, backtrack_bias: float, progress: bool, **common
+                 ) -> tuple[_RunTotals, _RunTotals, _RunTotals | None, _RunTotals | None]:
+    """:func:`evaluate_policy`'s four runs: greedy, greedy with the backtrack masked, then (``num_samples`` > 0)
+    the same two sampled, ``num_samples`` answers per problem, each from a generator seeded with ``seed``.
+    ``common`` (batch size, backtrack id, length, stop strings, budget) goes to every run."""
+    device = next(model.parameters()).device
+    on, no_bt = dict(backtrack_bias=backtrack_bias), dict(backtrack_bias=float("-inf"))
+    n = len(prompts)
     bar = tqdm(total=2 * n * (1 + num_samples), disable=not progress, unit="ep", dynamic_ncols=True)
-    kw = dict(batch_size=batch_size, bar=bar, backtrack_id=bt)
-    greedy_kw = dict(do_sample=False, loop_guard=loop_guard or None, **kw, **common)
+    greedy_kw = dict(do_sample=False, loop_guard=loop_guard or None, bar=bar, **common)
     greedy = _run(model, tokenizer, prompts, references, golds, desc="greedy", generator=None, **on, **greedy_kw)
     greedy_nb = _run(model, tokenizer, prompts, references, golds, desc="greedy, no backtrack", generator=None,
                      **no_bt, **greedy_kw)
@@ -259,13 +277,20 @@ def evaluate_policy(
     if num_samples:
         rep = [i for i in range(n) for _ in range(num_samples)]  # each problem num_samples times, side by side
         args = ([prompts[i] for i in rep], [references[i] for i in rep], [golds[i] for i in rep])
-        sampling = dict(do_sample=True, temperature=temperature, loop_guard=sampled_loop_guard or None, **kw, **common)
+        sampling = dict(do_sample=True, temperature=temperature, loop_guard=sampled_loop_guard or None, bar=bar,
+                        **common)
         sampled = _run(model, tokenizer, *args, desc="sampled", generator=_generator(device, seed), **on,
                        **sampling)
         sampled_nb = _run(model, tokenizer, *args, desc="sampled, no backtrack", generator=_generator(device, seed),
                           **no_bt, **sampling)
     bar.close()
+    return greedy, greedy_nb, sampled, sampled_nb
 
+
+def _summarise(greedy: _RunTotals, greedy_nb: _RunTotals, sampled: _RunTotals | None,
+               sampled_nb: _RunTotals | None, *, reference_nll: float, num_samples: int) -> dict[str, Any]:
+    """The four runs' totals as :func:`evaluate_policy`'s flat metrics dict (its keys, in their order)."""
+    n = greedy.episodes
     results: dict[str, Any] = {
         "accuracy_greedy": greedy.correct / n,
         "accuracy_sampled": sampled.correct / sampled.episodes if sampled else None,
@@ -275,7 +300,7 @@ def evaluate_policy(
     results.update(greedy.counts.metrics())
     sampled_metrics = sampled.counts.metrics() if sampled else dict.fromkeys(BacktrackCounts().metrics())
     results.update({f"sampled_{k}": v for k, v in sampled_metrics.items()})
-    results["reference_nll"] = reference_nll(model, prompts, references, batch_size=batch_size, backtrack_id=bt)
+    results["reference_nll"] = reference_nll
     results["tokens_per_solved"] = greedy.actions / greedy.correct if greedy.correct else None
     results["mean_actions"] = greedy.actions / n
     results["truncated_rate"] = greedy.truncated / n
@@ -304,164 +329,3 @@ def reference_nll(model, prompts: Sequence[Sequence[int]], references: Sequence[
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reports
-# ----------------------------------------------------------------------------------------------------------------
-
-REPORT_COLUMNS: tuple[str, ...] = (
-    *ACCURACY_KEYS, "backtrack_rate", "backtrack_precision", "false_backtrack_rate", "tokens_per_solved",
-    "num_problems",
-)
-"""Columns of the report table, in order (after the stage name)."""
-
-SHORT_NAMES: dict[str, str] = {
-    "accuracy_greedy": "acc greedy", "accuracy_sampled": "acc sampled",
-    "accuracy_greedy_no_backtrack": "acc greedy no-BT", "accuracy_sampled_no_backtrack": "acc sampled no-BT",
-    "backtrack_rate": "BT rate", "backtrack_precision": "BT precision", "false_backtrack_rate": "false BT rate",
-    "tokens_per_solved": "tokens/solved", "num_problems": "problems",
-}
-"""Column headers of the terminal table (the markdown table keeps the metric keys)."""
-
-_PLOT_LABELS: dict[str, str] = {
-    "accuracy_greedy": "greedy", "accuracy_greedy_no_backtrack": "greedy, no backtrack",
-    "accuracy_sampled": "sampled", "accuracy_sampled_no_backtrack": "sampled, no backtrack",
-}
-
-
-def _cell(key: str, value: Any) -> str:
-    """One table cell: accuracies and rates with 3 decimals, token counts with 1, missing values as '-'."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if key == "tokens_per_solved":
-        return f"{float(value):.1f}"
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
-
-
-def _rows(results: Mapping[str, Mapping[str, Any]], columns: Sequence[str]) -> list[list[str]]:
-    return [[str(stage), *(_cell(c, metrics.get(c)) for c in columns)] for stage, metrics in results.items()]
-
-
-def format_table(results: Mapping[str, Mapping[str, Any]], columns: Sequence[str] = REPORT_COLUMNS) -> str:
-    """A markdown table: one row per stage (in the dict's order), one column per metric."""
-    lines = ["| " + " | ".join(["stage", *columns]) + " |", "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(results, columns)]
-    return "\n".join(lines) + "\n"
-
-
-def print_table(results: Mapping[str, Mapping[str, Any]], title: str = "halluc-rl evaluation",
-                columns: Sequence[str] = REPORT_COLUMNS) -> None:
-    """Print the report table to stdout: a ``rich`` table when rich is installed, else the markdown text."""
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(f"{title}\n\n{format_table(results, columns)}")
-        return
-    table = Table(title=title)
-    table.add_column("stage", no_wrap=True)
-    for c in columns:
-        table.add_column(SHORT_NAMES.get(c, c), justify="right")
-    for row in _rows(results, columns):
-        table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
-        console = Console(width=160)
-    console.print(table)
-
-
-def plot_accuracy(results: Mapping[str, Mapping[str, Any]], path: str | Path | io.BytesIO,
-                  title: str = "halluc-rl evaluation") -> str | Path | io.BytesIO:
-    """A grouped bar plot (PNG, Agg backend): per stage, greedy and sampled accuracy with and without backtracking.
-
-    Missing values are left out (no bar); the pyplot state and the global backend are not touched.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    stages = list(results)
-    keys = list(_PLOT_LABELS)
-    width = 0.8 / len(keys)
-    fig = Figure(figsize=(max(6.0, 1.6 * len(stages) + 2), 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for j, key in enumerate(keys):
-        xs, ys = [], []
-        for i, stage in enumerate(stages):
-            value = results[stage].get(key)
-            if value is not None and not math.isnan(float(value)):
-                xs.append(i + (j - (len(keys) - 1) / 2) * width)
-                ys.append(float(value))
-        ax.bar(xs, ys, width=width, label=_PLOT_LABELS[key], hatch="//" if "no_backtrack" in key else None,
-               color=f"C{j // 2}", alpha=1.0 if "no_backtrack" not in key else 0.55)
-    ax.set_xticks(range(len(stages)))
-    ax.set_xticklabels(stages)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title(title)
-    ax.legend(fontsize="small", loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    return path
-
-
-def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path,
-                 title: str = "halluc-rl evaluation") -> dict[str, Path]:
-    """Write ``results`` (stage name -> metrics dict, any number of stages) to ``out_dir``.
-
-    Files: ``results.json`` (``{"title", "created", "results"}`` with ``results`` as given; read it back with
-    :func:`load_results`), ``results.md`` (title and the :func:`format_table` table) and ``results.png``
-    (:func:`plot_accuracy`). Returns their paths under the keys ``json``, ``markdown`` and ``plot``.
-    """
-    if not results:
-        raise ValueError("no results to report")
-    from halluc_rl.atomic import atomic_write_bytes, atomic_write_text
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "results.png"}
-    payload = {"title": title, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               "results": {str(k): {m: _finite(v) for m, v in metrics.items()} for k, metrics in results.items()}}
-    atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=_json_default, allow_nan=False) + "\n")
-    atomic_write_text(paths["markdown"], f"# {title}\n\n{format_table(results)}")
-    buffer = io.BytesIO()
-    plot_accuracy(results, buffer, title=title)
-    atomic_write_bytes(paths["plot"], buffer.getvalue())
-    return paths
-
-
-def _finite(value: Any) -> Any:
-    """NaN and infinities as None, so ``results.json`` stays strict JSON."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _json_default(value: Any) -> Any:
-    """JSON for tensors, numpy scalars and paths that slip into a metrics dict."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def load_results(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The ``{stage: metrics}`` dict of a ``results.json`` (or of the directory holding it); {} when missing.
-
-    Lets a later stage add its row: ``results = load_results(d); results["dpo"] = m; write_report(results, d)``.
-    """
-    path = Path(path)
-    path = path / "results.json" if path.is_dir() else path
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err.__class__.__name__}: {err}); move it away, or start a new "
-                         "report (--append false)") from err
-    rows = data.get("results") if isinstance(data, dict) and "title" in data else data
-    if not isinstance(rows, dict) or not all(isinstance(v, dict) for v in rows.values()):
-        raise ValueError(f"{path} does not hold a report ({{stage: metrics}}); move it away, or start a new report "
-                         "(--append false)")
-    return dict(rows)

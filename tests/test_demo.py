@@ -136,3 +136,70 @@ def test_bad_demo_settings_are_one_line_before_anything_is_written(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def _stage_configs(monkeypatch, args, *calls):
+    """The configs each stage call would train with (finished_run records them and skips the training)."""
+    stages = importlib.import_module("halluc_rl.agents.stages")
+    seen = []
+    monkeypatch.setattr(stages, "finished_run", lambda out, configs: seen.append(configs) or True)
+    for stage, *rest, kwargs in calls:
+        getattr(stages, f"{stage}_stage")(args, *rest, **kwargs)
+    return seen
+
+
+def test_stage_configs_come_from_configs_demo_with_the_demo_options_on_top(tmp_path, monkeypatch):
+    sft = importlib.import_module("halluc_rl.agents.sft")
+    ppo = importlib.import_module("halluc_rl.agents.ppo")
+    from halluc_rl.data.errors import PLAUSIBLE_KINDS
+
+    args = demo.DemoArgs(seed=3, max_new_tokens=64, sft_epochs=1.5)
+    (script, model_args, lora, config), (ppo_args, ppo_model, _) = _stage_configs(
+        monkeypatch, args, ("sft", tmp_path / "sft", "plausible", "softmax", {}),
+        ("ppo", tmp_path / "ppo", tmp_path / "sft", {"backtrack": False, "updates": 5}))  # an ablation row's value
+    assert script == sft.SFTScriptArgs(task="arithmetic", num_train_problems=1500, task_seed=3,
+                                       error_source="plausible", error_kinds=list(PLAUSIBLE_KINDS), error_rate=0.25,
+                                       curriculum_caps=[1, 2], curriculum_boundaries=[1], backtrack_head="softmax")
+    assert model_args.model_name_or_path == "tiny" and lora.use_lora
+    expected = sft.SFTConfig(output_dir=str(tmp_path / "sft"), num_train_epochs=1.5, per_device_train_batch_size=32,
+                             learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
+                             save_strategy="no", report_to=[], use_cpu=True, gradient_checkpointing=False, seed=3,
+                             max_length=512, disable_tqdm=False)
+    assert config.to_dict() == expected.to_dict()
+    assert ppo_args == ppo.PPOArgs(
+        output_dir=str(tmp_path / "ppo"), task="arithmetic", task_seed=3, num_problems=1500, updates=5,
+        problems_per_update=16, group_size=4, max_new_tokens=64, backtrack=False, advantage="group",
+        process_reward="oracle", process_credit="immediate", process_weight=1.0, learning_rate=3e-4, kl_coef=0.02,
+        backtrack_cost=0.1, save_every=25, seed=3, report_to="none")
+    assert ppo_model.model_name_or_path == str(tmp_path / "sft")
+
+
+def test_a_stage_config_folder_of_ones_own_is_read_and_checked(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "stages"
+    shutil.copytree(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo"), folder)
+    (folder / "ppo.yaml").write_text((folder / "ppo.yaml").read_text().replace("group_size: 4", "group_size: 8"))
+    args = demo.DemoArgs(stage_configs=str(folder))
+    ((ppo_args, _, _),) = _stage_configs(monkeypatch, args, ("ppo", tmp_path / "ppo", tmp_path / "sft", {}))
+    assert ppo_args.group_size == 8 and ppo_args.updates == 100  # the file's value; the demo's on top
+    (folder / "dpo.yaml").write_text("num_samples: 4\nnum_smaples: 2\n")
+    out = tmp_path / "demo"
+    assert demo.main(["--output_dir", str(out), "--stage_configs", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "dpo.yaml: unknown options ['--num_smaples']" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_demo_ablation_and_stages_import_one_way():
+    """demo -> ablation -> stages and demo -> stages: no module imports one that imports it back."""
+    import ast
+
+    agents = os.path.join(os.path.dirname(os.path.dirname(__file__)), "agents")
+
+    def imports(name):
+        tree = ast.parse(open(os.path.join(agents, f"{name}.py")).read())
+        return {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("halluc_rl.agents")}
+
+    assert {"ablation", "stages"} <= imports("demo")
+    assert "stages" in imports("ablation") and "demo" not in imports("ablation")
+    assert not {"demo", "ablation"} & imports("stages")

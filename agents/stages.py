@@ -1,0 +1,190 @@
+"""The demo's stages, shared by ``halluc-rl demo`` and its ablation: each trains one policy (or PRM) into a folder.
+
+A stage's settings come from a YAML file in ``DemoArgs.stage_configs`` (the shipped ``configs/demo/``:
+``sft.yaml``, ``dpo.yaml``, ``ppo.yaml``, ``prm.yaml``), read by the parser of the command that trains it (its
+dataclasses, TRL's ``TrlParser``, as ``--config`` reads a file), with the demo's options (seed, task, budgets,
+learning rates, the stage's folder and starting policy) on top. Each stage is exactly what ``halluc-rl sft
+--config configs/demo/sft.yaml --option value ...`` would train, and a rerun skips a stage already finished
+with the same resolved config.
+
+Imports run one way: ``demo`` -> ``ablation`` -> ``stages`` and ``demo`` -> ``stages``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import TrlParser
+
+from halluc_rl.agents import dpo, ppo, prm, sft
+from halluc_rl.atomic import atomic_write_json
+from halluc_rl.checkpoints import finished_run
+from halluc_rl.config import LoraArgs, ModelArgs, UsageError, check_types
+from halluc_rl.data.errors import PLAUSIBLE_KINDS
+from halluc_rl.data.tasks import load_problems
+from halluc_rl.evaluation import evaluate_policy
+from halluc_rl.modeling import load_policy
+
+SHIPPED_STAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+"""The stage configs of the documented demo (``configs/demo/`` in the repository)."""
+
+STAGE_TYPES: dict[str, tuple[type, ...]] = {
+    "sft": (sft.SFTScriptArgs, ModelArgs, LoraArgs, sft.SFTConfig),
+    "dpo": (dpo.DPOScriptArgs, ModelArgs, LoraArgs, dpo.DPOConfig),
+    "ppo": (ppo.PPOArgs, ModelArgs, LoraArgs),
+    "prm": (prm.PRMScriptArgs, ModelArgs, LoraArgs, prm.PRMConfig),
+}
+"""Each stage config file's dataclasses: those its command (``halluc-rl sft``, ``dpo``, ``ppo``, ``prm``) parses."""
+
+
+@dataclass
+class DemoArgs:
+    """The pipeline's budget and settings (defaults: the documented demo, docs/efficacy.md)."""
+
+    output_dir: str = field(default="runs/demo", metadata={"help": "Where policies, results and plots go."})
+    seed: int = field(default=0, metadata={"help": "Seeds training, sampling and the task."})
+    task: str = field(default="arithmetic", metadata={
+        "help": "The offline task, with settings if wanted (arithmetic:max_value=50,max_steps=4)."})
+    num_train_problems: int = field(default=1500, metadata={"help": "Training problems (every stage, both arms)."})
+    num_eval_problems: int = field(default=200, metadata={"help": "Held-out test problems per evaluation."})
+    num_samples: int = field(default=4, metadata={"help": "Samples per problem at temperature 1."})
+    sft_epochs: float = field(default=2, metadata={"help": "SFT epochs (the curriculum cap rises each epoch)."})
+    sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT (LoRA) learning rate."})
+    error_rate: float = field(default=0.25, metadata={"help": "Share of SFT examples with plausible errors."})
+    error_kinds: list[str] = field(default_factory=lambda: list(PLAUSIBLE_KINDS), metadata={
+        "help": "The plausible errors typed in SFT (digit, operator, step, check; check needs arithmetic:check=1 "
+                "or 2)."})
+    backtrack_head: str = field(default="factorized", metadata={"help": "factorized or softmax."})
+    dpo_steps: int = field(default=60, metadata={"help": "DPO optimiser steps (0: skip the stage)."})
+    dpo_form: str = field(default="single", metadata={"help": "single or continuation pairs."})
+    dpo_problems: int = field(default=256, metadata={"help": "Problems the policy answers for the DPO pairs."})
+    dpo_learning_rate: float = field(default=1e-4, metadata={"help": "DPO learning rate."})
+    dpo_beta: float = field(default=0.5, metadata={"help": "DPO beta."})
+    counter_ratio: float = field(default=3.0, metadata={"help": "DPO counter-pairs per error pair."})
+    ppo_updates: int = field(default=100, metadata={"help": "PPO updates, in each arm."})
+    ppo_advantage: str = field(default="group", metadata={"help": "gae, mc or group."})
+    ppo_process_reward: str = field(default="oracle", metadata={"help": "none, oracle, prm or implicit."})
+    ppo_process_credit: str = field(default="immediate", metadata={"help": "return or immediate."})
+    ppo_learning_rate: float = field(default=3e-4, metadata={"help": "PPO learning rate."})
+    kl_coef: float = field(default=0.02, metadata={"help": "PPO KL penalty to the reference."})
+    backtrack_cost: float = field(default=0.1, metadata={"help": "PPO reward charged per backtrack."})
+    max_new_tokens: int = field(default=0, metadata={
+        "help": "Longest answer, in actions, for DPO sampling, PPO rollouts and evaluation (0: 128, 96 and 128, "
+                "sized for the default task; check lines double an answer)."})
+    use_lora: bool = field(default=True, metadata={
+        "help": "LoRA policies (true) or full fine-tuning in every stage (false; PPO then needs --kl_coef 0: its KL "
+                "reference is the policy with its adapter disabled)."})
+    stage_configs: str | None = field(default=None, metadata={
+        "help": "A folder of stage configs (sft.yaml, dpo.yaml, ppo.yaml, prm.yaml: the settings the options above "
+                "leave alone); None: the shipped configs/demo."})
+    ablate: bool = field(default=False, metadata={"help": "Run every ablation row over --seeds seeds."})
+    seeds: int = field(default=3, metadata={"help": "--ablate: seeds per row."})
+
+
+def stage_config(args: DemoArgs, stage: str, overrides: dict[str, Any]) -> tuple:
+    """The dataclasses of ``stage`` (a key of :data:`STAGE_TYPES`): its YAML file in ``args.stage_configs`` with
+    ``overrides`` on top, through its command's parser (unknown keys and mistyped values are UsageErrors)."""
+    path = Path(args.stage_configs or SHIPPED_STAGE_CONFIGS) / f"{stage}.yaml"
+    if not path.is_file():
+        raise UsageError(f"stage_configs: no such file {path}; give a folder holding {', '.join(STAGE_TYPES)} "
+                         "(.yaml), like configs/demo")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"stage_configs: {path} is not valid YAML ({' '.join(str(err).split())[:160]})") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"stage_configs: {path} must hold a YAML mapping of option: value")
+    parser = TrlParser(STAGE_TYPES[stage])
+    unknown = parser.set_defaults_with_config(**{**data, **overrides})  # as --config sets a file's values
+    if unknown:
+        raise UsageError(f"stage_configs: {path}: unknown options {unknown[::2]}")
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=[])
+    except ValueError as err:
+        raise UsageError(f"stage_configs: {path}: {' '.join(str(err).split())}") from err
+    for obj in parsed:
+        check_types(obj)
+    return tuple(parsed)
+
+
+def check_stage_configs(args: DemoArgs) -> None:
+    """Parse every stage config file before anything runs, so a typo in one is a one-line error at the start."""
+    for stage in STAGE_TYPES:
+        stage_config(args, stage, {})
+
+
+def _length(args: DemoArgs, *keys: str) -> dict[str, int]:
+    """``max_new_tokens`` under each of ``keys`` when the demo sets it (0 keeps the stage file's value)."""
+    return dict.fromkeys(keys, args.max_new_tokens) if args.max_new_tokens else {}
+
+
+def sft_stage(args: DemoArgs, out: Path, error_source: str, head: str) -> Path:
+    """Masked-error SFT of the tiny model (``error_source`` none: plain SFT) into ``out``."""
+    configs = stage_config(args, "sft", dict(
+        output_dir=str(out), task=args.task, num_train_problems=args.num_train_problems, task_seed=args.seed,
+        error_source=error_source, error_kinds=list(args.error_kinds), error_rate=args.error_rate,
+        backtrack_head=head, num_train_epochs=args.sft_epochs, learning_rate=args.sft_learning_rate,
+        seed=args.seed, use_lora=args.use_lora))
+    if not finished_run(out, configs):  # a rerun skips a finished stage
+        sft.train(*configs)
+    return out
+
+
+def dpo_stage(args: DemoArgs, out: Path, start: Path, form: str) -> Path:
+    """Token-level DPO of the policy in ``start`` at its own errors (``form`` single or continuation pairs)."""
+    configs = stage_config(args, "dpo", dict(
+        output_dir=str(out), model_name_or_path=str(start), task=args.task, num_problems=args.dpo_problems,
+        task_seed=args.seed, form=form, counter_ratio=args.counter_ratio, max_steps=args.dpo_steps,
+        learning_rate=args.dpo_learning_rate, beta=args.dpo_beta, seed=args.seed, use_lora=args.use_lora,
+        **_length(args, "max_new_tokens")))
+    if not finished_run(out, configs):
+        dpo.train(*configs)
+    return out
+
+
+def ppo_stage(args: DemoArgs, out: Path, start: Path, backtrack: bool = True, **overrides) -> Path:
+    """PPO of the policy in ``start`` (``backtrack`` False: the action masked); ``overrides`` are PPOArgs values
+    of an ablation row."""
+    settings = dict(output_dir=str(out), model_name_or_path=str(start), task=args.task, task_seed=args.seed,
+                    num_problems=args.num_train_problems, updates=args.ppo_updates, backtrack=backtrack,
+                    advantage=args.ppo_advantage, process_reward=args.ppo_process_reward,
+                    process_credit=args.ppo_process_credit, learning_rate=args.ppo_learning_rate,
+                    kl_coef=args.kl_coef, backtrack_cost=args.backtrack_cost, seed=args.seed,
+                    use_lora=args.use_lora, **_length(args, "max_new_tokens"))
+    configs = stage_config(args, "ppo", {**settings, **overrides})  # a row's values replace the demo's
+    if not finished_run(out, configs):
+        ppo.train(*configs)
+    return out
+
+
+def prm_stage(args: DemoArgs, out: Path, policy: Path) -> Path:
+    """A token-classification PRM trained on Monte-Carlo labels of ``policy``'s answers (``halluc-rl prm``)."""
+    configs = stage_config(args, "prm", dict(
+        output_dir=str(out), policy=str(policy), task_seed=args.seed, label_seed=args.seed, seed=args.seed,
+        **_length(args, "mc_max_new_tokens", "max_new_tokens")))
+    if not finished_run(out, configs):
+        prm.train(*configs)
+    return out
+
+
+def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
+    """The stage's evaluation, cached beside it (``eval.json``) for the same settings."""
+    settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed, "task": args.task}
+    if args.max_new_tokens:
+        settings["max_new_tokens"] = args.max_new_tokens
+    cache = folder / "eval.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("settings") == settings:
+            return saved["metrics"]
+    model, tokenizer, _ = load_policy(policy)
+    problems = load_problems(args.task, "test", args.num_eval_problems, seed=args.seed)
+    metrics = evaluate_policy(model, tokenizer, problems, num_samples=args.num_samples, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens or 128)
+    atomic_write_json(cache, {"settings": settings, "metrics": metrics})
+    return metrics
+
