@@ -14,6 +14,7 @@ from gymnasium import spaces
 from halluc_rl.backtrack import (
     ActionKind,
     BatchedBacktrackState,
+    EpisodeEnd,
     StepEvent,
     backtrack_token_id,
     stop_token_ids,
@@ -63,6 +64,8 @@ class BacktrackEnv(gym.Env):
     answer.
 
     ## Episode End
+
+    The rule generation applies too (:class:`halluc_rl.backtrack.EpisodeEnd`):
 
     * Termination: an end-of-sequence id is appended (the tokenizer's EOS plus the generation config's EOS ids, as in
       generation: :func:`halluc_rl.backtrack.stop_token_ids`), or the answer's text ends with one of ``stop_strings``.
@@ -129,7 +132,8 @@ class BacktrackEnv(gym.Env):
             generation_config = GenerationConfig.from_pretrained(str(generation_config))
         self.tokenizer = tokenizer
         self.backtrack_id = backtrack_token_id(tokenizer)
-        self.stop_ids = frozenset(stop_token_ids(tokenizer, generation_config, eos_token_id))
+        stop_ids = stop_token_ids(tokenizer, generation_config, eos_token_id)
+        self.stop_ids = frozenset(stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.problems = list(problems) if problems is not None else load_problems(
             task, split, num_problems if task == "arithmetic" else 0, data_files, **(task_kwargs or {}))
@@ -142,6 +146,7 @@ class BacktrackEnv(gym.Env):
             max_new_tokens = 2 * longest_answer if max_new_tokens is None else max_new_tokens
         self.max_new_tokens, self.max_prompt_tokens = int(max_new_tokens), int(max_prompt_tokens)
         self.stop_strings = tuple(stop_strings)
+        self.end = EpisodeEnd(stop_ids, self.stop_strings, self.max_new_tokens, tokenizer)
         self.shaping = Shaping(backtrack_cost, failed_backtrack_penalty, budget_penalty, backtrack_budget)
         self.mixer = RewardMixer(rewards, self.shaping)
         self.render_mode = render_mode
@@ -240,13 +245,11 @@ class BacktrackEnv(gym.Env):
         event = StepEvent(self._steps - 1, actions, kinds, deleted, torch.ones(1, dtype=torch.bool), self._state)
         parts = {k: float(v[0]) for k, v in self.mixer.step(event).items()}
         kind = ActionKind(int(kinds[0]))
-        text = self.text
-        terminated = kind is ActionKind.APPEND and (
-            action in self.stop_ids or any(text.endswith(s) for s in self.stop_strings))
-        truncated = not terminated and self._steps >= self.max_new_tokens
+        terminated = bool(self.end.terminated(actions, kinds, self._state)[0])  # the rule generation applies
+        truncated = self.end.truncated(self._steps, terminated)
         if terminated or truncated:
             self._done = True
-            parts.update({k: float(v[0]) for k, v in self.mixer.finish([text], [self.problem]).items()})
+            parts.update({k: float(v[0]) for k, v in self.mixer.finish([self.text], [self.problem]).items()})
         popped = [int(deleted[0])] if kind is ActionKind.DELETE else []
         return self._obs(), float(sum(parts.values())), terminated, truncated, self._info(parts, popped)
 

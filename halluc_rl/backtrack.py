@@ -334,3 +334,56 @@ def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
             allowed[i] = allowed[parent]
         allowed[i, i] = True
     return allowed
+
+
+class EpisodeEnd:
+    """When an episode ends: the one rule generation and the env share.
+
+    * Terminated: the action *appended* a token (a backtrack never ends an episode) that is one of ``stop_ids``
+      (:func:`stop_token_ids`), or after which the visible response text (decoded without special tokens, as
+      ``texts`` and the env's ``info["text"]`` are) ends with one of ``stop_strings``.
+    * Truncated: ``max_actions`` actions were taken, backtracks included, and the last one did not terminate.
+
+    The stop strings are matched on the text of the response's last ``longest stop + 8`` tokens, so a step costs
+    no decode of the whole response; when that tail decodes to too few characters to decide (special tokens, odd
+    byte pieces), the whole response is decoded instead.
+    """
+
+    def __init__(self, stop_ids: Sequence[int], stop_strings: Sequence[str] = (), max_actions: int | None = None,
+                 tokenizer=None, device: torch.device | str = "cpu"):
+        self.stop_ids = [int(i) for i in stop_ids]
+        self.stop_strings = tuple(stop_strings)
+        self.max_actions = None if max_actions is None else int(max_actions)
+        if self.stop_strings and tokenizer is None:
+            raise ValueError("stop strings need the tokenizer to read the visible text")
+        self.tokenizer = tokenizer
+        self._ids = torch.tensor(self.stop_ids, dtype=torch.long, device=device)  # [K]
+        self._single = self.stop_ids[0] if len(self.stop_ids) == 1 else None
+        self._max_stop = max((len(s) for s in self.stop_strings), default=0)
+
+    def terminated(self, actions: torch.Tensor, kinds: torch.Tensor, state: BatchedBacktrackState) -> torch.Tensor:
+        """[B] rows whose action ``actions`` [B] (with :class:`ActionKind` codes ``kinds`` [B]) ends the episode,
+        read on ``state`` after the action."""
+        appended = kinds == int(ActionKind.APPEND)  # [B]
+        if self._single is not None:
+            done = appended & (actions == self._single)  # [B]
+        elif self.stop_ids:
+            done = appended & torch.isin(actions, self._ids)  # [B]
+        else:
+            done = torch.zeros_like(appended)  # [B]
+        if self._max_stop:
+            for b in torch.nonzero(appended & ~done).flatten().tolist():
+                done[b] = self.ends_with_stop_string(state.ids[b], int(state.lengths[b]))
+        return done
+
+    def ends_with_stop_string(self, ids: torch.Tensor, length: int) -> bool:
+        """Whether the visible text of the response ``ids[:length]`` ends with one of the stop strings."""
+        start = max(0, length - self._max_stop - 8)
+        tail = self.tokenizer.decode(ids[start:length].tolist(), skip_special_tokens=True)
+        if start and len(tail) < self._max_stop + 4:  # too short to decide on: read the whole response
+            tail = self.tokenizer.decode(ids[:length].tolist(), skip_special_tokens=True)
+        return any(tail.endswith(s) for s in self.stop_strings)
+
+    def truncated(self, num_actions: int, terminated: bool = False) -> bool:
+        """Whether an episode that has taken ``num_actions`` actions, the last one ``terminated`` or not, is cut."""
+        return not terminated and self.max_actions is not None and num_actions >= self.max_actions

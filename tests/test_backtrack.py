@@ -8,6 +8,7 @@ from halluc_rl.backtrack import (
     ActionKind,
     BacktrackState,
     BatchedBacktrackState,
+    EpisodeEnd,
     apply_actions,
     backtrack_token_id,
     correction_actions,
@@ -140,3 +141,39 @@ def test_rewind_layout_states_are_the_visible_prefixes(response):
         assert [lay.input_ids[j] for j in range(len(lay.input_ids)) if mask[flat, j]] == visible + [a]
         assert lay.position_ids[flat] == len(visible)
         flat += 1
+
+
+def test_episode_end_terminates_on_appends_only(tokenizer):
+    """EOS or a stop string ends an episode when a token is appended; a backtrack never does; the budget cuts."""
+    bt, eos = backtrack_token_id(tokenizer), tokenizer.eos_token_id
+    eq, three, x = (tokenizer(s, add_special_tokens=False)["input_ids"][-1] for s in (" =", "3", "x"))
+    end = EpisodeEnd([eos], ("=",), max_actions=4, tokenizer=tokenizer)
+    state = BatchedBacktrackState(4, 8, bt)
+    state.load([[three, eq, x], [three], [three], []])
+    actions = torch.tensor([bt, eq, eos, bt])  # delete back to "3 =", type "=", type EOS, a failed backtrack
+    kinds, _ = state.step(actions)
+    assert end.terminated(actions, kinds, state).tolist() == [False, True, True, False]
+    assert not EpisodeEnd([], ("=",), tokenizer=tokenizer).terminated(actions, kinds, state)[2]  # no stop ids
+    assert end.truncated(4) and not end.truncated(3) and not end.truncated(4, terminated=True)
+    assert not EpisodeEnd([eos]).truncated(10**6)
+    with pytest.raises(ValueError, match="tokenizer"):
+        EpisodeEnd([eos], ("=",))
+
+
+def test_stop_strings_read_the_whole_visible_text(tokenizer):
+    """The tail the rule decodes decides like the whole visible text (special tokens skipped), even when the tail
+    holds only special tokens or is short."""
+    end = EpisodeEnd([], ("=", "+ 4", "ab"), tokenizer=tokenizer)
+    g = torch.Generator().manual_seed(0)
+    pool = torch.tensor(tokenizer(" 3 + 4 = ab", add_special_tokens=False)["input_ids"] + [0, 1, 3])  # + specials
+    hits = 0
+    for _ in range(300):
+        ids = pool[torch.randint(len(pool), (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)]
+        for n in range(1, len(ids) + 1):
+            text = tokenizer.decode(ids[:n].tolist(), skip_special_tokens=True)
+            expected = any(text.endswith(s) for s in end.stop_strings)
+            assert end.ends_with_stop_string(ids, n) == expected, (ids[:n].tolist(), text)
+            hits += expected
+    assert hits > 100
+    ids = torch.tensor(tokenizer("3 =", add_special_tokens=False)["input_ids"] + [0] * 20)  # a tail of pads only
+    assert end.ends_with_stop_string(ids, len(ids))

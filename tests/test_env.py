@@ -9,6 +9,7 @@ import halluc_rl  # noqa: F401  (registers the envs)
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.problems import encode_problem
+from halluc_rl.generation import generate
 from halluc_rl.rewards import CallableReward, HFProcessReward, RewardMixer, RuleGrader, Shaping
 from halluc_rl.rollout import rollout
 from halluc_rl.tiny import tiny_config
@@ -240,3 +241,30 @@ def test_every_gsm8k_test_problem_resets_with_the_default_sizes(tokenizer, gsm8k
 def test_non_positive_sizes_are_refused(tokenizer):
     with pytest.raises(ValueError, match="max_new_tokens must be a positive"):
         arithmetic_env(tokenizer, max_new_tokens=0)
+
+
+def test_env_and_generation_end_episodes_alike(tokenizer):
+    """One episode-end rule: the same action streams end at the same step, terminated (EOS, stop strings, after
+    backtracks too) or truncated (the budget), in the env and in generation."""
+    policy = make_model("llama", tokenizer)
+    problem = ArithmeticTask(seed=0).problems("test", 1)[0]
+    bt, eos = backtrack_token_id(tokenizer), tokenizer.eos_token_id
+    pool = torch.tensor(tokenizer(" 3 + 4 =", add_special_tokens=False)["input_ids"] + [bt, bt, eos, 0])  # 0: pad
+    g = torch.Generator().manual_seed(0)
+    forced = pool[torch.randint(len(pool), (24, 12), generator=g)]  # [B, S] every action forced
+    forced[:, :3] = forced[:, :3].where(forced[:, :3] != eos, bt)  # a few actions before EOS may come
+    steps, stops = 12, ("=", "+ 4")
+    out = generate(policy, tokenizer, [encode_problem(problem, tokenizer)[0]] * 24, max_new_tokens=steps,
+                   forced_actions=forced, stop_strings=stops, eos_token_id=eos, allow_failed_backtracks=True)
+    env = gym.make("Backtrack-Arithmetic-v0", tokenizer=tokenizer, problems=[problem], max_new_tokens=steps,
+                   stop_strings=stops, eos_token_id=eos)
+    ends = set()
+    for b in range(24):
+        env.reset(seed=0)
+        for a in out.actions[b][out.action_mask[b]].tolist():
+            assert not env.unwrapped._done
+            _, _, term, trunc, info = env.step(a)
+        assert (term, trunc) == (bool(out.finished[b]), not bool(out.finished[b]))
+        assert info["text"] == out.texts[b]
+        ends.add("eos" if out.sequences[b][-1:] == [eos] else "stop" if term else "budget")
+    assert ends == {"eos", "stop", "budget"}

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from halluc_rl.backtrack import ActionKind, apply_actions, backtrack_token_id
+from halluc_rl.backtrack import ActionKind, EpisodeEnd, apply_actions, backtrack_token_id
+from halluc_rl.cache import RewindableCache
+from halluc_rl.engine import SEMANTICS, DecodeEngine, RewindDecoding, decoding_semantics
 from halluc_rl.generation import BacktrackGenerationConfig, generate
 from tests.conftest import ARCHS, make_model
 
@@ -160,3 +162,52 @@ def test_backtracks_on_an_empty_response_are_masked_unless_allowed(tokenizer):
     forced = generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2, forced_actions=torch.tensor([[bt, 7]]),
                       return_logprobs=True, eos_token_id=[])
     assert int(forced.num_failed[0]) == 1 and forced.logprobs[0, 0] == float("-inf")
+
+
+class _CountingRewind(RewindDecoding):
+    """The rewind semantics, counting how each step fed the cache: a plain step, or a rewind (``follow``)."""
+
+    name = "counting"
+
+    def __init__(self, cache, pad):
+        super().__init__(cache, pad)
+        self.plain_steps = self.rewinds = 0
+        cache_step, cache_follow = cache.step, cache.follow
+
+        def step(*args):
+            self.plain_steps += len(args) == 1  # follow() calls step(tokens, write) itself
+            return cache_step(*args)
+
+        def follow(*args):
+            self.rewinds += 1
+            return cache_follow(*args)
+
+        cache.step, cache.follow = step, follow
+
+
+def test_engine_semantics_are_chosen_by_name(tokenizer, monkeypatch):
+    """A semantics is a part chosen by name; ``rewind`` takes the plain cached step exactly when every row appended
+    and none has finished, and rewinds (``follow``) otherwise. Stepping the engine by hand gives ``generate``'s
+    output."""
+    model = make_model("llama", tokenizer, seed=1)
+    bt, eos = backtrack_token_id(tokenizer), tokenizer.eos_token_id
+    with pytest.raises(ValueError, match=r"unknown backtrack semantics 'retry'; known: \['rewind'\]"):
+        decoding_semantics("retry", RewindableCache(model), 0)
+    forced = torch.full((3, 12), -1)
+    forced[0, 3], forced[1, 5], forced[2, 8] = bt, bt, eos  # a backtrack in two rows, one row stops
+    kw = dict(max_new_tokens=12, forced_actions=forced, eos_token_id=eos, backtrack_bias=float("-inf"))
+    ref = generate(model, tokenizer, PROMPTS, **kw)
+    monkeypatch.setitem(SEMANTICS, "counting", _CountingRewind)
+    config = BacktrackGenerationConfig(**{k: v for k, v in kw.items() if k != "forced_actions"})
+    engine = DecodeEngine(model, tokenizer, config, backtrack_id=bt, head="softmax", pad=tokenizer.pad_token_id,
+                          end=EpisodeEnd([eos], (), 12), forced_actions=forced, semantics="counting")
+    ids = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    engine.start(ids.input_ids, ids.attention_mask)
+    steps = 0
+    while engine.step():
+        steps += 1
+    out = engine.output()
+    assert out.sequences == ref.sequences and torch.equal(out.kinds, ref.kinds) and torch.equal(out.finished,
+                                                                                                ref.finished)
+    assert ref.kinds.shape[1] == 12 and steps == 11  # the last step feeds nothing
+    assert (engine.semantics.plain_steps, engine.semantics.rewinds) == (6, 5)  # steps 0-2, 4, 6, 7 fast; 3, 5, 8-10 follow

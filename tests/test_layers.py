@@ -16,7 +16,8 @@ PACKAGES = {"halluc_rl": "halluc_rl", "envs": "halluc_rl.envs", "agents": "hallu
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("halluc_rl.backtrack", "halluc_rl.losses", "halluc_rl.atomic", "halluc_rl.distributed",
               "halluc_rl.policy", "halluc_rl.data.grading")),
-    ("engine", ("halluc_rl.cache", "halluc_rl.engine", "halluc_rl.generation", "halluc_rl.scoring")),
+    ("engine", ("halluc_rl.cache", "halluc_rl.decoding", "halluc_rl.engine", "halluc_rl.generation",
+                "halluc_rl.scoring")),
     ("models", ("halluc_rl.registry", "halluc_rl.tiny", "halluc_rl.adapters", "halluc_rl.modeling")),
     ("data", ("halluc_rl.data",)),
     ("runs", ("halluc_rl.config", "halluc_rl.checkpoints", "halluc_rl.training")),
