@@ -20,7 +20,8 @@ Three views of the same rule live here, and the tests hold them equal:
   use it, so a step costs no Python loop over rows).
 
 The MDP's other shared pieces live here too: :class:`StepEvent`, the one record of a step that reward models and
-followers receive; :func:`stop_token_ids`, the one definition of an episode's end (generation and the env); and
+followers receive; :func:`stop_token_ids` (the ids that end an episode) and :class:`EpisodeEnd`, the one episode-end rule
+(generation and the env); and
 :func:`rewind_layout`, the semantics replayed for one teacher-forced forward (the scorer and the collator pack it).
 """
 

@@ -9,7 +9,7 @@ text alone. The scorer reproduces that in one batched forward with gradients:
   attending to its chain of visible ancestors only (a 4D mask), so a correction typed after a backtrack never
   attends to the deleted token, and backtrack tokens are never inputs. The masked-error collator lays out SFT
   batches with the same function;
-* **the same decoding rules** (:func:`halluc_rl.generation.mask_scores`): the policy's head, the backtrack bias,
+* **the same decoding rules** (:func:`halluc_rl.decoding.mask_scores`): the policy's head, the backtrack bias,
   the budget, the empty-response mask, the loop guard's bans and the temperature are applied to each action's
   logits exactly as generation applied them when it sampled. A state's rule inputs (response length, backtracks so
   far, bans) come from replaying the stream through the decoder's own state objects.
