@@ -26,18 +26,23 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from halluc_rl import losses
+from halluc_rl import distributed, losses
+from halluc_rl.backtrack import BacktrackState
 from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
-from halluc_rl.data.tasks import encode_problem, load_problems, task_name
+from halluc_rl.data.tasks import Problem, encode_problem, load_problems, task_name
 from halluc_rl.evaluation import backtrack_counts
 from halluc_rl.generation import BacktrackGenerationConfig, row_generators
+from halluc_rl.labels import step_token_ids
 from halluc_rl.modeling import check_same_base, load_policy, load_start_policy, reference_mode
 from halluc_rl.rewards import (
     HFProcessReward,
@@ -47,7 +52,7 @@ from halluc_rl.rewards import (
     RuleGrader,
     Shaping,
 )
-from halluc_rl.rollout import rollout
+from halluc_rl.rollout import Rollout, rollout
 from halluc_rl.runs import (
     NonFiniteError,
     UsageError,
@@ -151,8 +156,6 @@ def make_rewards(args: PPOArgs, tokenizer) -> RewardMixer:
     if args.process_reward == "oracle":
         rewards.append((OracleProcessReward(tokenizer, name="process", mode=mode), args.process_weight))
     elif args.process_reward == "prm":
-        from halluc_rl.labels import step_token_ids
-
         prm = HFProcessReward.from_pretrained(args.prm_path, tokenizer, name="process", mode=mode,
                                               step_token_ids=step_token_ids(tokenizer))
         rewards.append((prm, args.process_weight))
@@ -165,23 +168,49 @@ def make_rewards(args: PPOArgs, tokenizer) -> RewardMixer:
 def mc_states(ro, newline_ids: set[int], bt: int) -> tuple[torch.Tensor, list[tuple[int, int, list[int]]]]:
     """Where VinePPO estimates values: the states before the first action, after each line, and before and after
     every backtrack. Returns the boundary mask [B, S] and (row, action index, visible prefix) per state."""
-    boundaries = torch.zeros_like(ro.action_mask)
+    boundaries = torch.zeros_like(ro.action_mask)  # [B, S]
     states = []
     for b in range(ro.actions.shape[0]):
-        visible: list[int] = []
-        for t, a in enumerate(ro.actions[b][ro.action_mask[b]].tolist()):
-            before_bt = a == bt
-            after = t > 0 and (ro.actions[b, t - 1] == bt or int(ro.actions[b, t - 1]) in newline_ids)
-            if t == 0 or before_bt or after:
+        actions = ro.actions[b][ro.action_mask[b]].tolist()
+        state = BacktrackState(bt)  # the visible text before action t
+        for t, a in enumerate(actions):
+            after = t > 0 and (actions[t - 1] == bt or actions[t - 1] in newline_ids)
+            if t == 0 or a == bt or after:
                 boundaries[b, t] = True
-                states.append((b, t, list(visible)))
-            visible = visible[:-1] if a == bt else visible + [a]
+                states.append((b, t, state.visible_ids))
+            state.push(a)
     return boundaries, states
 
 
 def seed_of(*keys: int) -> int:
     """A seed mixed from integers, the same in every process (Python's ``hash`` is salted for strings)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] % 2**62)
+
+
+@dataclass
+class Run:
+    """What every update reads and moves: the policy, its value head and optimiser, the problems, the rewards."""
+
+    acc: Accelerator
+    out: Path
+    model: torch.nn.Module
+    tok: object
+    bt: int
+    head: torch.nn.Linear  # the value head (gae), on the policy's final hidden states
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    pool: list[Problem]
+    mixer: RewardMixer
+    gen_config: BacktrackGenerationConfig
+    newline_ids: set[int]
+    start: int  # updates done before this process started (resume)
+    history: list[dict]
+    writer: SummaryWriter | None
+    references: dict[int, list[int]] = field(default_factory=dict)  # each pool problem's reference, encoded once
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,15 +222,38 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
     plug-ins (Python API: any outcome/process plug-in, see ``halluc_rl.rewards``)."""
     validate(args, model_args)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    rank, world = acc.process_index, acc.num_processes
+    run = set_up(args, model_args, lora, acc, rewards)
+    bar = tqdm(range(run.start, args.updates), initial=run.start, total=args.updates, desc="ppo",
+               dynamic_ncols=True, disable=not acc.is_main_process)
+    for update in bar:
+        began = time.time()
+        local = choose_problems(args, len(run.pool), update, acc.process_index, acc.num_processes)
+        ro = collect(run, args, update, local)
+        rewards, immediate, kl, old_values = rewards_with_kl(run, args, ro)
+        adv, returns = advantages(run, args, ro, rewards, old_values, update, local)
+        if immediate is not None:  # each action's own process reward, credited to it alone
+            adv = adv + immediate
+        if args.whiten:  # over the whole rollout, all processes
+            adv = losses.masked_whiten(adv, ro.action_mask, reduce=partial(distributed.all_sum, device=run.device))
+        metrics = update_policy(run, args, ro, adv, returns, old_values, update)
+        row = log_row(run, ro, kl, metrics, update, began)
+        bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",
+                        kl=f"{row['losses/approx_kl']:.3f}")
+        checkpoint_or_stop(run, args, row, update)
+    finish(run)
+    return 0
+
+
+def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerator,
+           rewards: RewardMixer | None) -> Run:
+    """The run folder (checked on the main process), the policy and its value head, the optimiser (resumed from the
+    newest complete checkpoint), the problem pool, the rewards and the sampling config."""
     out = Path(args.output_dir)
     found = [None]
     if acc.is_main_process:
         found = [prepare_run_dir(out, [args, model_args, lora], resume=args.resume,
                                  allow_change=args.allow_config_change)]
-    if world > 1:
-        from accelerate.utils import broadcast_object_list
-
+    if acc.num_processes > 1:
         broadcast_object_list(found)
     resume = found[0]
     if resume:
@@ -214,9 +266,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
     if not hasattr(model, "peft_config") and args.kl_coef > 0:
         raise UsageError("kl_coef: a fully fine-tuned policy has no adapter to disable for its reference; set "
                          "use_lora: true or kl_coef: 0")
-    device = acc.device
-    model.to(device).eval()  # eval throughout: no dropout, so the scorer reproduces the sampling log-probs
-    head = torch.nn.Linear(model.config.hidden_size, 1).to(device)  # the value head (gae)
+    model.to(acc.device).eval()  # eval throughout: no dropout, so the scorer reproduces the sampling log-probs
+    head = torch.nn.Linear(model.config.hidden_size, 1).to(acc.device)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
@@ -230,160 +281,183 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
                                            max_new_tokens=args.max_new_tokens, return_logprobs=True,
                                            backtrack_bias=0.0 if args.backtrack else float("-inf"))
     newline_ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
-    references: dict[int, list[int]] = {}  # each pool problem's reference answer, encoded once
-    writer = None
-    if args.report_to == "tensorboard" and acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
+    tensorboard = args.report_to == "tensorboard" and acc.is_main_process
+    writer = SummaryWriter(str(out / "tensorboard")) if tensorboard else None
+    return Run(acc, out, model, tok, bt, head, params, optimizer, pool, mixer, gen_config, newline_ids, start,
+               history, writer)
 
-        writer = SummaryWriter(str(out / "tensorboard"))
-    bar = tqdm(range(start, args.updates), initial=start, total=args.updates, desc="ppo", dynamic_ncols=True,
-               disable=not acc.is_main_process)
-    for update in bar:
-        began = time.time()
-        # -- 1. rollouts: this process's share of the update's problems, seeded per problem and answer --------------
-        perm = np.random.default_rng(seed_of(args.seed, update // max(1, len(pool) // args.problems_per_update)))
-        perm = perm.permutation(len(pool))
-        first = (update * args.problems_per_update) % len(pool)
-        chosen = [int(perm[(first + i) % len(pool)]) for i in range(args.problems_per_update)]
-        local = chosen[rank::world]  # slots s with s % world == rank
-        seeds = [seed_of(args.seed, update, p, j) for p in local for j in range(args.group_size)]
-        problems = [pool[p] for p in local]
-        ro = rollout(model, tok, problems, mixer, gen_config, num_samples=args.group_size,
-                     generator=row_generators(seeds, device))
-        mask, actions, old_logp = ro.action_mask, ro.actions, ro.logprobs
-        rewards = ro.rewards.clone()  # [B, S] outcome + process + shaping
-        process = ro.reward_parts.get("process", torch.zeros_like(rewards))  # [B, S] weighted
-        if args.process_form == "min":
-            rewards += losses.min_form_rewards(process, mask) - process
-            process = losses.min_form_rewards(process, mask)
-        if args.process_credit == "immediate":  # only the action that earned it is credited
-            rewards -= process
-        # -- 2. the KL penalty to the reference, and the old values -------------------------------------------------
-        with torch.no_grad():
-            kl = torch.zeros_like(rewards)
-            if args.kl_coef > 0:
-                with reference_mode(model):
-                    ref_logp = score_actions(model, ro.prompt_ids, actions, ro.generation.config,
-                                             with_entropy=False).logprobs.cpu()
-                kl = losses.kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask
-                rewards -= args.kl_coef * kl
-            old_values = torch.zeros_like(rewards)
-            if args.advantage == "gae":
-                hidden = score_actions(model, ro.prompt_ids, actions, ro.generation.config, return_hidden=True,
-                                       with_entropy=False).hidden
-                old_values = head(hidden).squeeze(-1).cpu() * mask
-        # -- 3. advantages ------------------------------------------------------------------------------------------
+
+def choose_problems(args: PPOArgs, pool_size: int, update: int, rank: int, world: int) -> list[int]:
+    """This process's share of the update's problems (pool indices): the update's slice of a permutation of the
+    pool drawn once per pass over it, slots ``s`` with ``s % world == rank``."""
+    perm = np.random.default_rng(seed_of(args.seed, update // max(1, pool_size // args.problems_per_update)))
+    perm = perm.permutation(pool_size)
+    first = (update * args.problems_per_update) % pool_size
+    chosen = [int(perm[(first + i) % pool_size]) for i in range(args.problems_per_update)]
+    return chosen[rank::world]
+
+
+def collect(run: Run, args: PPOArgs, update: int, local: list[int]) -> Rollout:
+    """The rollout of ``group_size`` answers to each local problem, each row on its own seeded stream."""
+    seeds = [seed_of(args.seed, update, p, j) for p in local for j in range(args.group_size)]
+    return rollout(run.model, run.tok, [run.pool[p] for p in local], run.mixer, run.gen_config,
+                   num_samples=args.group_size, generator=row_generators(seeds, run.device))
+
+
+def rewards_with_kl(run: Run, args: PPOArgs, ro: Rollout):
+    """The rewards [B, S] the estimator sees (process form and credit applied, the KL penalty to the reference
+    subtracted), the immediate process credit [B, S] (None unless ``process_credit: immediate``), the per-action KL
+    [B, S] and the old values [B, S] (gae; zeros otherwise)."""
+    mask = ro.action_mask
+    rewards, immediate = losses.process_credit(ro.rewards, ro.process_rewards, mask, args.process_form,
+                                               args.process_credit)
+    with torch.no_grad():
+        kl = torch.zeros_like(rewards)  # [B, S]
+        if args.kl_coef > 0:
+            with reference_mode(run.model):
+                ref_logp = score_actions(run.model, ro.prompt_ids, ro.actions, ro.generation.config,
+                                         with_entropy=False).logprobs.cpu()  # [B, S]
+            kl = losses.kl_estimate(ro.logprobs, ref_logp, args.kl_estimator) * mask
+            rewards -= args.kl_coef * kl
+        old_values = torch.zeros_like(rewards)  # [B, S]
         if args.advantage == "gae":
-            adv, returns = losses.gae(rewards, old_values, mask, args.gamma, args.lam)
-        elif args.advantage == "group":
-            adv = losses.group_advantages(rewards, mask, args.group_size, args.gamma)
-            returns = adv
-        else:
-            boundaries, states = mc_states(ro, newline_ids, bt)
-            branch_seeds = [seed_of(args.seed, update, 7, local[b // args.group_size], b % args.group_size, t, k)
-                            for b, t, _ in states for k in range(args.mc_branches)]
-            est = mc_values(model, tok, [ro.problems[b] for b, _, _ in states], [s for _, _, s in states],
-                            args.mc_branches, replace(gen_config, return_logprobs=False),
-                            prompts=[ro.prompt_ids[b] for b, _, _ in states],
-                            generator=row_generators(branch_seeds, device))
-            values = torch.zeros_like(rewards)
-            for (b, t, _), v in zip(states, est.values.tolist()):
-                values[b, t] = v
-            adv = losses.segment_advantages(rewards, mask, boundaries, values)
-            returns = adv
-        if args.process_credit == "immediate":
-            adv = adv + process * mask
-        if args.whiten:  # over the whole rollout, all processes
-            stats = acc.reduce(torch.stack([(adv * mask).sum(), (adv**2 * mask).sum(), mask.sum().float()]).to(
-                device), "sum").cpu()
-            mean = stats[0] / stats[2]
-            adv = ((adv - mean) * torch.rsqrt(stats[1] / stats[2] - mean**2 + 1e-8)) * mask
-        # -- 4. the update: minibatch epochs over problems, each process on its rows of them -----------------------
-        metrics: dict[str, list[float]] = {}
-        for epoch in range(args.epochs):  # the same global minibatches of problem slots in any number of processes
-            slots = np.random.default_rng(seed_of(args.seed, update, epoch)).permutation(args.problems_per_update)
-            for batch in np.array_split(slots, args.minibatches):
-                mine = sorted(int(s) // world for s in batch if s % world == rank)  # this process's problems
-                rows = [i * args.group_size + j for i in mine for j in range(args.group_size)]
-                m = mask[rows].to(device)
-                count = acc.reduce(m.sum().float(), "sum")  # the minibatch's actions over all processes
-                if not rows:  # none of this minibatch's problems is here: add zero gradients to the average
-                    optimizer.zero_grad(set_to_none=False)
-                    for p in params:
-                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-                        p.grad = acc.reduce(p.grad, "mean")
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    continue
-                scores = score_actions(model, [ro.prompt_ids[r] for r in rows], actions[rows].to(device),
-                                       ro.generation.config, return_hidden=args.advantage == "gae")
-                pg, clipfrac, approx_kl = losses.ppo_policy_loss(scores.logprobs, old_logp[rows].to(device),
-                                                                 adv[rows].to(device), m, args.clip, count / world)
-                entropy = (scores.entropy * m).sum() / (count / world)
-                loss = pg - args.ent_coef * entropy
-                if args.advantage == "gae":
-                    v = head(scores.hidden).squeeze(-1)
-                    v_loss = losses.ppo_value_loss(v, old_values[rows].to(device), returns[rows].to(device), m,
-                                                   args.vf_clip, count / world)
-                    loss = loss + args.vf_coef * v_loss
-                    metrics.setdefault("losses/value", []).append(float(v_loss.detach()))
-                    metrics.setdefault("losses/explained_variance", []).append(
-                        losses.explained_variance(v.detach().cpu(), returns[rows], mask[rows]))
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"update {update + 1}: the loss is {float(loss)}; the last checkpoint is kept")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for p in params:  # data parallel without a wrapper: average the gradients over processes
-                    if p.grad is not None and world > 1:
-                        p.grad = acc.reduce(p.grad, "mean")
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                for key, value in (("losses/policy", pg), ("losses/entropy", entropy),
-                                   ("losses/clipfrac", clipfrac), ("losses/approx_kl", approx_kl)):
-                    metrics.setdefault(key, []).append(float(value.detach()))
-        # -- 5. logs, stops and checkpoints -------------------------------------------------------------------------
-        c = backtrack_counts(ro.generation, [references.setdefault(id(p), encode_problem(p, tok)[1])
-                                             for p in ro.problems])
-        local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
-                                    c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
-                                    c.num_false_deletions, c.num_correct_appends, float(kl.sum()), float(mask.sum()),
-                                    float(ro.rewards.sum())], dtype=torch.float64)
-        t = acc.reduce(local_stats.to(device), "sum").cpu().tolist()
+            hidden = score_actions(run.model, ro.prompt_ids, ro.actions, ro.generation.config, return_hidden=True,
+                                   with_entropy=False).hidden  # [B, S, H]
+            old_values = run.head(hidden).squeeze(-1).cpu() * mask
+    return rewards, immediate, kl, old_values
 
-        def ratio(a: float, b: float) -> float | None:
-            return a / b if b else None
 
-        row = {"update": update + 1, "rollout/accuracy": t[0] / t[1], "rollout/backtrack_rate": ratio(t[2], t[3]),
-               "rollout/backtrack_precision": ratio(t[4], t[5]), "rollout/false_backtrack_rate": ratio(t[6], t[7]),
-               "rollout/kl": ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
-               "time/update_s": time.time() - began}
-        row.update({f"rollout/reward_{k}": float(v.sum(1).mean()) for k, v in ro.reward_parts.items()})
-        row.update({k: float(np.mean(v)) for k, v in metrics.items()})
-        history.append(row)
-        if writer is not None:
-            for key, value in row.items():
-                if key != "update" and value is not None and np.isfinite(value):
-                    writer.add_scalar(key, value, update + 1)
-        bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",
-                        kl=f"{row['losses/approx_kl']:.3f}")
-        exploded = row["losses/approx_kl"] > args.max_kl
-        if acc.is_main_process and ((update + 1) % args.save_every == 0 or exploded):
-            save_checkpoint(out, update + 1, model, tok, {"optimizer": optimizer.state_dict(),
-                                                          "value_head": head.state_dict()},
-                            {"log_history": history}, keep=args.save_total_limit)
-        if exploded:
-            raise NonFiniteError(f"update {update + 1}: the approx KL {row['losses/approx_kl']:.3g} exceeds max_kl "
-                                 f"{args.max_kl}; saved checkpoint-{update + 1} (lower the learning rate)")
-    if acc.is_main_process:  # the policy, its value head and the history, each file complete
-        staging = staging_dir(out)
-        save_model_files(model, tok, staging)
-        torch.save(head.state_dict(), staging / "value_head.pt")
-        publish(staging, out)
-        atomic_write_json(out / "log_history.json", history)
-        print(f"saved the policy to {out}; " + json.dumps({k: round(v, 4) for k, v in history[-1].items()
-                                                          if isinstance(v, float)}))
-    acc.wait_for_everyone()
-    return 0
+def advantages(run: Run, args: PPOArgs, ro: Rollout, rewards: torch.Tensor, old_values: torch.Tensor, update: int,
+               local: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, S] of the chosen estimator (the returns are the advantages without a critic)."""
+    if args.advantage == "gae":
+        return losses.gae(rewards, old_values, ro.action_mask, args.gamma, args.lam)
+    if args.advantage == "group":
+        adv = losses.group_advantages(rewards, ro.action_mask, args.group_size, args.gamma)
+        return adv, adv
+    adv = mc_advantages(run, args, ro, rewards, update, local)
+    return adv, adv
+
+
+def mc_advantages(run: Run, args: PPOArgs, ro: Rollout, rewards: torch.Tensor, update: int,
+                  local: list[int]) -> torch.Tensor:
+    """VinePPO: Monte-Carlo values at :func:`mc_states`, branched on seeded streams, then segment advantages."""
+    boundaries, states = mc_states(ro, run.newline_ids, run.bt)
+    branch_seeds = [seed_of(args.seed, update, 7, local[b // args.group_size], b % args.group_size, t, k)
+                    for b, t, _ in states for k in range(args.mc_branches)]
+    est = mc_values(run.model, run.tok, [ro.problems[b] for b, _, _ in states], [s for _, _, s in states],
+                    args.mc_branches, replace(run.gen_config, return_logprobs=False),
+                    prompts=[ro.prompt_ids[b] for b, _, _ in states],
+                    generator=row_generators(branch_seeds, run.device))
+    values = torch.zeros_like(rewards)  # [B, S], read at the boundaries only
+    for (b, t, _), v in zip(states, est.values.tolist()):
+        values[b, t] = v
+    return losses.segment_advantages(rewards, ro.action_mask, boundaries, values)
+
+
+def update_policy(run: Run, args: PPOArgs, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor,
+                  old_values: torch.Tensor, update: int) -> dict[str, list[float]]:
+    """Minibatch epochs over the update's problems: the same global minibatches of problem slots in any number of
+    processes, each process on its rows of them. Returns each loss metric's value per minibatch."""
+    rank, world = run.acc.process_index, run.acc.num_processes
+    metrics: dict[str, list[float]] = {}
+    for epoch in range(args.epochs):
+        slots = np.random.default_rng(seed_of(args.seed, update, epoch)).permutation(args.problems_per_update)
+        for batch in np.array_split(slots, args.minibatches):
+            mine = sorted(int(s) // world for s in batch if s % world == rank)  # this process's problems
+            rows = [i * args.group_size + j for i in mine for j in range(args.group_size)]
+            minibatch_step(run, args, ro, rows, adv, returns, old_values, update, metrics)
+    return metrics
+
+
+def minibatch_step(run: Run, args: PPOArgs, ro: Rollout, rows: list[int], adv: torch.Tensor, returns: torch.Tensor,
+                   old_values: torch.Tensor, update: int, metrics: dict[str, list[float]]) -> None:
+    """One optimiser step on ``rows``, its loss normalised by the minibatch's action count over all processes. A
+    process with no rows adds zero gradients to the average."""
+    mask, device, world = ro.action_mask, run.device, run.acc.num_processes
+    m = mask[rows].to(device)  # [b, S]
+    count = distributed.all_sum(m.sum().float())  # the minibatch's actions over all processes
+    if rows:
+        scores = score_actions(run.model, [ro.prompt_ids[r] for r in rows], ro.actions[rows].to(device),
+                               ro.generation.config, return_hidden=args.advantage == "gae")
+        pg, clipfrac, approx_kl = losses.ppo_policy_loss(scores.logprobs, ro.logprobs[rows].to(device),
+                                                         adv[rows].to(device), m, args.clip, count / world)
+        entropy = (scores.entropy * m).sum() / (count / world)
+        loss = pg - args.ent_coef * entropy
+        if args.advantage == "gae":
+            v = run.head(scores.hidden).squeeze(-1)  # [b, S]
+            v_loss = losses.ppo_value_loss(v, old_values[rows].to(device), returns[rows].to(device), m,
+                                           args.vf_clip, count / world)
+            loss = loss + args.vf_coef * v_loss
+            metrics.setdefault("losses/value", []).append(float(v_loss.detach()))
+            metrics.setdefault("losses/explained_variance", []).append(
+                losses.explained_variance(v.detach().cpu(), returns[rows], mask[rows]))
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"update {update + 1}: the loss is {float(loss)}; the last checkpoint is kept")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    else:  # none of this minibatch's problems is here
+        distributed.zero_gradients(run.params)
+    distributed.average_gradients(run.params)
+    torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm)
+    run.optimizer.step()
+    if rows:
+        for key, value in (("losses/policy", pg), ("losses/entropy", entropy), ("losses/clipfrac", clipfrac),
+                           ("losses/approx_kl", approx_kl)):
+            metrics.setdefault(key, []).append(float(value.detach()))
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[float]], update: int,
+            began: float) -> dict:
+    """The update's history row (rollout statistics summed over processes, loss means), also sent to tensorboard."""
+    c = backtrack_counts(ro.generation, [run.references.setdefault(id(p), encode_problem(p, run.tok)[1])
+                                         for p in ro.problems])
+    local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
+                                c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
+                                c.num_false_deletions, c.num_correct_appends, float(kl.sum()),
+                                float(ro.action_mask.sum()), float(ro.rewards.sum())], dtype=torch.float64)
+    t = distributed.all_sum(local_stats, run.device).tolist()
+    row = {"update": update + 1, "rollout/accuracy": t[0] / t[1], "rollout/backtrack_rate": _ratio(t[2], t[3]),
+           "rollout/backtrack_precision": _ratio(t[4], t[5]), "rollout/false_backtrack_rate": _ratio(t[6], t[7]),
+           "rollout/kl": _ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
+           "time/update_s": time.time() - began}
+    row.update({f"rollout/reward_{k}": float(v.sum(1).mean()) for k, v in ro.reward_parts.items()})
+    row.update({k: float(np.mean(v)) for k, v in metrics.items()})
+    run.history.append(row)
+    if run.writer is not None:
+        for key, value in row.items():
+            if key != "update" and value is not None and np.isfinite(value):
+                run.writer.add_scalar(key, value, update + 1)
+    return row
+
+
+def checkpoint_or_stop(run: Run, args: PPOArgs, row: dict, update: int) -> None:
+    """A checkpoint every ``save_every`` updates; an approx KL above ``max_kl`` saves one and stops the run."""
+    exploded = row["losses/approx_kl"] > args.max_kl
+    if run.acc.is_main_process and ((update + 1) % args.save_every == 0 or exploded):
+        save_checkpoint(run.out, update + 1, run.model, run.tok, {"optimizer": run.optimizer.state_dict(),
+                                                                  "value_head": run.head.state_dict()},
+                        {"log_history": run.history}, keep=args.save_total_limit)
+    if exploded:
+        raise NonFiniteError(f"update {update + 1}: the approx KL {row['losses/approx_kl']:.3g} exceeds max_kl "
+                             f"{args.max_kl}; saved checkpoint-{update + 1} (lower the learning rate)")
+
+
+def finish(run: Run) -> None:
+    """The policy, its value head and the history, each file complete (main process), then a barrier."""
+    if run.acc.is_main_process:
+        staging = staging_dir(run.out)
+        save_model_files(run.model, run.tok, staging)
+        torch.save(run.head.state_dict(), staging / "value_head.pt")
+        publish(staging, run.out)
+        atomic_write_json(run.out / "log_history.json", run.history)
+        print(f"saved the policy to {run.out}; " + json.dumps({k: round(v, 4) for k, v in run.history[-1].items()
+                                                              if isinstance(v, float)}))
+    run.acc.wait_for_everyone()
 
 
 if __name__ == "__main__":
