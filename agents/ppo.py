@@ -37,7 +37,6 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from halluc_rl import distributed, losses
-from halluc_rl.backtrack import BacktrackState
 from halluc_rl.config import LoraArgs, ModelArgs, RunArgs
 from halluc_rl.data.tasks import Problem, encode_problem, load_problems, task_name
 from halluc_rl.evaluation import backtrack_counts
@@ -71,7 +70,7 @@ from halluc_rl.runs import (
     staging_dir,
 )
 from halluc_rl.scoring import score_actions
-from halluc_rl.values import mc_values
+from halluc_rl.values import mc_states, vine_advantages  # noqa: F401  (mc_states: ppo.mc_states, as before)
 
 
 @dataclass
@@ -165,23 +164,6 @@ def make_rewards(args: PPOArgs, tokenizer) -> RewardMixer:
     return RewardMixer(rewards, Shaping(backtrack_cost=args.backtrack_cost))
 
 
-def mc_states(ro, newline_ids: set[int], bt: int) -> tuple[torch.Tensor, list[tuple[int, int, list[int]]]]:
-    """Where VinePPO estimates values: the states before the first action, after each line, and before and after
-    every backtrack. Returns the boundary mask [B, S] and (row, action index, visible prefix) per state."""
-    boundaries = torch.zeros_like(ro.action_mask)  # [B, S]
-    states = []
-    for b in range(ro.actions.shape[0]):
-        actions = ro.actions[b][ro.action_mask[b]].tolist()
-        state = BacktrackState(bt)  # the visible text before action t
-        for t, a in enumerate(actions):
-            after = t > 0 and (actions[t - 1] == bt or actions[t - 1] in newline_ids)
-            if t == 0 or a == bt or after:
-                boundaries[b, t] = True
-                states.append((b, t, state.visible_ids))
-            state.push(a)
-    return boundaries, states
-
-
 def seed_of(*keys: int) -> int:
     """A seed mixed from integers, the same in every process (Python's ``hash`` is salted for strings)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] % 2**62)
@@ -208,10 +190,6 @@ class Run:
     writer: SummaryWriter | None
     references: dict[int, list[int]] = field(default_factory=dict)  # each pool problem's reference, encoded once
 
-    @property
-    def device(self) -> torch.device:
-        return self.acc.device
-
 
 def main(argv: list[str] | None = None) -> int:
     return cli("halluc-rl ppo", lambda: train(*parse_cli([PPOArgs, ModelArgs, LoraArgs], argv, prog="halluc-rl ppo")))
@@ -234,7 +212,7 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
         if immediate is not None:  # each action's own process reward, credited to it alone
             adv = adv + immediate
         if args.whiten:  # over the whole rollout, all processes
-            adv = losses.masked_whiten(adv, ro.action_mask, reduce=partial(distributed.all_sum, device=run.device))
+            adv = losses.masked_whiten(adv, ro.action_mask, reduce=partial(distributed.all_sum, device=run.acc.device))
         metrics = update_policy(run, args, ro, adv, returns, old_values, update)
         row = log_row(run, ro, kl, metrics, update, began)
         bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",
@@ -301,7 +279,7 @@ def collect(run: Run, args: PPOArgs, update: int, local: list[int]) -> Rollout:
     """The rollout of ``group_size`` answers to each local problem, each row on its own seeded stream."""
     seeds = [seed_of(args.seed, update, p, j) for p in local for j in range(args.group_size)]
     return rollout(run.model, run.tok, [run.pool[p] for p in local], run.mixer, run.gen_config,
-                   num_samples=args.group_size, generator=row_generators(seeds, run.device))
+                   num_samples=args.group_size, generator=row_generators(seeds, run.acc.device))
 
 
 def rewards_with_kl(run: Run, args: PPOArgs, ro: Rollout):
@@ -335,24 +313,12 @@ def advantages(run: Run, args: PPOArgs, ro: Rollout, rewards: torch.Tensor, old_
     if args.advantage == "group":
         adv = losses.group_advantages(rewards, ro.action_mask, args.group_size, args.gamma)
         return adv, adv
-    adv = mc_advantages(run, args, ro, rewards, update, local)
+    def seed(b: int, t: int, j: int) -> int:  # branch j of the state before action t of row b
+        return seed_of(args.seed, update, 7, local[b // args.group_size], b % args.group_size, t, j)
+
+    adv = vine_advantages(run.model, run.tok, ro, rewards, run.newline_ids, run.bt, args.mc_branches,
+                          replace(run.gen_config, return_logprobs=False), seed, run.acc.device)
     return adv, adv
-
-
-def mc_advantages(run: Run, args: PPOArgs, ro: Rollout, rewards: torch.Tensor, update: int,
-                  local: list[int]) -> torch.Tensor:
-    """VinePPO: Monte-Carlo values at :func:`mc_states`, branched on seeded streams, then segment advantages."""
-    boundaries, states = mc_states(ro, run.newline_ids, run.bt)
-    branch_seeds = [seed_of(args.seed, update, 7, local[b // args.group_size], b % args.group_size, t, k)
-                    for b, t, _ in states for k in range(args.mc_branches)]
-    est = mc_values(run.model, run.tok, [ro.problems[b] for b, _, _ in states], [s for _, _, s in states],
-                    args.mc_branches, replace(run.gen_config, return_logprobs=False),
-                    prompts=[ro.prompt_ids[b] for b, _, _ in states],
-                    generator=row_generators(branch_seeds, run.device))
-    values = torch.zeros_like(rewards)  # [B, S], read at the boundaries only
-    for (b, t, _), v in zip(states, est.values.tolist()):
-        values[b, t] = v
-    return losses.segment_advantages(rewards, ro.action_mask, boundaries, values)
 
 
 def update_policy(run: Run, args: PPOArgs, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor,
@@ -374,7 +340,7 @@ def minibatch_step(run: Run, args: PPOArgs, ro: Rollout, rows: list[int], adv: t
                    old_values: torch.Tensor, update: int, metrics: dict[str, list[float]]) -> None:
     """One optimiser step on ``rows``, its loss normalised by the minibatch's action count over all processes. A
     process with no rows adds zero gradients to the average."""
-    mask, device, world = ro.action_mask, run.device, run.acc.num_processes
+    mask, device, world = ro.action_mask, run.acc.device, run.acc.num_processes
     m = mask[rows].to(device)  # [b, S]
     count = distributed.all_sum(m.sum().float())  # the minibatch's actions over all processes
     if rows:
@@ -420,7 +386,7 @@ def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[flo
                                 c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
                                 c.num_false_deletions, c.num_correct_appends, float(kl.sum()),
                                 float(ro.action_mask.sum()), float(ro.rewards.sum())], dtype=torch.float64)
-    t = distributed.all_sum(local_stats, run.device).tolist()
+    t = distributed.all_sum(local_stats, run.acc.device).tolist()
     row = {"update": update + 1, "rollout/accuracy": t[0] / t[1], "rollout/backtrack_rate": _ratio(t[2], t[3]),
            "rollout/backtrack_precision": _ratio(t[4], t[5]), "rollout/false_backtrack_rate": _ratio(t[6], t[7]),
            "rollout/kl": _ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],

@@ -94,6 +94,26 @@ def test_mc_states_sit_at_line_ends_and_around_backtracks(tokenizer):
     assert [(t, s) for _, t, s in states] == [(0, []), (2, [7, newline]), (3, [7, newline, 8]), (4, [7, newline])]
 
 
+def test_a_rollout_carries_its_process_rewards_apart_whatever_their_names(tokenizer):
+    """PPO reads ``Rollout.process_rewards``: the process plug-ins' weighted parts, found by kind, not by name."""
+    from halluc_rl.rewards import OracleProcessReward, RuleGrader
+
+    model = make_model("llama", tokenizer, seed=4)
+    problems = ArithmeticTask().problems("train", 2)
+
+    def run(mixer):
+        return rollout(model, tokenizer, problems, mixer, max_new_tokens=6, num_samples=2,
+                       generator=torch.Generator().manual_seed(0))
+
+    one = run(RewardMixer([RuleGrader(), (OracleProcessReward(tokenizer, name="oracle"), 0.5)]))
+    assert torch.equal(one.process_rewards, one.reward_parts["oracle"]) and one.process_rewards.abs().sum() > 0
+    two = run(RewardMixer([(OracleProcessReward(tokenizer, name="a"), 1.0),
+                           (OracleProcessReward(tokenizer, name="b"), 2.0)]))
+    torch.testing.assert_close(two.process_rewards, two.reward_parts["a"] + two.reward_parts["b"])
+    none = run(RewardMixer([RuleGrader()]))
+    assert torch.equal(none.process_rewards, torch.zeros_like(none.rewards))
+
+
 def test_an_exploding_kl_stops_the_run_with_a_checkpoint(base_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = ppo.main(args(base_dir, out, "--learning_rate", "0.5", "--max_kl", "1e-9", "--save_every", "100"))
