@@ -16,9 +16,10 @@ CleanRL's ``ppo.py`` for a policy that can press backspace, read top to bottom:
    gradient clipping. Log-probs come from ``halluc_rl.scoring.score_actions`` under the rewind semantics.
 
 Several processes (``accelerate launch --num_processes 2``) split the problems; gradients are averaged and every
-global statistic (whitening, the token count of a minibatch) is reduced, so the run follows the single-process one.
-The maths lives in ``halluc_rl/losses.py``; runs stop on a non-finite loss or an exploding KL with the update
-number (exit status 3), checkpoint atomically and resume.
+global statistic (whitening, the token count of a minibatch) is reduced (``halluc_rl/distributed.py``), so the
+run follows the single-process one. The maths lives in ``halluc_rl/losses.py``, VinePPO's values in
+``halluc_rl/values.py``; runs stop on a non-finite loss or an exploding KL with the update number (exit status
+3), checkpoint atomically and resume. :func:`train` is the loop; each step of it is a function below it.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def seed_of(*keys: int) -> int:
 
 @dataclass
 class Run:
-    """What every update reads and moves: the policy, its value head and optimiser, the problems, the rewards."""
+    """What every update reads and moves: the policy, its value head and optimiser, the problems, rewards."""
 
     acc: Accelerator
     out: Path
@@ -188,7 +189,7 @@ class Run:
     start: int  # updates done before this process started (resume)
     history: list[dict]
     writer: SummaryWriter | None
-    references: dict[int, list[int]] = field(default_factory=dict)  # each pool problem's reference, encoded once
+    references: dict[int, list[int]] = field(default_factory=dict)  # each problem's reference, encoded once
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +213,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
         if immediate is not None:  # each action's own process reward, credited to it alone
             adv = adv + immediate
         if args.whiten:  # over the whole rollout, all processes
-            adv = losses.masked_whiten(adv, ro.action_mask, reduce=partial(distributed.all_sum, device=run.acc.device))
+            reduce = partial(distributed.all_sum, device=run.acc.device)
+            adv = losses.masked_whiten(adv, ro.action_mask, reduce=reduce)
         metrics = update_policy(run, args, ro, adv, returns, old_values, update)
         row = log_row(run, ro, kl, metrics, update, began)
         bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",
@@ -224,8 +226,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
 
 def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerator,
            rewards: RewardMixer | None) -> Run:
-    """The run folder (checked on the main process), the policy and its value head, the optimiser (resumed from the
-    newest complete checkpoint), the problem pool, the rewards and the sampling config."""
+    """The run folder (checked on the main process), the policy and its value head, the optimiser (resumed
+    from the newest complete checkpoint), the problem pool, the rewards and the sampling config."""
     out = Path(args.output_dir)
     found = [None]
     if acc.is_main_process:
@@ -244,7 +246,7 @@ def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerato
     if not hasattr(model, "peft_config") and args.kl_coef > 0:
         raise UsageError("kl_coef: a fully fine-tuned policy has no adapter to disable for its reference; set "
                          "use_lora: true or kl_coef: 0")
-    model.to(acc.device).eval()  # eval throughout: no dropout, so the scorer reproduces the sampling log-probs
+    model.to(acc.device).eval()  # eval throughout: no dropout, the scorer reproduces the sampling log-probs
     head = torch.nn.Linear(model.config.hidden_size, 1).to(acc.device)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
@@ -266,8 +268,8 @@ def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerato
 
 
 def choose_problems(args: PPOArgs, pool_size: int, update: int, rank: int, world: int) -> list[int]:
-    """This process's share of the update's problems (pool indices): the update's slice of a permutation of the
-    pool drawn once per pass over it, slots ``s`` with ``s % world == rank``."""
+    """This process's share of the update's problems (pool indices): the update's slice of a permutation of
+    the pool drawn once per pass over it, slots ``s`` with ``s % world == rank``."""
     perm = np.random.default_rng(seed_of(args.seed, update // max(1, pool_size // args.problems_per_update)))
     perm = perm.permutation(pool_size)
     first = (update * args.problems_per_update) % pool_size
@@ -282,10 +284,11 @@ def collect(run: Run, args: PPOArgs, update: int, local: list[int]) -> Rollout:
                    num_samples=args.group_size, generator=row_generators(seeds, run.acc.device))
 
 
-def rewards_with_kl(run: Run, args: PPOArgs, ro: Rollout):
+def rewards_with_kl(run: Run, args: PPOArgs,
+                    ro: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The rewards [B, S] the estimator sees (process form and credit applied, the KL penalty to the reference
-    subtracted), the immediate process credit [B, S] (None unless ``process_credit: immediate``), the per-action KL
-    [B, S] and the old values [B, S] (gae; zeros otherwise)."""
+    subtracted), the immediate process credit [B, S] (None unless ``process_credit: immediate``), the
+    per-action KL [B, S] and the old values [B, S] (gae; zeros otherwise)."""
     mask = ro.action_mask
     rewards, immediate = losses.process_credit(ro.rewards, ro.process_rewards, mask, args.process_form,
                                                args.process_credit)
@@ -299,15 +302,15 @@ def rewards_with_kl(run: Run, args: PPOArgs, ro: Rollout):
             rewards -= args.kl_coef * kl
         old_values = torch.zeros_like(rewards)  # [B, S]
         if args.advantage == "gae":
-            hidden = score_actions(run.model, ro.prompt_ids, ro.actions, ro.generation.config, return_hidden=True,
-                                   with_entropy=False).hidden  # [B, S, H]
+            hidden = score_actions(run.model, ro.prompt_ids, ro.actions, ro.generation.config,
+                                   return_hidden=True, with_entropy=False).hidden  # [B, S, H]
             old_values = run.head(hidden).squeeze(-1).cpu() * mask
     return rewards, immediate, kl, old_values
 
 
-def advantages(run: Run, args: PPOArgs, ro: Rollout, rewards: torch.Tensor, old_values: torch.Tensor, update: int,
-               local: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns) [B, S] of the chosen estimator (the returns are the advantages without a critic)."""
+def advantages(run: Run, args: PPOArgs, ro: Rollout, rewards: torch.Tensor, old_values: torch.Tensor,
+               update: int, local: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, S] of the chosen estimator (without a critic, the advantages twice)."""
     if args.advantage == "gae":
         return losses.gae(rewards, old_values, ro.action_mask, args.gamma, args.lam)
     if args.advantage == "group":
@@ -323,8 +326,8 @@ def advantages(run: Run, args: PPOArgs, ro: Rollout, rewards: torch.Tensor, old_
 
 def update_policy(run: Run, args: PPOArgs, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor,
                   old_values: torch.Tensor, update: int) -> dict[str, list[float]]:
-    """Minibatch epochs over the update's problems: the same global minibatches of problem slots in any number of
-    processes, each process on its rows of them. Returns each loss metric's value per minibatch."""
+    """Minibatch epochs over the update's problems: the same global minibatches of problem slots in any number
+    of processes, each process on its rows of them. Returns each loss metric's value per minibatch."""
     rank, world = run.acc.process_index, run.acc.num_processes
     metrics: dict[str, list[float]] = {}
     for epoch in range(args.epochs):
@@ -336,10 +339,11 @@ def update_policy(run: Run, args: PPOArgs, ro: Rollout, adv: torch.Tensor, retur
     return metrics
 
 
-def minibatch_step(run: Run, args: PPOArgs, ro: Rollout, rows: list[int], adv: torch.Tensor, returns: torch.Tensor,
-                   old_values: torch.Tensor, update: int, metrics: dict[str, list[float]]) -> None:
-    """One optimiser step on ``rows``, its loss normalised by the minibatch's action count over all processes. A
-    process with no rows adds zero gradients to the average."""
+def minibatch_step(run: Run, args: PPOArgs, ro: Rollout, rows: list[int], adv: torch.Tensor,
+                   returns: torch.Tensor, old_values: torch.Tensor, update: int,
+                   metrics: dict[str, list[float]]) -> None:
+    """One optimiser step on ``rows``, its loss normalised by the minibatch's action count over all processes.
+    A process with no rows adds zero gradients to the average."""
     mask, device, world = ro.action_mask, run.acc.device, run.acc.num_processes
     m = mask[rows].to(device)  # [b, S]
     count = distributed.all_sum(m.sum().float())  # the minibatch's actions over all processes
@@ -359,7 +363,8 @@ def minibatch_step(run: Run, args: PPOArgs, ro: Rollout, rows: list[int], adv: t
             metrics.setdefault("losses/explained_variance", []).append(
                 losses.explained_variance(v.detach().cpu(), returns[rows], mask[rows]))
         if not torch.isfinite(loss):
-            raise NonFiniteError(f"update {update + 1}: the loss is {float(loss)}; the last checkpoint is kept")
+            raise NonFiniteError(f"update {update + 1}: the loss is {float(loss)}; "
+                                 "the last checkpoint is kept")
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
     else:  # none of this minibatch's problems is here
@@ -379,7 +384,7 @@ def _ratio(a: float, b: float) -> float | None:
 
 def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[float]], update: int,
             began: float) -> dict:
-    """The update's history row (rollout statistics summed over processes, loss means), also sent to tensorboard."""
+    """The update's history row (rollout sums over processes, loss means), also sent to tensorboard."""
     c = backtrack_counts(ro.generation, [run.references.setdefault(id(p), encode_problem(p, run.tok)[1])
                                          for p in ro.problems])
     local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
@@ -387,8 +392,9 @@ def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[flo
                                 c.num_false_deletions, c.num_correct_appends, float(kl.sum()),
                                 float(ro.action_mask.sum()), float(ro.rewards.sum())], dtype=torch.float64)
     t = distributed.all_sum(local_stats, run.acc.device).tolist()
-    row = {"update": update + 1, "rollout/accuracy": t[0] / t[1], "rollout/backtrack_rate": _ratio(t[2], t[3]),
-           "rollout/backtrack_precision": _ratio(t[4], t[5]), "rollout/false_backtrack_rate": _ratio(t[6], t[7]),
+    row = {"update": update + 1, "rollout/accuracy": t[0] / t[1],
+           "rollout/backtrack_rate": _ratio(t[2], t[3]), "rollout/backtrack_precision": _ratio(t[4], t[5]),
+           "rollout/false_backtrack_rate": _ratio(t[6], t[7]),
            "rollout/kl": _ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
            "time/update_s": time.time() - began}
     row.update({f"rollout/reward_{k}": float(v.sum(1).mean()) for k, v in ro.reward_parts.items()})
@@ -402,15 +408,15 @@ def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[flo
 
 
 def checkpoint_or_stop(run: Run, args: PPOArgs, row: dict, update: int) -> None:
-    """A checkpoint every ``save_every`` updates; an approx KL above ``max_kl`` saves one and stops the run."""
+    """A checkpoint every ``save_every`` updates; an approx KL above ``max_kl`` saves one and stops."""
     exploded = row["losses/approx_kl"] > args.max_kl
     if run.acc.is_main_process and ((update + 1) % args.save_every == 0 or exploded):
         save_checkpoint(run.out, update + 1, run.model, run.tok, {"optimizer": run.optimizer.state_dict(),
                                                                   "value_head": run.head.state_dict()},
                         {"log_history": run.history}, keep=args.save_total_limit)
     if exploded:
-        raise NonFiniteError(f"update {update + 1}: the approx KL {row['losses/approx_kl']:.3g} exceeds max_kl "
-                             f"{args.max_kl}; saved checkpoint-{update + 1} (lower the learning rate)")
+        raise NonFiniteError(f"update {update + 1}: the approx KL {row['losses/approx_kl']:.3g} exceeds "
+                             f"max_kl {args.max_kl}; saved checkpoint-{update + 1} (lower the learning rate)")
 
 
 def finish(run: Run) -> None:
@@ -421,8 +427,8 @@ def finish(run: Run) -> None:
         torch.save(run.head.state_dict(), staging / "value_head.pt")
         publish(staging, run.out)
         atomic_write_json(run.out / "log_history.json", run.history)
-        print(f"saved the policy to {run.out}; " + json.dumps({k: round(v, 4) for k, v in run.history[-1].items()
-                                                              if isinstance(v, float)}))
+        last = {k: round(v, 4) for k, v in run.history[-1].items() if isinstance(v, float)}
+        print(f"saved the policy to {run.out}; " + json.dumps(last))
     run.acc.wait_for_everyone()
 
 

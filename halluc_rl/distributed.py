@@ -1,10 +1,10 @@
 """Reductions over the processes of a data-parallel run, for trainers that average by hand (PPO).
 
-Each helper works in a single process (no process group, or a group of one) and under ``torch.distributed`` (the
-group ``accelerate launch`` starts, or any other). The reductions are those of ``Accelerator.reduce``: a clone
-summed over processes, divided by the number of processes for a mean, so a run launched either way gets the
-same bits. Every process must call a helper the same number of times, in the same order, with tensors of the same
-shapes: these are collectives.
+Each helper works in a single process (no process group, or a group of one) and under ``torch.distributed``
+(the group ``accelerate launch`` starts, or any other). The reductions are those of ``Accelerator.reduce``: a
+clone summed over processes, divided by the number of processes for a mean, so a run launched either way
+gets the same bits. Every process must call a helper the same number of times, in the same order, with
+tensors of the same shapes: these are collectives.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def all_mean(tensor: torch.Tensor, device: torch.device | str | None = None) -> 
 def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Data parallel without a wrapper: replace each gradient by its mean over processes (a no-op alone).
 
-    A parameter without a gradient joins the average with zeros, so that every process reduces the same list of
-    tensors whatever its own loss touched.
+    A parameter without a gradient joins the average with zeros, so that every process reduces the same list
+    of tensors whatever its own loss touched.
     """
     if world_size() == 1:
         return
@@ -51,6 +51,6 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
 
 
 def zero_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Give every parameter a zero gradient: what a process with no rows in a minibatch adds to the average."""
+    """Give every parameter a zero gradient: what a process without rows in a minibatch adds to the mean."""
     for p in params:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()

@@ -196,10 +196,10 @@ def process_credit(rewards: torch.Tensor, process: torch.Tensor, mask: torch.Ten
                    credit: str = "return") -> tuple[torch.Tensor, torch.Tensor | None]:
     """How PPO credits the process part ``process`` [B, S] of the summed ``rewards`` [B, S] (a new tensor).
 
-    ``form="min"`` swaps the part for PURE's min-form rewards (:func:`min_form_rewards`; its scores are then raw
-    potentials). ``credit="immediate"`` takes it out of the rewards an estimator sees and returns it masked, to add
-    to each action's own advantage; ``"return"`` leaves it in (returns None). Subtracting it from the sum, rather
-    than summing the other parts, keeps the numbers of the runs recorded so far.
+    ``form="min"`` swaps the part for PURE's min-form rewards (:func:`min_form_rewards`; its scores are
+    then raw potentials). ``credit="immediate"`` takes it out of the rewards an estimator sees and returns it
+    masked, to add to each action's own advantage; ``"return"`` leaves it in (returns None). Subtracting it
+    from the sum, rather than summing the other parts, keeps the numbers of the runs recorded so far.
     """
     rewards = rewards.clone()
     if form == "min":

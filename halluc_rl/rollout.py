@@ -113,14 +113,15 @@ def rollout(
         part[torch.arange(batch), last] += value
     total = sum(parts.values()) if parts else torch.zeros(batch, steps)
     values = torch.stack(value_follower.values, 1) * mask if value_follower is not None else None  # [B, S]
-    return Rollout(problems, prompts, actions=out.actions.cpu(), action_mask=mask, logprobs=out.logprobs.cpu(),
-                   rewards=total, reward_parts=parts, process_rewards=process_part(mixer, parts, (batch, steps)),
+    process = process_part(mixer, parts, (batch, steps))  # [B, S]
+    return Rollout(problems, prompts, actions=out.actions.cpu(), action_mask=mask,
+                   logprobs=out.logprobs.cpu(), rewards=total, reward_parts=parts, process_rewards=process,
                    dones=dones & mask, values=values, generation=out)
 
 
 def process_part(mixer: RewardMixer, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-    """The process plug-ins' share of the rewards [B, S]: their part itself when there is one (the same bits as
-    reading it back from ``parts``), their sum when there are several, zeros when there are none."""
+    """The process plug-ins' share of the rewards [B, S]: a copy of their part when there is one (the same
+    bits as reading it back from ``parts``), their sum when there are several, zeros when there are none."""
     names = dict.fromkeys(reward.name for reward, _ in mixer.process)
     found = [parts[name] for name in names if name in parts]
     return found[0].clone() if len(found) == 1 else sum(found, torch.zeros(shape))

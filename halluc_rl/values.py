@@ -5,8 +5,8 @@ A *state* is a problem's prompt plus a response already written. :func:`mc_value
 (:meth:`halluc_rl.cache.RewindableCache.fork`), lets the policy finish each branch (backtracks allowed, into the
 written response too), grades every finished answer, and returns the success share per state. States are batched.
 
-This is what VinePPO-style advantages (:func:`vine_advantages`), Math-Shepherd step labels and DPO error points
-all need: exact values of intermediate states, affordable because a branch costs no re-encoding.
+This is what VinePPO-style advantages (:func:`vine_advantages`), Math-Shepherd step labels and DPO error
+points all need: exact values of intermediate states, affordable because a branch costs no re-encoding.
 """
 
 from __future__ import annotations
@@ -76,9 +76,9 @@ def mc_values(
 
 
 def mc_states(ro, newline_ids: set[int], bt: int) -> tuple[torch.Tensor, list[tuple[int, int, list[int]]]]:
-    """Where VinePPO estimates values in a rollout ``ro``: the states before the first action, after each line, and
-    before and after every backtrack. Returns the boundary mask [B, S] and (row, action index, visible prefix) per
-    state."""
+    """Where VinePPO estimates values in a rollout ``ro``: the states before the first action, after each
+    line, and before and after every backtrack. Returns the boundary mask [B, S] and (row, action index,
+    visible prefix) per state."""
     boundaries = torch.zeros_like(ro.action_mask)  # [B, S]
     states = []
     for b in range(ro.actions.shape[0]):
@@ -97,12 +97,13 @@ def vine_advantages(model, tokenizer, ro, rewards: torch.Tensor, newline_ids: se
                     config: BacktrackGenerationConfig, seed: Callable[[int, int, int], int],
                     device: torch.device | str = "cpu") -> torch.Tensor:
     """VinePPO's advantages [B, S] (Kazemnejad et al. 2024): :func:`mc_values` at the :func:`mc_states` of the
-    rollout ``ro``, ``k`` branches each, branch ``j`` of the state before action ``t`` of row ``b`` sampled on a
-    stream seeded with ``seed(b, t, j)``; then :func:`~halluc_rl.losses.segment_advantages` of ``rewards`` [B, S]."""
+    rollout ``ro``, ``k`` branches each, branch ``j`` of the state before action ``t`` of row ``b`` sampled on
+    a stream seeded with ``seed(b, t, j)``; then :func:`~halluc_rl.losses.segment_advantages`."""
     boundaries, states = mc_states(ro, newline_ids, bt)
     seeds = [seed(b, t, j) for b, t, _ in states for j in range(k)]
-    est = mc_values(model, tokenizer, [ro.problems[b] for b, _, _ in states], [s for _, _, s in states], k, config,
-                    prompts=[ro.prompt_ids[b] for b, _, _ in states], generator=row_generators(seeds, device))
+    est = mc_values(model, tokenizer, [ro.problems[b] for b, _, _ in states], [s for _, _, s in states], k,
+                    config, prompts=[ro.prompt_ids[b] for b, _, _ in states],
+                    generator=row_generators(seeds, device))
     values = torch.zeros_like(rewards)  # [B, S], read at the boundaries only
     for (b, t, _), v in zip(states, est.values.tolist()):
         values[b, t] = v

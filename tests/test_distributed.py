@@ -1,5 +1,6 @@
-"""The reductions of halluc_rl.distributed: two gloo processes on halves of the data give what one process gives on
-all of it (whitening, counts, averaged gradients, a process with no rows), and alone they change nothing."""
+"""The reductions of halluc_rl.distributed: two gloo processes on halves of the data give what one
+process gives on all of it (whitening, counts, averaged gradients, a process with no rows); alone they
+change nothing."""
 
 import torch
 import torch.distributed as dist
@@ -15,8 +16,8 @@ GRADS = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, -6.0])]  # process r's gra
 
 
 def step(weight: torch.nn.Parameter, bias: torch.nn.Parameter, rank: int, empty: bool) -> None:
-    """A minibatch step's gradients: the weight's own, or zeros on a process with no rows (the bias is untouched
-    by the loss: it has no gradient unless zeroed)."""
+    """A minibatch step's gradients: the weight's own, or zeros on a process with no rows (the bias is
+    untouched by the loss: it has no gradient unless zeroed)."""
     weight.grad, bias.grad = None, None
     if empty:
         distributed.zero_gradients([weight, bias])
@@ -54,7 +55,8 @@ def test_two_processes_reduce_to_what_one_process_computes_on_all_the_data(tmp_p
     for r in results:
         assert r["world"] == 2 and r["count"].item() == MASK.sum().item()
         assert torch.equal(r["mean"], torch.tensor([0.5, 1.0]))
-        assert torch.equal(r["both"][0], (GRADS[0] + GRADS[1]) / 2) and torch.equal(r["both"][1], torch.zeros(1))
+        assert torch.equal(r["both"][0], (GRADS[0] + GRADS[1]) / 2)
+        assert torch.equal(r["both"][1], torch.zeros(1))  # no gradient anywhere: zeros
         assert torch.equal(r["one_empty"][0], GRADS[0] / 2)  # the empty process adds zeros to the average
 
 

@@ -236,7 +236,7 @@ def test_masked_whiten_reduces_its_three_sums():
     x = torch.tensor([[1.0, 3.0, 100.0], [5.0, -100.0, -100.0]])
     m = torch.tensor([[True, True, False], [True, False, False]])
     seen = []
-    doubled = masked_whiten(x, m, reduce=lambda stats: seen.append(stats.clone()) or stats * 2)  # two equal halves
+    two_halves = masked_whiten(x, m, reduce=lambda stats: seen.append(stats.clone()) or stats * 2)
     assert torch.equal(seen[0], torch.tensor([9.0, 35.0, 3.0]))
-    torch.testing.assert_close(doubled, masked_whiten(x, m))
+    torch.testing.assert_close(two_halves, masked_whiten(x, m))
     assert (masked_whiten(x, torch.zeros_like(m)) == 0).all()  # nothing masked in: zeros, not NaN

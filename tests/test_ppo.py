@@ -16,7 +16,7 @@ from halluc_rl.agents import ppo
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.config import LoraArgs, ModelArgs
 from halluc_rl.data.tasks import ArithmeticTask
-from halluc_rl.rewards import CallableReward, RewardMixer
+from halluc_rl.rewards import CallableReward, OracleProcessReward, RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout
 from halluc_rl.runs import checkpoint_problem, parse_cli
 from tests.conftest import FULL, make_model
@@ -95,9 +95,7 @@ def test_mc_states_sit_at_line_ends_and_around_backtracks(tokenizer):
 
 
 def test_a_rollout_carries_its_process_rewards_apart_whatever_their_names(tokenizer):
-    """PPO reads ``Rollout.process_rewards``: the process plug-ins' weighted parts, found by kind, not by name."""
-    from halluc_rl.rewards import OracleProcessReward, RuleGrader
-
+    """PPO reads ``Rollout.process_rewards``: the process plug-ins' weighted parts, by kind, not by name."""
     model = make_model("llama", tokenizer, seed=4)
     problems = ArithmeticTask().problems("train", 2)
 
@@ -106,7 +104,8 @@ def test_a_rollout_carries_its_process_rewards_apart_whatever_their_names(tokeni
                        generator=torch.Generator().manual_seed(0))
 
     one = run(RewardMixer([RuleGrader(), (OracleProcessReward(tokenizer, name="oracle"), 0.5)]))
-    assert torch.equal(one.process_rewards, one.reward_parts["oracle"]) and one.process_rewards.abs().sum() > 0
+    assert torch.equal(one.process_rewards, one.reward_parts["oracle"])
+    assert one.process_rewards.abs().sum() > 0
     two = run(RewardMixer([(OracleProcessReward(tokenizer, name="a"), 1.0),
                            (OracleProcessReward(tokenizer, name="b"), 2.0)]))
     torch.testing.assert_close(two.process_rewards, two.reward_parts["a"] + two.reward_parts["b"])

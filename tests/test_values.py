@@ -146,14 +146,15 @@ def test_per_row_gumbel_sampling_draws_from_the_policy(tokenizer):
 
 
 def test_vine_advantages_are_segment_advantages_of_mc_values_at_the_mc_states(tokenizer):
-    """The one call PPO makes equals its parts: the states, one seeded stream per branch, the segment advantages
-    (on the scripted policy, whose states have values between 0 and 1)."""
+    """The one call PPO makes equals its parts: the states, one seeded stream per branch, the segment
+    advantages (on the scripted policy, whose states have values between 0 and 1)."""
     model = make_model("llama", tokenizer)
     script = Scripted(model, tokenizer, p=0.6, q=0.5)
     problem = Problem("What is 3 + 4?", "3 + 4 = 7\n#### 7", "7")
     forced = torch.tensor([[script.eight, script.bt, script.seven, script.eos],
                            [script.bt, script.eight, script.bt, script.seven]])
-    ro = rollout(model, tokenizer, [problem, problem], forced_actions=forced, max_new_tokens=4, loop_guard=None)
+    ro = rollout(model, tokenizer, [problem, problem], forced_actions=forced, max_new_tokens=4,
+                 loop_guard=None)
     rewards = torch.arange(8, dtype=torch.float32).view(2, 4) / 8
 
     def seed(b, t, j):
