@@ -208,8 +208,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
         began = time.time()
         local = choose_problems(args, len(run.pool), update, acc.process_index, acc.num_processes)
         ro = collect(run, args, update, local)
-        rewards, immediate, kl, old_values = rewards_with_kl(run, args, ro)
-        adv, returns = advantages(run, args, ro, rewards, old_values, update, local)
+        per_action, immediate, kl, old_values = rewards_with_kl(run, args, ro)
+        adv, returns = advantages(run, args, ro, per_action, old_values, update, local)
         if immediate is not None:  # each action's own process reward, credited to it alone
             adv = adv + immediate
         if args.whiten:  # over the whole rollout, all processes
