@@ -122,8 +122,7 @@ def backtrack_rollout(prompts: list, trainer: BacktrackGRPOTrainer) -> dict[str,
     out = rollout(model, trainer.processing_class, problems[::group], trainer.reward_mixer,
                   trainer.backtrack_config, num_samples=group)
     mask = out.action_mask  # [B, S]
-    names = [r.name for r, _ in trainer.reward_mixer.process]
-    process = sum((out.reward_parts[n] for n in names), torch.zeros_like(out.logprobs))  # [B, S]
+    process = out.process_rewards  # [B, S]
 
     def rows_of(t: torch.Tensor) -> list[list]:
         return [t[b][mask[b]].tolist() for b in range(t.shape[0])]

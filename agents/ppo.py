@@ -16,9 +16,10 @@ CleanRL's ``ppo.py`` for a policy that can press backspace, read top to bottom:
    gradient clipping. Log-probs come from ``halluc_rl.scoring.score_actions`` under the rewind semantics.
 
 Several processes (``accelerate launch --num_processes 2``) split the problems; gradients are averaged and every
-global statistic (whitening, the token count of a minibatch) is reduced, so the run follows the single-process one.
-The maths lives in ``halluc_rl/losses.py``; runs stop on a non-finite loss or an exploding KL with the update
-number (exit status 3), checkpoint atomically and resume.
+global statistic (whitening, the token count of a minibatch) is reduced (``halluc_rl/distributed.py``), so the
+run follows the single-process one. The maths lives in ``halluc_rl/losses.py``, VinePPO's values in
+``halluc_rl/values.py``; runs stop on a non-finite loss or an exploding KL with the update number (exit status
+3), checkpoint atomically and resume. :func:`train` is the loop; each step of it is a function below it.
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
-from halluc_rl import losses
+from halluc_rl import distributed, losses
 from halluc_rl.adapters import check_same_base, reference_mode
 from halluc_rl.atomic import atomic_write_json
 from halluc_rl.checkpoints import (
@@ -48,57 +52,45 @@ from halluc_rl.config import (
     LoraArgs,
     ModelArgs,
     NonFiniteError,
+    RewardArgs,
     RunArgs,
+    SamplingArgs,
+    TaskArgs,
     UsageError,
     check_choice,
     check_model_name,
     check_positive,
-    check_task,
+    check_reward_args,
+    check_task_args,
     cli,
     parse_cli,
 )
-from halluc_rl.data.tasks import encode_problem, load_problems, task_name
+from halluc_rl.data.tasks import Problem, encode_problem, load_problems
 from halluc_rl.evaluation import backtrack_counts
 from halluc_rl.generation import BacktrackGenerationConfig, row_generators
-from halluc_rl.modeling import load_policy, load_start_policy
+from halluc_rl.mixers import build_rewards
+from halluc_rl.modeling import load_start_policy
 from halluc_rl.rewards import (
-    HFProcessReward,
-    ImplicitProcessReward,
-    OracleProcessReward,
     RewardMixer,
-    RuleGrader,
-    Shaping,
 )
-from halluc_rl.rollout import rollout
+from halluc_rl.rollout import Rollout, rollout
 from halluc_rl.scoring import score_actions
-from halluc_rl.values import mc_values
+from halluc_rl.values import mc_states, vine_advantages  # noqa: F401  (mc_states: ppo.mc_states, as before)
 
 
 @dataclass
-class PPOArgs(RunArgs):
-    """What PPO trains on, its rewards, its advantage estimator and its update (and, from RunArgs, resume)."""
+class PPOArgs(RunArgs, RewardArgs, SamplingArgs, TaskArgs):
+    """What PPO trains on, its advantage estimator and its update (the task, the sampling temperature, the rewards
+    and resume settings come from the shared blocks)."""
 
     output_dir: str = field(default="runs/ppo", metadata={"help": "Checkpoints, the policy, logs and history."})
-    task: str = field(default="arithmetic", metadata={"help": "arithmetic (offline) or gsm8k."})
-    data_files: str | None = field(default=None, metadata={"help": "Local GSM8K jsonl/parquet path (None: the Hub)."})
     num_problems: int = field(default=2000, metadata={"help": "Train problems in the pool the updates draw from."})
-    task_seed: int = field(default=0, metadata={"help": "Seed of the arithmetic task."})
     updates: int = field(default=100, metadata={"help": "PPO updates (a rollout and its epochs each)."})
     problems_per_update: int = field(default=16, metadata={"help": "Problems per rollout, across all processes."})
     group_size: int = field(default=4, metadata={"help": "Answers sampled per problem (a group; >= 2 for group)."})
     max_new_tokens: int = field(default=96, metadata={"help": "Actions per answer, backtracks included."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
     backtrack: bool = field(default=True, metadata={
         "help": "Let the policy backtrack (false: the control arm, the backtrack action masked everywhere)."})
-    backtrack_cost: float = field(default=0.0, metadata={"help": "Reward charged for every backtrack."})
-    process_reward: str = field(default="none", metadata={
-        "help": "none, oracle, prm (a trained PRM directory, `halluc-rl prm`) or implicit (PRIME: the log-ratio of "
-                "a saved PEFT policy, e.g. a DPO run, to its base)."})
-    prm_path: str | None = field(default=None, metadata={"help": "prm / implicit: the PRM or the policy to load."})
-    implicit_beta: float = field(default=0.1, metadata={"help": "implicit: the beta of its log-ratio reward."})
-    process_weight: float = field(default=0.5, metadata={"help": "Weight of the process reward."})
-    process_form: str = field(default="delta", metadata={
-        "help": "delta (potential-based: Phi(s') - Phi(s)) or min (PURE min-form credit)."})
     process_credit: str = field(default="return", metadata={
         "help": "return (the process reward joins the returns the estimator sees) or immediate (each action's own "
                 "process reward is added to its advantage, not to earlier actions')."})
@@ -126,67 +118,47 @@ class PPOArgs(RunArgs):
 
 def validate(args: PPOArgs, model_args: ModelArgs) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
-    check_task(args.task)
-    check_choice("process_reward", args.process_reward, ("none", "oracle", "prm", "implicit"))
-    check_choice("process_form", args.process_form, ("delta", "min"))
+    check_task_args(args, args.num_problems, "num_problems")
+    check_reward_args(args, args.task)
     check_choice("process_credit", args.process_credit, ("return", "immediate"))
     check_choice("kl_estimator", args.kl_estimator, ("k1", "k3"))
     check_choice("advantage", args.advantage, ("gae", "mc", "group"))
     check_choice("report_to", args.report_to, ("tensorboard", "none"))
     check_positive(args, "num_problems", "updates", "problems_per_update", "group_size", "max_new_tokens",
                    "temperature", "learning_rate", "epochs", "minibatches", "clip", "save_every", "mc_branches")
-    check_positive(args, "kl_coef", "backtrack_cost", "process_weight", "ent_coef", allow_zero=(
-        "kl_coef", "backtrack_cost", "process_weight", "ent_coef"))
+    check_positive(args, "kl_coef", "ent_coef", allow_zero=("kl_coef", "ent_coef"))
     if args.advantage == "group" and args.group_size < 2:
         raise UsageError("group_size: the group baseline needs at least 2 answers per problem")
-    if args.process_reward == "oracle" and task_name(args.task) != "arithmetic":
-        raise UsageError("process_reward: the oracle knows only the offline task's solutions; use prm on gsm8k")
-    if args.process_reward in ("prm", "implicit") and not (args.prm_path and Path(args.prm_path).exists()):
-        raise UsageError(f"prm_path: give the PRM's (prm) or the policy's (implicit) directory for process_reward: "
-                         f"{args.process_reward} (got {args.prm_path})")
     if args.problems_per_update % args.minibatches:
         raise UsageError("minibatches: must divide problems_per_update")
     check_model_name(model_args.model_name_or_path)
 
 
-def make_rewards(args: PPOArgs, tokenizer) -> RewardMixer:
-    """The outcome grader, the process reward in the form asked for, and the backtrack cost."""
-    rewards: list = [RuleGrader()]
-    mode = "delta" if args.process_form == "delta" else "raw"
-    if args.process_reward == "oracle":
-        rewards.append((OracleProcessReward(tokenizer, name="process", mode=mode), args.process_weight))
-    elif args.process_reward == "prm":
-        from halluc_rl.labels import step_token_ids
-
-        prm = HFProcessReward.from_pretrained(args.prm_path, tokenizer, name="process", mode=mode,
-                                              step_token_ids=step_token_ids(tokenizer))
-        rewards.append((prm, args.process_weight))
-    elif args.process_reward == "implicit":  # a frozen policy of its own: its adapter on and off
-        policy, _, _ = load_policy(args.prm_path)
-        rewards.append((ImplicitProcessReward(policy, args.implicit_beta, name="process"), args.process_weight))
-    return RewardMixer(rewards, Shaping(backtrack_cost=args.backtrack_cost))
-
-
-def mc_states(ro, newline_ids: set[int], bt: int) -> tuple[torch.Tensor, list[tuple[int, int, list[int]]]]:
-    """Where VinePPO estimates values: the states before the first action, after each line, and before and after
-    every backtrack. Returns the boundary mask [B, S] and (row, action index, visible prefix) per state."""
-    boundaries = torch.zeros_like(ro.action_mask)
-    states = []
-    for b in range(ro.actions.shape[0]):
-        visible: list[int] = []
-        for t, a in enumerate(ro.actions[b][ro.action_mask[b]].tolist()):
-            before_bt = a == bt
-            after = t > 0 and (ro.actions[b, t - 1] == bt or int(ro.actions[b, t - 1]) in newline_ids)
-            if t == 0 or before_bt or after:
-                boundaries[b, t] = True
-                states.append((b, t, list(visible)))
-            visible = visible[:-1] if a == bt else visible + [a]
-    return boundaries, states
-
-
 def seed_of(*keys: int) -> int:
     """A seed mixed from integers, the same in every process (Python's ``hash`` is salted for strings)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] % 2**62)
+
+
+@dataclass
+class Run:
+    """What every update reads and moves: the policy, its value head and optimiser, the problems, rewards."""
+
+    acc: Accelerator
+    out: Path
+    model: torch.nn.Module
+    tok: object
+    bt: int
+    head: torch.nn.Linear  # the value head (gae), on the policy's final hidden states
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    pool: list[Problem]
+    mixer: RewardMixer
+    gen_config: BacktrackGenerationConfig
+    newline_ids: set[int]
+    start: int  # updates done before this process started (resume)
+    history: list[dict]
+    writer: SummaryWriter | None
+    references: dict[int, list[int]] = field(default_factory=dict)  # each problem's reference, encoded once
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,15 +170,39 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
     plug-ins (Python API: any outcome/process plug-in, see ``halluc_rl.rewards``)."""
     validate(args, model_args)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    rank, world = acc.process_index, acc.num_processes
+    run = set_up(args, model_args, lora, acc, rewards)
+    bar = tqdm(range(run.start, args.updates), initial=run.start, total=args.updates, desc="ppo",
+               dynamic_ncols=True, disable=not acc.is_main_process)
+    for update in bar:
+        began = time.time()
+        local = choose_problems(args, len(run.pool), update, acc.process_index, acc.num_processes)
+        ro = collect(run, args, update, local)
+        per_action, immediate, kl, old_values = rewards_with_kl(run, args, ro)
+        adv, returns = advantages(run, args, ro, per_action, old_values, update, local)
+        if immediate is not None:  # each action's own process reward, credited to it alone
+            adv = adv + immediate
+        if args.whiten:  # over the whole rollout, all processes
+            reduce = partial(distributed.all_sum, device=run.acc.device)
+            adv = losses.masked_whiten(adv, ro.action_mask, reduce=reduce)
+        metrics = update_policy(run, args, ro, adv, returns, old_values, update)
+        row = log_row(run, ro, kl, metrics, update, began)
+        bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",
+                        kl=f"{row['losses/approx_kl']:.3f}")
+        checkpoint_or_stop(run, args, row, update)
+    finish(run)
+    return 0
+
+
+def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerator,
+           rewards: RewardMixer | None) -> Run:
+    """The run folder (checked on the main process), the policy and its value head, the optimiser (resumed
+    from the newest complete checkpoint), the problem pool, the rewards and the sampling config."""
     out = Path(args.output_dir)
     found = [None]
     if acc.is_main_process:
         found = [prepare_run_dir(out, [args, model_args, lora], resume=args.resume,
                                  allow_change=args.allow_config_change)]
-    if world > 1:
-        from accelerate.utils import broadcast_object_list
-
+    if acc.num_processes > 1:
         broadcast_object_list(found)
     resume = found[0]
     if resume:
@@ -219,9 +215,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
     if not hasattr(model, "peft_config") and args.kl_coef > 0:
         raise UsageError("kl_coef: a fully fine-tuned policy has no adapter to disable for its reference; set "
                          "use_lora: true or kl_coef: 0")
-    device = acc.device
-    model.to(device).eval()  # eval throughout: no dropout, so the scorer reproduces the sampling log-probs
-    head = torch.nn.Linear(model.config.hidden_size, 1).to(device)  # the value head (gae)
+    model.to(acc.device).eval()  # eval throughout: no dropout, the scorer reproduces the sampling log-probs
+    head = torch.nn.Linear(model.config.hidden_size, 1).to(acc.device)
     torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate)
@@ -230,165 +225,180 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
         state = load_checkpoint(resume, model, {"optimizer": optimizer, "value_head": head})
         start, history = state["global_step"], state["log_history"]
     pool = load_problems(args.task, "train", args.num_problems, args.data_files, seed=args.task_seed)
-    mixer = rewards if rewards is not None else make_rewards(args, tok)
+    mixer = rewards if rewards is not None else build_rewards(args, tok)
     gen_config = BacktrackGenerationConfig(do_sample=True, temperature=args.temperature, loop_guard=None,
                                            max_new_tokens=args.max_new_tokens, return_logprobs=True,
                                            backtrack_bias=0.0 if args.backtrack else float("-inf"))
     newline_ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
-    references: dict[int, list[int]] = {}  # each pool problem's reference answer, encoded once
-    writer = None
-    if args.report_to == "tensorboard" and acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
+    tensorboard = args.report_to == "tensorboard" and acc.is_main_process
+    writer = SummaryWriter(str(out / "tensorboard")) if tensorboard else None
+    return Run(acc, out, model, tok, bt, head, params, optimizer, pool, mixer, gen_config, newline_ids, start,
+               history, writer)
 
-        writer = SummaryWriter(str(out / "tensorboard"))
-    bar = tqdm(range(start, args.updates), initial=start, total=args.updates, desc="ppo", dynamic_ncols=True,
-               disable=not acc.is_main_process)
-    for update in bar:
-        began = time.time()
-        # -- 1. rollouts: this process's share of the update's problems, seeded per problem and answer --------------
-        perm = np.random.default_rng(seed_of(args.seed, update // max(1, len(pool) // args.problems_per_update)))
-        perm = perm.permutation(len(pool))
-        first = (update * args.problems_per_update) % len(pool)
-        chosen = [int(perm[(first + i) % len(pool)]) for i in range(args.problems_per_update)]
-        local = chosen[rank::world]  # slots s with s % world == rank
-        seeds = [seed_of(args.seed, update, p, j) for p in local for j in range(args.group_size)]
-        problems = [pool[p] for p in local]
-        ro = rollout(model, tok, problems, mixer, gen_config, num_samples=args.group_size,
-                     generator=row_generators(seeds, device))
-        mask, actions, old_logp = ro.action_mask, ro.actions, ro.logprobs
-        rewards = ro.rewards.clone()  # [B, S] outcome + process + shaping
-        process = ro.reward_parts.get("process", torch.zeros_like(rewards))  # [B, S] weighted
-        if args.process_form == "min":
-            rewards += losses.min_form_rewards(process, mask) - process
-            process = losses.min_form_rewards(process, mask)
-        if args.process_credit == "immediate":  # only the action that earned it is credited
-            rewards -= process
-        # -- 2. the KL penalty to the reference, and the old values -------------------------------------------------
-        with torch.no_grad():
-            kl = torch.zeros_like(rewards)
-            if args.kl_coef > 0:
-                with reference_mode(model):
-                    ref_logp = score_actions(model, ro.prompt_ids, actions, ro.generation.config,
-                                             with_entropy=False).logprobs.cpu()
-                kl = losses.kl_estimate(old_logp, ref_logp, args.kl_estimator) * mask
-                rewards -= args.kl_coef * kl
-            old_values = torch.zeros_like(rewards)
-            if args.advantage == "gae":
-                hidden = score_actions(model, ro.prompt_ids, actions, ro.generation.config, return_hidden=True,
-                                       with_entropy=False).hidden
-                old_values = head(hidden).squeeze(-1).cpu() * mask
-        # -- 3. advantages ------------------------------------------------------------------------------------------
+
+def choose_problems(args: PPOArgs, pool_size: int, update: int, rank: int, world: int) -> list[int]:
+    """This process's share of the update's problems (pool indices): the update's slice of a permutation of
+    the pool drawn once per pass over it, slots ``s`` with ``s % world == rank``."""
+    perm = np.random.default_rng(seed_of(args.seed, update // max(1, pool_size // args.problems_per_update)))
+    perm = perm.permutation(pool_size)
+    first = (update * args.problems_per_update) % pool_size
+    chosen = [int(perm[(first + i) % pool_size]) for i in range(args.problems_per_update)]
+    return chosen[rank::world]
+
+
+def collect(run: Run, args: PPOArgs, update: int, local: list[int]) -> Rollout:
+    """The rollout of ``group_size`` answers to each local problem, each row on its own seeded stream."""
+    seeds = [seed_of(args.seed, update, p, j) for p in local for j in range(args.group_size)]
+    return rollout(run.model, run.tok, [run.pool[p] for p in local], run.mixer, run.gen_config,
+                   num_samples=args.group_size, generator=row_generators(seeds, run.acc.device))
+
+
+def rewards_with_kl(run: Run, args: PPOArgs,
+                    ro: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The rewards [B, S] the estimator sees (process form and credit applied, the KL penalty to the reference
+    subtracted), the immediate process credit [B, S] (None unless ``process_credit: immediate``), the
+    per-action KL [B, S] and the old values [B, S] (gae; zeros otherwise)."""
+    mask = ro.action_mask
+    rewards, immediate = losses.process_credit(ro.rewards, ro.process_rewards, mask, args.process_form,
+                                               args.process_credit)
+    with torch.no_grad():
+        kl = torch.zeros_like(rewards)  # [B, S]
+        if args.kl_coef > 0:
+            with reference_mode(run.model):
+                ref_logp = score_actions(run.model, ro.prompt_ids, ro.actions, ro.generation.config,
+                                         with_entropy=False).logprobs.cpu()  # [B, S]
+            kl = losses.kl_estimate(ro.logprobs, ref_logp, args.kl_estimator) * mask
+            rewards -= args.kl_coef * kl
+        old_values = torch.zeros_like(rewards)  # [B, S]
         if args.advantage == "gae":
-            adv, returns = losses.gae(rewards, old_values, mask, args.gamma, args.lam)
-        elif args.advantage == "group":
-            adv = losses.group_advantages(rewards, mask, args.group_size, args.gamma)
-            returns = adv
-        else:
-            boundaries, states = mc_states(ro, newline_ids, bt)
-            branch_seeds = [seed_of(args.seed, update, 7, local[b // args.group_size], b % args.group_size, t, k)
-                            for b, t, _ in states for k in range(args.mc_branches)]
-            est = mc_values(model, tok, [ro.problems[b] for b, _, _ in states], [s for _, _, s in states],
-                            args.mc_branches, replace(gen_config, return_logprobs=False),
-                            prompts=[ro.prompt_ids[b] for b, _, _ in states],
-                            generator=row_generators(branch_seeds, device))
-            values = torch.zeros_like(rewards)
-            for (b, t, _), v in zip(states, est.values.tolist()):
-                values[b, t] = v
-            adv = losses.segment_advantages(rewards, mask, boundaries, values)
-            returns = adv
-        if args.process_credit == "immediate":
-            adv = adv + process * mask
-        if args.whiten:  # over the whole rollout, all processes
-            stats = acc.reduce(torch.stack([(adv * mask).sum(), (adv**2 * mask).sum(), mask.sum().float()]).to(
-                device), "sum").cpu()
-            mean = stats[0] / stats[2]
-            adv = ((adv - mean) * torch.rsqrt(stats[1] / stats[2] - mean**2 + 1e-8)) * mask
-        # -- 4. the update: minibatch epochs over problems, each process on its rows of them -----------------------
-        metrics: dict[str, list[float]] = {}
-        for epoch in range(args.epochs):  # the same global minibatches of problem slots in any number of processes
-            slots = np.random.default_rng(seed_of(args.seed, update, epoch)).permutation(args.problems_per_update)
-            for batch in np.array_split(slots, args.minibatches):
-                mine = sorted(int(s) // world for s in batch if s % world == rank)  # this process's problems
-                rows = [i * args.group_size + j for i in mine for j in range(args.group_size)]
-                m = mask[rows].to(device)
-                count = acc.reduce(m.sum().float(), "sum")  # the minibatch's actions over all processes
-                if not rows:  # none of this minibatch's problems is here: add zero gradients to the average
-                    optimizer.zero_grad(set_to_none=False)
-                    for p in params:
-                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
-                        p.grad = acc.reduce(p.grad, "mean")
-                    torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    continue
-                scores = score_actions(model, [ro.prompt_ids[r] for r in rows], actions[rows].to(device),
-                                       ro.generation.config, return_hidden=args.advantage == "gae")
-                pg, clipfrac, approx_kl = losses.ppo_policy_loss(scores.logprobs, old_logp[rows].to(device),
-                                                                 adv[rows].to(device), m, args.clip, count / world)
-                entropy = (scores.entropy * m).sum() / (count / world)
-                loss = pg - args.ent_coef * entropy
-                if args.advantage == "gae":
-                    v = head(scores.hidden).squeeze(-1)
-                    v_loss = losses.ppo_value_loss(v, old_values[rows].to(device), returns[rows].to(device), m,
-                                                   args.vf_clip, count / world)
-                    loss = loss + args.vf_coef * v_loss
-                    metrics.setdefault("losses/value", []).append(float(v_loss.detach()))
-                    metrics.setdefault("losses/explained_variance", []).append(
-                        losses.explained_variance(v.detach().cpu(), returns[rows], mask[rows]))
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"update {update + 1}: the loss is {float(loss)}; the last checkpoint is kept")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for p in params:  # data parallel without a wrapper: average the gradients over processes
-                    if p.grad is not None and world > 1:
-                        p.grad = acc.reduce(p.grad, "mean")
-                torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                for key, value in (("losses/policy", pg), ("losses/entropy", entropy),
-                                   ("losses/clipfrac", clipfrac), ("losses/approx_kl", approx_kl)):
-                    metrics.setdefault(key, []).append(float(value.detach()))
-        # -- 5. logs, stops and checkpoints -------------------------------------------------------------------------
-        c = backtrack_counts(ro.generation, [references.setdefault(id(p), encode_problem(p, tok)[1])
-                                             for p in ro.problems])
-        local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
-                                    c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
-                                    c.num_false_deletions, c.num_correct_appends, float(kl.sum()), float(mask.sum()),
-                                    float(ro.rewards.sum())], dtype=torch.float64)
-        t = acc.reduce(local_stats.to(device), "sum").cpu().tolist()
+            hidden = score_actions(run.model, ro.prompt_ids, ro.actions, ro.generation.config,
+                                   return_hidden=True, with_entropy=False).hidden  # [B, S, H]
+            old_values = run.head(hidden).squeeze(-1).cpu() * mask
+    return rewards, immediate, kl, old_values
 
-        def ratio(a: float, b: float) -> float | None:
-            return a / b if b else None
 
-        row = {"update": update + 1, "rollout/accuracy": t[0] / t[1], "rollout/backtrack_rate": ratio(t[2], t[3]),
-               "rollout/backtrack_precision": ratio(t[4], t[5]), "rollout/false_backtrack_rate": ratio(t[6], t[7]),
-               "rollout/kl": ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
-               "time/update_s": time.time() - began}
-        row.update({f"rollout/reward_{k}": float(v.sum(1).mean()) for k, v in ro.reward_parts.items()})
-        row.update({k: float(np.mean(v)) for k, v in metrics.items()})
-        history.append(row)
-        if writer is not None:
-            for key, value in row.items():
-                if key != "update" and value is not None and np.isfinite(value):
-                    writer.add_scalar(key, value, update + 1)
-        bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",
-                        kl=f"{row['losses/approx_kl']:.3f}")
-        exploded = row["losses/approx_kl"] > args.max_kl
-        if acc.is_main_process and ((update + 1) % args.save_every == 0 or exploded):
-            save_checkpoint(out, update + 1, model, tok, {"optimizer": optimizer.state_dict(),
-                                                          "value_head": head.state_dict()},
-                            {"log_history": history}, keep=args.save_total_limit)
-        if exploded:
-            raise NonFiniteError(f"update {update + 1}: the approx KL {row['losses/approx_kl']:.3g} exceeds max_kl "
-                                 f"{args.max_kl}; saved checkpoint-{update + 1} (lower the learning rate)")
-    if acc.is_main_process:  # the policy, its value head and the history, each file complete
-        staging = staging_dir(out)
-        save_model_files(model, tok, staging)
-        torch.save(head.state_dict(), staging / "value_head.pt")
-        publish(staging, out)
-        atomic_write_json(out / "log_history.json", history)
-        print(f"saved the policy to {out}; " + json.dumps({k: round(v, 4) for k, v in history[-1].items()
-                                                          if isinstance(v, float)}))
-    acc.wait_for_everyone()
-    return 0
+def advantages(run: Run, args: PPOArgs, ro: Rollout, rewards: torch.Tensor, old_values: torch.Tensor,
+               update: int, local: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns) [B, S] of the chosen estimator (without a critic, the advantages twice)."""
+    if args.advantage == "gae":
+        return losses.gae(rewards, old_values, ro.action_mask, args.gamma, args.lam)
+    if args.advantage == "group":
+        adv = losses.group_advantages(rewards, ro.action_mask, args.group_size, args.gamma)
+        return adv, adv
+    def seed(b: int, t: int, j: int) -> int:  # branch j of the state before action t of row b
+        return seed_of(args.seed, update, 7, local[b // args.group_size], b % args.group_size, t, j)
+
+    adv = vine_advantages(run.model, run.tok, ro, rewards, run.newline_ids, run.bt, args.mc_branches,
+                          replace(run.gen_config, return_logprobs=False), seed, run.acc.device)
+    return adv, adv
+
+
+def update_policy(run: Run, args: PPOArgs, ro: Rollout, adv: torch.Tensor, returns: torch.Tensor,
+                  old_values: torch.Tensor, update: int) -> dict[str, list[float]]:
+    """Minibatch epochs over the update's problems: the same global minibatches of problem slots in any number
+    of processes, each process on its rows of them. Returns each loss metric's value per minibatch."""
+    rank, world = run.acc.process_index, run.acc.num_processes
+    metrics: dict[str, list[float]] = {}
+    for epoch in range(args.epochs):
+        slots = np.random.default_rng(seed_of(args.seed, update, epoch)).permutation(args.problems_per_update)
+        for batch in np.array_split(slots, args.minibatches):
+            mine = sorted(int(s) // world for s in batch if s % world == rank)  # this process's problems
+            rows = [i * args.group_size + j for i in mine for j in range(args.group_size)]
+            minibatch_step(run, args, ro, rows, adv, returns, old_values, update, metrics)
+    return metrics
+
+
+def minibatch_step(run: Run, args: PPOArgs, ro: Rollout, rows: list[int], adv: torch.Tensor,
+                   returns: torch.Tensor, old_values: torch.Tensor, update: int,
+                   metrics: dict[str, list[float]]) -> None:
+    """One optimiser step on ``rows``, its loss normalised by the minibatch's action count over all processes.
+    A process with no rows adds zero gradients to the average."""
+    mask, device, world = ro.action_mask, run.acc.device, run.acc.num_processes
+    m = mask[rows].to(device)  # [b, S]
+    count = distributed.all_sum(m.sum().float())  # the minibatch's actions over all processes
+    if rows:
+        scores = score_actions(run.model, [ro.prompt_ids[r] for r in rows], ro.actions[rows].to(device),
+                               ro.generation.config, return_hidden=args.advantage == "gae")
+        pg, clipfrac, approx_kl = losses.ppo_policy_loss(scores.logprobs, ro.logprobs[rows].to(device),
+                                                         adv[rows].to(device), m, args.clip, count / world)
+        entropy = (scores.entropy * m).sum() / (count / world)
+        loss = pg - args.ent_coef * entropy
+        if args.advantage == "gae":
+            v = run.head(scores.hidden).squeeze(-1)  # [b, S]
+            v_loss = losses.ppo_value_loss(v, old_values[rows].to(device), returns[rows].to(device), m,
+                                           args.vf_clip, count / world)
+            loss = loss + args.vf_coef * v_loss
+            metrics.setdefault("losses/value", []).append(float(v_loss.detach()))
+            metrics.setdefault("losses/explained_variance", []).append(
+                losses.explained_variance(v.detach().cpu(), returns[rows], mask[rows]))
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"update {update + 1}: the loss is {float(loss)}; "
+                                 "the last checkpoint is kept")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    else:  # none of this minibatch's problems is here
+        distributed.zero_gradients(run.params)
+    distributed.average_gradients(run.params)
+    torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm)
+    run.optimizer.step()
+    if rows:
+        for key, value in (("losses/policy", pg), ("losses/entropy", entropy), ("losses/clipfrac", clipfrac),
+                           ("losses/approx_kl", approx_kl)):
+            metrics.setdefault(key, []).append(float(value.detach()))
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[float]], update: int,
+            began: float) -> dict:
+    """The update's history row (rollout sums over processes, loss means), also sent to tensorboard."""
+    c = backtrack_counts(ro.generation, [run.references.setdefault(id(p), encode_problem(p, run.tok)[1])
+                                         for p in ro.problems])
+    local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
+                                c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
+                                c.num_false_deletions, c.num_correct_appends, float(kl.sum()),
+                                float(ro.action_mask.sum()), float(ro.rewards.sum())], dtype=torch.float64)
+    t = distributed.all_sum(local_stats, run.acc.device).tolist()
+    row = {"update": update + 1, "rollout/accuracy": t[0] / t[1],
+           "rollout/backtrack_rate": _ratio(t[2], t[3]), "rollout/backtrack_precision": _ratio(t[4], t[5]),
+           "rollout/false_backtrack_rate": _ratio(t[6], t[7]),
+           "rollout/kl": _ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
+           "time/update_s": time.time() - began}
+    row.update({f"rollout/reward_{k}": float(v.sum(1).mean()) for k, v in ro.reward_parts.items()})
+    row.update({k: float(np.mean(v)) for k, v in metrics.items()})
+    run.history.append(row)
+    if run.writer is not None:
+        for key, value in row.items():
+            if key != "update" and value is not None and np.isfinite(value):
+                run.writer.add_scalar(key, value, update + 1)
+    return row
+
+
+def checkpoint_or_stop(run: Run, args: PPOArgs, row: dict, update: int) -> None:
+    """A checkpoint every ``save_every`` updates; an approx KL above ``max_kl`` saves one and stops."""
+    exploded = row["losses/approx_kl"] > args.max_kl
+    if run.acc.is_main_process and ((update + 1) % args.save_every == 0 or exploded):
+        save_checkpoint(run.out, update + 1, run.model, run.tok, {"optimizer": run.optimizer.state_dict(),
+                                                                  "value_head": run.head.state_dict()},
+                        {"log_history": run.history}, keep=args.save_total_limit)
+    if exploded:
+        raise NonFiniteError(f"update {update + 1}: the approx KL {row['losses/approx_kl']:.3g} exceeds "
+                             f"max_kl {args.max_kl}; saved checkpoint-{update + 1} (lower the learning rate)")
+
+
+def finish(run: Run) -> None:
+    """The policy, its value head and the history, each file complete (main process), then a barrier."""
+    if run.acc.is_main_process:
+        staging = staging_dir(run.out)
+        save_model_files(run.model, run.tok, staging)
+        torch.save(run.head.state_dict(), staging / "value_head.pt")
+        publish(staging, run.out)
+        atomic_write_json(run.out / "log_history.json", run.history)
+        last = {k: round(v, 4) for k, v in run.history[-1].items() if isinstance(v, float)}
+        print(f"saved the policy to {run.out}; " + json.dumps(last))
+    run.acc.wait_for_everyone()
 
 
 if __name__ == "__main__":

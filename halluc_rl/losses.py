@@ -13,6 +13,8 @@ Two readings of the backtrack logit ``z`` (the ``backtrack_head`` of a policy):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -80,11 +82,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(x - mean) / std`` over the masked entries (0 elsewhere): advantage normalisation."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return ((x - mean) * torch.rsqrt(var + eps)).masked_fill(~mask, 0.0)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``(x - mean) / std`` over the masked entries (0 elsewhere): advantage normalisation.
+
+    The moments come from three sums (of x, of x^2 and the count), so that ``reduce`` (say
+    :func:`halluc_rl.distributed.all_sum`) can add them up over processes: the variance is E[x^2] - mean^2.
+    """
+    stats = torch.stack([(x * mask).sum(), (x**2 * mask).sum(), mask.sum().to(x.dtype)])  # [3]
+    if reduce is not None:
+        stats = reduce(stats)
+    count = stats[2].clamp(min=1)
+    mean = stats[0] / count
+    return ((x - mean) * torch.rsqrt(stats[1] / count - mean**2 + eps)) * mask
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -180,6 +190,30 @@ def min_form_rewards(potentials: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     future_min = future_min.masked_fill(~mask, 0.0)
     following = torch.cat([future_min[:, 1:], torch.zeros_like(future_min[:, :1])], dim=1)  # [B, S]
     return (future_min - following) * mask
+
+
+def process_credit(rewards: torch.Tensor, process: torch.Tensor, mask: torch.Tensor, form: str = "delta",
+                   credit: str = "return") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """How PPO credits the process part ``process`` [B, S] of the summed ``rewards`` [B, S] (a new tensor).
+
+    ``form="min"`` swaps the part for PURE's min-form rewards (:func:`min_form_rewards`; its scores are
+    then raw potentials). ``credit="immediate"`` takes it out of the rewards an estimator sees and returns it
+    masked, to add to each action's own advantage; ``"return"`` leaves it in (returns None). Subtracting it
+    from the sum, rather than summing the other parts, keeps the numbers of the runs recorded so far.
+    """
+    rewards = rewards.clone()
+    if form == "min":
+        shaped = min_form_rewards(process, mask)
+        rewards += shaped - process
+        process = shaped
+    elif form != "delta":
+        raise ValueError(f"process form must be delta or min, got {form!r}")
+    if credit == "immediate":
+        rewards -= process
+        return rewards, process * mask
+    if credit != "return":
+        raise ValueError(f"process credit must be return or immediate, got {credit!r}")
+    return rewards, None
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:

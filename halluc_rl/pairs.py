@@ -26,12 +26,14 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import datasets
 import torch
 
-from halluc_rl.backtrack import apply_actions
+from halluc_rl.backtrack import BacktrackState, apply_actions
 from halluc_rl.data.grading import reward as grade
-from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.data.tasks import Problem, encode_problem, format_solution
 from halluc_rl.generation import BacktrackGenerationConfig
+from halluc_rl.labels import prm_step_scores
 from halluc_rl.policy import policy_backtrack
 from halluc_rl.rewards import OracleProcessReward
 from halluc_rl.rollout import rollout
@@ -66,14 +68,11 @@ class Samples:
 def _oracle_trace(oracle: OracleProcessReward, tokenizer, actions: Sequence[int], reference: str, bt: int) -> list[bool]:
     """Whether the answer is right after each action (the oracle's potential, replayed)."""
     special = set(tokenizer.all_special_ids)
-    visible: list[int] = []
+    state = BacktrackState(bt)
     out = []
     for a in actions:
-        if a == bt:
-            if visible:
-                visible.pop()
-        else:
-            visible.append(a)
+        state.push(a)
+        visible = state.visible_ids
         ended = bool(visible) and visible[-1] in special
         out.append(oracle.on_track(tokenizer.decode(visible, skip_special_tokens=True), reference, ended))
     return out
@@ -133,17 +132,16 @@ def find_errors(
 def _counter_states(n: int, actions: Sequence[int], bt: int) -> list[tuple[int, int]]:
     """(sample, action index) of the right states where a counter-pair can ask "continue, not backtrack": a token
     was typed there, and the answer so far is not empty (a backtrack on an empty answer is masked: log-prob -inf)."""
-    out, visible = [], 0
+    out, state = [], BacktrackState(bt)
     for t, a in enumerate(actions):
-        if a != bt and visible > 0:
+        if a != bt and len(state) > 0:
             out.append((n, t))
-        visible = max(visible - 1, 0) if a == bt else visible + 1
+        state.push(a)
     return out
 
 
 def encode_reference(problem: Problem, tokenizer) -> str:
-    from halluc_rl.data.tasks import format_solution
-
+    """The problem's reference solution as the oracle reads it (the library's one solution format)."""
     return format_solution(problem.solution, tokenizer)
 
 
@@ -164,10 +162,6 @@ def _step_value_errors(model, tokenizer, problems, prompts, streams, bt, k, min_
             states.append(visible[:end])
             owner.append(n)
     if prm is not None:  # one teacher-forced PRM forward per answer scores all of its states (read at their ends)
-        import datasets
-
-        from halluc_rl.labels import prm_step_scores
-
         ends = [[end - 1 for end in [0, *_step_ends(visible, newline_ids)]] for visible in finals]  # -1: the prompt
         rows = datasets.Dataset.from_dict({"prompt_ids": prompts, "response_ids": finals, "step_ends": ends})
         values = [v for scores in prm_step_scores(prm, rows, batch_size) for v in scores]
@@ -196,11 +190,11 @@ def _step_value_errors(model, tokenizer, problems, prompts, streams, bt, k, min_
 
 def _action_index_of_visible(actions: Sequence[int], bt: int, length: int) -> int:
     """The index of the action after which the visible response first reaches ``length`` tokens for good."""
-    visible = 0
+    state = BacktrackState(bt)
     index = len(actions) - 1
     for t, a in enumerate(actions):
-        visible = max(visible - 1, 0) if a == bt else visible + 1
-        if visible == length:
+        state.push(a)
+        if len(state) == length:
             index = t
     return index
 

@@ -28,7 +28,8 @@ class Rollout:
     action_mask: torch.Tensor  # [B, S] true where an action was taken
     logprobs: torch.Tensor  # [B, S] log-prob of each action under the sampling policy
     rewards: torch.Tensor  # [B, S] total reward of each action (outcome rewards on the last one)
-    reward_parts: dict[str, torch.Tensor]  # name -> [B, S]
+    reward_parts: dict[str, torch.Tensor]  # name -> [B, S], weighted; they sum to ``rewards``
+    process_rewards: torch.Tensor  # [B, S] the process plug-ins' parts (weighted), zeros without any
     dones: torch.Tensor  # [B, S] true on each episode's last action
     values: torch.Tensor | None  # [B, S] value of the state before each action (when a value model is given)
     generation: BacktrackGenerationOutput
@@ -112,5 +113,15 @@ def rollout(
         part[torch.arange(batch), last] += value
     total = sum(parts.values()) if parts else torch.zeros(batch, steps)
     values = torch.stack(value_follower.values, 1) * mask if value_follower is not None else None  # [B, S]
-    return Rollout(problems, prompts, out.actions.cpu(), mask, out.logprobs.cpu(), total, parts, dones & mask,
-                   values, out)
+    process = process_part(mixer, parts, (batch, steps))  # [B, S]
+    return Rollout(problems, prompts, actions=out.actions.cpu(), action_mask=mask,
+                   logprobs=out.logprobs.cpu(), rewards=total, reward_parts=parts, process_rewards=process,
+                   dones=dones & mask, values=values, generation=out)
+
+
+def process_part(mixer: RewardMixer, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    """The process plug-ins' share of the rewards [B, S]: a copy of their part when there is one (the same
+    bits as reading it back from ``parts``), their sum when there are several, zeros when there are none."""
+    names = dict.fromkeys(reward.name for reward, _ in mixer.process)
+    found = [parts[name] for name in names if name in parts]
+    return found[0].clone() if len(found) == 1 else sum(found, torch.zeros(shape))

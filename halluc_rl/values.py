@@ -5,8 +5,8 @@ A *state* is a problem's prompt plus a response already written. :func:`mc_value
 (:meth:`halluc_rl.cache.RewindableCache.fork`), lets the policy finish each branch (backtracks allowed, into the
 written response too), grades every finished answer, and returns the success share per state. States are batched.
 
-This is what VinePPO-style advantages, Math-Shepherd step labels and DPO error points all need: exact values of
-intermediate states, affordable because a branch costs no re-encoding.
+This is what VinePPO-style advantages (:func:`vine_advantages`), Math-Shepherd step labels and DPO error
+points all need: exact values of intermediate states, affordable because a branch costs no re-encoding.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
+from halluc_rl.backtrack import BacktrackState
 from halluc_rl.data.grading import reward as grade
-from halluc_rl.data.problems import Problem, encode_problem
-from halluc_rl.generation import BacktrackGenerationConfig, generate
+from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.generation import BacktrackGenerationConfig, generate, row_generators
+from halluc_rl.losses import segment_advantages
 
 
 @dataclass
@@ -71,3 +73,38 @@ def mc_values(
         values.append(rewards.mean(1))
         sequences += [out.sequences[j * k : (j + 1) * k] for j in range(rewards.shape[0])]
     return MCEstimate(torch.cat(values), torch.cat(successes), sequences)
+
+
+def mc_states(ro, newline_ids: set[int], bt: int) -> tuple[torch.Tensor, list[tuple[int, int, list[int]]]]:
+    """Where VinePPO estimates values in a rollout ``ro``: the states before the first action, after each
+    line, and before and after every backtrack. Returns the boundary mask [B, S] and (row, action index,
+    visible prefix) per state."""
+    boundaries = torch.zeros_like(ro.action_mask)  # [B, S]
+    states = []
+    for b in range(ro.actions.shape[0]):
+        actions = ro.actions[b][ro.action_mask[b]].tolist()
+        state = BacktrackState(bt)  # the visible text before action t
+        for t, a in enumerate(actions):
+            after = t > 0 and (actions[t - 1] == bt or actions[t - 1] in newline_ids)
+            if t == 0 or a == bt or after:
+                boundaries[b, t] = True
+                states.append((b, t, state.visible_ids))
+            state.push(a)
+    return boundaries, states
+
+
+def vine_advantages(model, tokenizer, ro, rewards: torch.Tensor, newline_ids: set[int], bt: int, k: int,
+                    config: BacktrackGenerationConfig, seed: Callable[[int, int, int], int],
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """VinePPO's advantages [B, S] (Kazemnejad et al. 2024): :func:`mc_values` at the :func:`mc_states` of the
+    rollout ``ro``, ``k`` branches each, branch ``j`` of the state before action ``t`` of row ``b`` sampled on
+    a stream seeded with ``seed(b, t, j)``; then :func:`~halluc_rl.losses.segment_advantages`."""
+    boundaries, states = mc_states(ro, newline_ids, bt)
+    seeds = [seed(b, t, j) for b, t, _ in states for j in range(k)]
+    est = mc_values(model, tokenizer, [ro.problems[b] for b, _, _ in states], [s for _, _, s in states], k,
+                    config, prompts=[ro.prompt_ids[b] for b, _, _ in states],
+                    generator=row_generators(seeds, device))
+    values = torch.zeros_like(rewards)  # [B, S], read at the boundaries only
+    for (b, t, _), v in zip(states, est.values.tolist()):
+        values[b, t] = v
+    return segment_advantages(rewards, ro.action_mask, boundaries, values)

@@ -115,6 +115,7 @@ from halluc_rl.losses import (  # noqa: E402
     min_form_rewards,
     ppo_policy_loss,
     ppo_value_loss,
+    process_credit,
     segment_advantages,
 )
 
@@ -212,3 +213,30 @@ def test_segment_advantages_credit_a_backtrack_with_its_value_change():
     adv = segment_advantages(rewards, mask, boundaries, values)
     # a, b: V(before BT) - V(start) = 0.2 - 0.5; the backtrack: -0.1 + 0.9 - 0.2; c, d: 1.0 + 0 - 0.9
     assert adv[0].tolist() == pytest.approx([-0.3, -0.3, 0.6, 0.1, 0.1])
+
+
+def test_process_credit_moves_the_process_part_where_each_option_says():
+    rewards = torch.tensor([[0.5, -0.25, 1.0], [0.125, 0.0, 0.0]])  # outcome + shaping + process
+    process = torch.tensor([[0.25, -0.5, 0.0], [0.125, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    same, none = process_credit(rewards, process, mask, "delta", "return")
+    assert torch.equal(same, rewards) and same is not rewards and none is None
+    seen, own = process_credit(rewards, process, mask, "delta", "immediate")
+    assert torch.equal(seen, rewards - process) and torch.equal(own, process * mask)
+    shaped = min_form_rewards(process, mask)
+    seen, none = process_credit(rewards, process, mask, "min", "return")
+    assert torch.equal(seen, rewards + (shaped - process)) and none is None
+    seen, own = process_credit(rewards, process, mask, "min", "immediate")
+    assert torch.equal(seen, rewards + (shaped - process) - shaped) and torch.equal(own, shaped * mask)
+    with pytest.raises(ValueError, match="process credit"):
+        process_credit(rewards, process, mask, "delta", "later")
+
+
+def test_masked_whiten_reduces_its_three_sums():
+    x = torch.tensor([[1.0, 3.0, 100.0], [5.0, -100.0, -100.0]])
+    m = torch.tensor([[True, True, False], [True, False, False]])
+    seen = []
+    two_halves = masked_whiten(x, m, reduce=lambda stats: seen.append(stats.clone()) or stats * 2)
+    assert torch.equal(seen[0], torch.tensor([9.0, 35.0, 3.0]))
+    torch.testing.assert_close(two_halves, masked_whiten(x, m))
+    assert (masked_whiten(x, torch.zeros_like(m)) == 0).all()  # nothing masked in: zeros, not NaN

@@ -16,8 +16,8 @@ from halluc_rl.agents import ppo
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.checkpoints import checkpoint_problem
 from halluc_rl.config import LoraArgs, ModelArgs, parse_cli
-from halluc_rl.data.arithmetic import ArithmeticTask
-from halluc_rl.rewards import CallableReward, RewardMixer
+from halluc_rl.data.tasks import ArithmeticTask
+from halluc_rl.rewards import CallableReward, OracleProcessReward, RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout
 from tests.conftest import FULL, make_model
 
@@ -92,6 +92,25 @@ def test_mc_states_sit_at_line_ends_and_around_backtracks(tokenizer):
     # before 7 (start), before 8 (after a line), before <BT>, before 9 (after <BT>)
     assert boundaries[0].tolist() == [True, False, True, True, True, False]
     assert [(t, s) for _, t, s in states] == [(0, []), (2, [7, newline]), (3, [7, newline, 8]), (4, [7, newline])]
+
+
+def test_a_rollout_carries_its_process_rewards_apart_whatever_their_names(tokenizer):
+    """PPO reads ``Rollout.process_rewards``: the process plug-ins' weighted parts, by kind, not by name."""
+    model = make_model("llama", tokenizer, seed=4)
+    problems = ArithmeticTask().problems("train", 2)
+
+    def run(mixer):
+        return rollout(model, tokenizer, problems, mixer, max_new_tokens=6, num_samples=2,
+                       generator=torch.Generator().manual_seed(0))
+
+    one = run(RewardMixer([RuleGrader(), (OracleProcessReward(tokenizer, name="oracle"), 0.5)]))
+    assert torch.equal(one.process_rewards, one.reward_parts["oracle"])
+    assert one.process_rewards.abs().sum() > 0
+    two = run(RewardMixer([(OracleProcessReward(tokenizer, name="a"), 1.0),
+                           (OracleProcessReward(tokenizer, name="b"), 2.0)]))
+    torch.testing.assert_close(two.process_rewards, two.reward_parts["a"] + two.reward_parts["b"])
+    none = run(RewardMixer([RuleGrader()]))
+    assert torch.equal(none.process_rewards, torch.zeros_like(none.rewards))
 
 
 def test_an_exploding_kl_stops_the_run_with_a_checkpoint(base_dir, tmp_path, capsys):
@@ -169,7 +188,7 @@ def test_the_mc_advantage_of_a_backtrack_on_a_policy_with_known_values(tokenizer
     deleting it. V("") = p / (1 - (1-p) q) and V("8") = q V(""), so the deletion's advantage is V("") - V("8") minus
     its cost, and typing the wrong "8" gets V("8") - V("")."""
     from halluc_rl import losses
-    from halluc_rl.data.problems import Problem
+    from halluc_rl.data.tasks import Problem
     from halluc_rl.values import mc_values
     from tests.test_values import Scripted
 

@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.data.problems import Problem, encode_problem
-from halluc_rl.generation import BacktrackGenerationConfig, decoding_log_probs, generate, mask_scores
+from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.generation import (
+    BacktrackGenerationConfig,
+    decoding_log_probs,
+    generate,
+    mask_scores,
+    row_generators,
+)
+from halluc_rl.losses import segment_advantages
 from halluc_rl.rewards import RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout
-from halluc_rl.values import mc_values
+from halluc_rl.values import mc_states, mc_values, vine_advantages
 from tests.conftest import ARCHS, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -136,3 +143,33 @@ def test_per_row_gumbel_sampling_draws_from_the_policy(tokenizer):
     counts = torch.bincount(out.actions[:, 0], minlength=probs.shape[0]).float() / n
     top = probs.argsort(descending=True)[:5]
     assert ((counts[top] - probs[top]).abs() <= 5 * (probs[top] * (1 - probs[top]) / n).sqrt()).all()
+
+
+def test_vine_advantages_are_segment_advantages_of_mc_values_at_the_mc_states(tokenizer):
+    """The one call PPO makes equals its parts: the states, one seeded stream per branch, the segment
+    advantages (on the scripted policy, whose states have values between 0 and 1)."""
+    model = make_model("llama", tokenizer)
+    script = Scripted(model, tokenizer, p=0.6, q=0.5)
+    problem = Problem("What is 3 + 4?", "3 + 4 = 7\n#### 7", "7")
+    forced = torch.tensor([[script.eight, script.bt, script.seven, script.eos],
+                           [script.bt, script.eight, script.bt, script.seven]])
+    ro = rollout(model, tokenizer, [problem, problem], forced_actions=forced, max_new_tokens=4,
+                 loop_guard=None)
+    rewards = torch.arange(8, dtype=torch.float32).view(2, 4) / 8
+
+    def seed(b, t, j):
+        return 1000 * b + 10 * t + j
+
+    config = BacktrackGenerationConfig(do_sample=True, max_new_tokens=8, loop_guard=None)
+    adv = vine_advantages(model, tokenizer, ro, rewards, set(), script.bt, 8, config, seed)
+    boundaries, states = mc_states(ro, set(), script.bt)
+    assert [(b, t) for b, t, _ in states] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
+    est = mc_values(model, tokenizer, [problem] * len(states), [s for _, _, s in states], 8, config,
+                    prompts=[ro.prompt_ids[b] for b, _, _ in states],
+                    generator=row_generators([seed(b, t, j) for b, t, _ in states for j in range(8)]))
+    assert 0 < float(est.values.mean()) < 1
+    values = torch.zeros_like(rewards)
+    for (b, t, _), v in zip(states, est.values.tolist()):
+        values[b, t] = v
+    assert torch.equal(adv, segment_advantages(rewards, ro.action_mask, boundaries, values))
+    script.handle.remove()
