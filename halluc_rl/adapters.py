@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import TrainableTokensWrapper
 
-from halluc_rl.registry import portable_model_name, resolve_model_path
+from halluc_rl.registry import is_known_name, portable_model_name, resolve_model_path
 
 BASE_NAME_KEY = "base_model_name"
 """The ``config.json`` key (on ``model.config``) of an adapter's base by halluc-rl's portable name; PEFT's
@@ -118,16 +118,19 @@ def load_adapter(model, folder: str | Path, trainable: bool = False) -> PeftMode
 
 def base_model_name(path: str | Path) -> str | None:
     """The base model a saved adapter was trained from, by the name halluc-rl loads it with (None when ``path``
-    is a full model): the portable name in its ``config.json``, else PEFT's ``base_model_name_or_path`` (the
-    embedded or a known model's folder on this machine read back as its name)."""
+    is a full model): PEFT's ``base_model_name_or_path`` when it is here (the embedded or a known model's folder
+    read back as its name), else the portable name in the adapter's ``config.json`` (the path was another
+    machine's)."""
     folder = Path(path)
     adapter = folder / "adapter_config.json"
     if not adapter.exists():
         return None
+    recorded = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if recorded and (is_known_name(recorded) or Path(recorded).exists()):
+        return portable_model_name(recorded)
     config = folder / "config.json"
     portable = json.loads(config.read_text()).get(BASE_NAME_KEY) if config.exists() else None
-    recorded = json.loads(adapter.read_text()).get("base_model_name_or_path")
-    return portable or (portable_model_name(recorded) if recorded else recorded)
+    return portable or recorded
 
 
 def check_same_base(checkpoint: str | Path, start: str) -> None:
