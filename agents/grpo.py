@@ -196,7 +196,7 @@ class BacktrackGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         """TRL's batch, with the sampling log-probs as the old ones and, optionally, per-token advantages."""
         self._rollout_rows = inputs  # the rollout_func reads the problems from the batch's rows
         try:
-            with quiet_checkpointing_alias():  # TRL reads model.is_gradient_checkpointing (deprecated) in here
+            with quiet_checkpointing_alias():  # TRL calls model.*gradient_checkpointing* (deprecated) in here
                 out = super()._generate_and_score_completions(inputs)
         finally:
             self._rollout_rows = None

@@ -54,10 +54,12 @@ def base_fingerprint(model) -> str:
 
 @contextmanager
 def quiet_checkpointing_alias() -> Iterator[None]:
-    """Silence the one deprecation PEFT and TRL raise inside their own code: they read transformers' old
-    ``model.is_gradient_checkpointing`` (now ``is_activation_checkpointing``). Nothing else is filtered."""
+    """Silence the deprecations PEFT and TRL raise inside their own code: they call transformers' old
+    ``model.is_gradient_checkpointing`` and ``gradient_checkpointing_enable/disable`` (now ``activation_...``).
+    Nothing else is filtered."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, message="`(is_gradient_checkpointing|"
+                                "gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated")
         yield
 
 

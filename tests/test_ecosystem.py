@@ -181,8 +181,9 @@ def deprecations_through_halluc_rl(run) -> list[str]:
 
 @pytest.mark.slow
 def test_normal_runs_raise_no_deprecation_warning(tmp_path):
-    """A short SFT from the shipped config, an eval, a PPO update and a GRPO step on the result: the current
-    transformers APIs (``cache=``, activation checkpointing), nothing deprecated through halluc-rl's calls."""
+    """A short SFT from the shipped config, an eval, a PPO update and a GRPO step (at TRL's defaults) on the
+    result: the current transformers APIs (``cache=``, activation checkpointing), nothing deprecated through
+    halluc-rl's calls."""
     agents = {name: importlib.import_module(f"halluc_rl.agents.{name}") for name in ("sft", "evaluate", "ppo", "grpo")}
     sft, policy = tmp_path / "sft", str(tmp_path / "sft")
     runs = {
@@ -197,11 +198,11 @@ def test_normal_runs_raise_no_deprecation_warning(tmp_path):
             "--config", str(CONFIGS / "ppo_tiny.yaml"), "--model_name_or_path", policy, "--output_dir",
             str(tmp_path / "ppo"), "--num_problems", "8", "--updates", "1", "--problems_per_update", "2",
             "--group_size", "2", "--max_new_tokens", "12", "--report_to", "none"]),
-        "grpo": lambda: agents["grpo"].main([
-            "--config", str(CONFIGS / "grpo_tiny.yaml"), "--model_name_or_path", policy, "--output_dir",
-            str(tmp_path / "grpo"), "--num_train_problems", "8", "--max_steps", "1", "--num_generations", "4",
-            "--per_device_train_batch_size", "4", "--max_completion_length", "12", "--report_to", "none",
-            "--save_strategy", "no", "--disable_tqdm", "true"]),
+        "grpo": lambda: agents["grpo"].main([  # TRL's defaults: activation checkpointing on
+            "--model_name_or_path", policy, "--output_dir", str(tmp_path / "grpo"), "--num_train_problems", "8",
+            "--max_steps", "1", "--num_generations", "4", "--per_device_train_batch_size", "4",
+            "--max_completion_length", "12", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
+            "--disable_tqdm", "true"]),
     }
     for name, run in runs.items():
         assert deprecations_through_halluc_rl(run) == [], name
