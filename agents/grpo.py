@@ -21,7 +21,7 @@ import torch
 import trl
 from trl import GRPOTrainer
 
-from halluc_rl.adapters import base_model_name, sync_reference_adapter
+from halluc_rl.adapters import base_model_name, quiet_checkpointing_alias, sync_reference_adapter
 from halluc_rl.backtrack import apply_actions
 from halluc_rl.config import (
     LoraArgs,
@@ -195,7 +195,8 @@ class BacktrackGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
         """TRL's batch, with the sampling log-probs as the old ones and, optionally, per-token advantages."""
         self._rollout_rows = inputs  # the rollout_func reads the problems from the batch's rows
         try:
-            out = super()._generate_and_score_completions(inputs)
+            with quiet_checkpointing_alias():  # TRL calls model.*gradient_checkpointing* (deprecated) in here
+                out = super()._generate_and_score_completions(inputs)
         finally:
             self._rollout_rows = None
         out["old_per_token_logps"] = out["sampling_per_token_logps"]  # pi_old is the sampler, exactly

@@ -74,10 +74,10 @@ class SFTConfig(PrecisionDefaults, trl.SFTConfig):
 class MaskedErrorSFTTrainer(SafeTrainerMixin, SFTTrainer):
     """``SFTTrainer`` whose loss runs through the model's own forward, under the policy's backtrack head.
 
-    TRL 1.16 computes the loss from ``lm_head.weight`` directly (a fused, chunked LM head). That bypasses PEFT's
-    trainable-token rows on the head, so the backtrack logit would never be trained (and the untied-head wrapper
-    has no ``bias``, which that path reads). The plain causal-LM loss over the collator's labels is the same
-    quantity, computed through every wrapper; the price is materialising the logits of a batch. The head and the
+    TRL 1.16 computes the loss from ``lm_head.weight`` and ``lm_head.bias`` directly (a fused, chunked LM head):
+    a plain softmax, which knows nothing of the ``factorized`` backtrack head. The loss here runs through the
+    model's own forward and every wrapper (the plain causal-LM loss over the collator's labels, or the factorized
+    one); the price is materialising the logits of a batch. The head and the
     backtrack id are read from ``model.config`` (their one home); :class:`~halluc_rl.training.SafeTrainerMixin` stops
     on non-finite values, saves atomically and writes those settings with every copy.
     """

@@ -88,7 +88,7 @@ def trl_grpo(out: str, updates: int) -> tuple[float, float]:
     config = GRPOConfig(output_dir=out, max_steps=updates, per_device_train_batch_size=PROBLEMS * GROUP,
                         num_generations=GROUP, max_completion_length=ACTIONS, num_iterations=1, beta=0.02,
                         learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                        bf16=False, disable_tqdm=True, gradient_checkpointing=False, temperature=1.0, seed=0)
+                        bf16=False, disable_tqdm=True, activation_checkpointing=False, temperature=1.0, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=correct, args=config, train_dataset=data, processing_class=tok,
                           callbacks=[Clock()], peft_config=peft_config)
     trainer.train()

@@ -35,7 +35,7 @@ def run(trainer_cls, dataset, collator, tokenizer, steps: int, batch: int) -> fl
     model, _, _ = load_model_and_tokenizer("tiny")
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-3,
-                           report_to=[], save_strategy="no", use_cpu=True, gradient_checkpointing=False,
+                           report_to=[], save_strategy="no", use_cpu=True, activation_checkpointing=False,
                            logging_steps=steps, disable_tqdm=True, remove_unused_columns=False, seed=0, bf16=False,
                            dataset_kwargs={"skip_prepare_dataset": True}, dataloader_drop_last=True)
         kwargs = {"data_collator": collator} if collator is not None else {}

@@ -1,16 +1,29 @@
-"""LoRA policies and their references: wrapping a base in an adapter whose backtrack rows train, recording and
-checking the base an adapter belongs to (its name and a fingerprint of its weights), and the frozen ``ref``
-adapter a later stage (DPO, PPO) measures its KL against."""
+"""LoRA policies and their references: wrapping a base in an adapter whose backtrack rows train, loading a saved
+one, recording and checking the base an adapter belongs to (its name and a fingerprint of its weights), and the
+frozen ``ref`` adapter a later stage (DPO, PPO) measures its KL against.
+
+Every adapter made or loaded here is an ordinary PEFT model that plain TRL trainers can train
+(:func:`expose_head_bias`), and its ``adapter_config.json`` records a base path that PEFT's own loaders open
+offline; halluc-rl's portable name of the base (``tiny``, a known model) is kept in ``config.json``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import TrainableTokensWrapper
 
-from halluc_rl.registry import resolve_model_path
+from halluc_rl.registry import is_known_name, portable_model_name, resolve_model_path
+
+BASE_NAME_KEY = "base_model_name"
+"""The ``config.json`` key (on ``model.config``) of an adapter's base by halluc-rl's portable name; PEFT's
+``base_model_name_or_path`` holds a path its loaders can open."""
 
 
 def tied_head(model) -> bool:
@@ -39,15 +52,39 @@ def base_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextmanager
+def quiet_checkpointing_alias() -> Iterator[None]:
+    """Silence the deprecations PEFT and TRL raise inside their own code: they call transformers' old
+    ``model.is_gradient_checkpointing`` and ``gradient_checkpointing_enable/disable`` (now ``activation_...``).
+    Nothing else is filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message="`(is_gradient_checkpointing|"
+                                "gradient_checkpointing_enable|gradient_checkpointing_disable)` is deprecated")
+        yield
+
+
+def expose_head_bias(model) -> None:
+    """Let plain TRL trainers read the head's bias on a policy whose untied ``lm_head`` backtrack row trains.
+
+    TRL's fused output layer reads ``lm_head.weight`` and ``lm_head.bias``. PEFT's ``TrainableTokensWrapper``
+    answers ``weight`` (the merged weight, backtrack row included, with gradients) but not ``bias``; its forward is
+    ``F.linear(x, weight)``, with no bias. A wrapped bias-free Linear therefore gets ``bias = None``: what its
+    forward uses, so the fused head computes exactly the model's logits. A head with a bias is left as it is.
+    """
+    for module in model.modules():
+        base = module.original_module if isinstance(module, TrainableTokensWrapper) else None
+        if isinstance(base, torch.nn.Linear) and base.bias is None and "bias" not in vars(module):
+            module.bias = None
+
+
 def make_lora_model(model, lora_args, backtrack_id: int):
     """Wrap ``model`` in a PEFT LoRA adapter whose backtrack rows are trainable and saved with it.
 
     The input row always; the output row too when the head is untied (PEFT ``trainable_token_indices`` on both
     the embedding and the ``lm_head`` Linear). Everything else of the base stays frozen. The base's fingerprint
-    goes on ``model.config`` (saved with the adapter), so loading it on another base is refused.
+    goes on ``model.config`` (saved with the adapter), so loading it on another base is refused. Plain TRL
+    trainers can train the result (:func:`expose_head_bias`).
     """
-    from peft import LoraConfig, get_peft_model
-
     model.config.base_fingerprint = base_fingerprint(model)
     targets = [m for m in lora_args.lora_target_modules
                if any(name.endswith(m) for name, _ in model.named_modules())]
@@ -61,15 +98,41 @@ def make_lora_model(model, lora_args, backtrack_id: int):
         rows[_module_name(model, model.get_output_embeddings())] = [backtrack_id]
     config = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
                         target_modules=targets, trainable_token_indices=rows, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with quiet_checkpointing_alias():
+        policy = get_peft_model(model, config)
+    expose_head_bias(policy)
+    return policy
+
+
+def load_adapter(model, folder: str | Path, trainable: bool = False) -> PeftModel:
+    """Put the saved adapter in ``folder`` on ``model`` (its base, loaded by :mod:`halluc_rl.modeling`).
+
+    The adapter then records the base's loadable path (``model.name_or_path``) for PEFT, whatever an older copy
+    recorded, so a policy saved again opens with PEFT's own loaders; plain TRL trainers can train it.
+    """
+    with quiet_checkpointing_alias():
+        policy = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    for config in policy.peft_config.values():
+        config.base_model_name_or_path = model.__dict__.get("name_or_path") or config.base_model_name_or_path
+    expose_head_bias(policy)
+    return policy
 
 
 def base_model_name(path: str | Path) -> str | None:
-    """The base model a saved adapter was trained from (None when ``path`` is a full model)."""
-    adapter = Path(path) / "adapter_config.json"
+    """The base model a saved adapter was trained from, by the name halluc-rl loads it with (None when ``path``
+    is a full model): PEFT's ``base_model_name_or_path`` when it is here (the embedded or a known model's folder
+    read back as its name), else the portable name in the adapter's ``config.json`` (the path was another
+    machine's)."""
+    folder = Path(path)
+    adapter = folder / "adapter_config.json"
     if not adapter.exists():
         return None
-    return json.loads(adapter.read_text()).get("base_model_name_or_path")
+    recorded = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if recorded and (is_known_name(recorded) or Path(recorded).exists()):
+        return portable_model_name(recorded)
+    config = folder / "config.json"
+    portable = json.loads(config.read_text()).get(BASE_NAME_KEY) if config.exists() else None
+    return portable or recorded
 
 
 def check_same_base(checkpoint: str | Path, start: str) -> None:

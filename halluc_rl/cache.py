@@ -120,7 +120,11 @@ class RewindableCache:
         self.cache.activate_past_recording()
         self.sliding = any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
         inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT forwards **kwargs
-        self._keep_arg = "logits_to_keep" in inspect.signature(inner.forward).parameters
+        params = inspect.signature(inner.forward).parameters
+        self._keep_arg = "logits_to_keep" in params
+        # transformers >= 5.24 names the cache argument and output `cache` (`past_key_values` is deprecated); a
+        # model whose forward predates it (remote code) still takes `past_key_values`
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self._mask: torch.Tensor | None = None  # [B, T] 1 = live slot; None while every slot is live
         self._width = 0  # T, the number of slots
         self.compact_min_holes = compact_min_holes
@@ -136,18 +140,18 @@ class RewindableCache:
                  keep: int = 1):
         """One forward; ``attention_mask=None`` when the cache has no holes (transformers then builds no mask)."""
         kwargs = {"logits_to_keep": keep} if self._keep_arg else {}
+        kwargs[self._cache_arg] = self.cache
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=self.cache,
             use_cache=True,
             **kwargs,
         )
-        if getattr(out, "past_key_values", None) is None and self.cache.get_seq_length() == 0:
+        if getattr(out, self._cache_arg, None) is None and self.cache.get_seq_length() == 0:
             raise TypeError(
                 f"{type(self.model).__name__} returned no KV cache; backtrack-aware decoding needs a model that "
-                "supports `past_key_values` (a causal LM with use_cache=True)"
+                "supports a KV cache (a causal LM with use_cache=True)"
             )
         return out
 

@@ -134,6 +134,10 @@ class PrecisionDefaults:
     TRL turns bf16 on by default, which on a CPU autocasts every step to bf16: slower there, inexact against the
     fp32 rollouts the RL trainers compare with, and an error ("doesn't support bf16/gpu") on a CPU machine unless
     ``use_cpu`` is set. An explicit ``bf16: true`` is kept.
+
+    TRL's default ``gradient_checkpointing`` (a name transformers deprecates) is carried over to
+    ``activation_checkpointing`` when that is unset, so a config left at its defaults raises no deprecation
+    warning; an explicit ``gradient_checkpointing`` other than the default still gets transformers' warning.
     """
 
     def __post_init__(self) -> None:
@@ -141,6 +145,9 @@ class PrecisionDefaults:
             import torch
 
             self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        default = next(f.default for f in fields(self) if f.name == "gradient_checkpointing")
+        if self.activation_checkpointing is None and self.gradient_checkpointing == default:
+            self.activation_checkpointing = self.gradient_checkpointing  # the same value, under the current name
         super().__post_init__()
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 
 from halluc_rl.adapters import (
+    BASE_NAME_KEY,
     add_reference_adapter,
     base_model_name,
     check_adapter_base,
+    load_adapter,
     make_lora_model,
     tied_head,
 )
@@ -190,10 +192,14 @@ def load_model(
         raise OSError(_offline_hint(name_or_path, err)) from err
     if gguf_file is not None:
         drop_gguf_quantizer(model)
-    # the name an adapter records for its base: a known name as such (portable), a local path made absolute
-    model.name_or_path = name_or_path if is_known_name(name_or_path) else (
-        str(Path(path).resolve()) if Path(path).exists() else name_or_path)
-    model.config.name_or_path = model.name_or_path
+    # what an adapter records for its base: PEFT's base_model_name_or_path is a path its loaders open offline (the
+    # folder, made absolute; a Hub id as given), and halluc-rl's portable name (a known name as such) is saved
+    # beside it in config.json
+    loadable = str(Path(path).resolve()) if Path(path).exists() else name_or_path
+    portable = name_or_path if is_known_name(name_or_path) else loadable
+    model.name_or_path = loadable
+    model.config.name_or_path = portable
+    setattr(model.config, BASE_NAME_KEY, portable)
     return model
 
 
@@ -232,13 +238,11 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
     if base is None:
         model = load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
     else:
-        from peft import PeftModel
-
         model = load_model(base, dtype=dtype, trust_remote_code=trust_remote_code)
         check_adapter_base(folder, base, model)
         if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+        model = load_adapter(model, folder, trainable=trainable)
     for name, param in model.named_parameters():
         if not bool(torch.isfinite(param.detach()).all()):
             raise ValueError(f"policy {path} has non-finite weights ({name}); the run that saved it diverged: "

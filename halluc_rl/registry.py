@@ -36,6 +36,17 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def portable_model_name(name_or_path: str) -> str:
+    """The name halluc-rl records for a base: a known name as such, and the folder of the embedded model or of a
+    cached known model given back as its name (so it loads on any machine); anything else as given."""
+    if is_known_name(name_or_path) or not Path(name_or_path).exists():
+        return name_or_path
+    folder = Path(name_or_path).resolve()
+    if folder == TINY_MODEL_DIR:
+        return "tiny"
+    return next((name for name in KNOWN_MODELS if cached_model_dir(name).resolve() == folder), name_or_path)
+
+
 def split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
     """``(folder or Hub id, gguf file name)``; a path straight to a ``.gguf`` file is split into the two."""
     if gguf_file is None and name_or_path.endswith(".gguf") and Path(name_or_path).is_file():

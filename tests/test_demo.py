@@ -163,7 +163,7 @@ def test_stage_configs_come_from_configs_demo_with_the_demo_options_on_top(tmp_p
     assert model_args.model_name_or_path == "tiny" and lora.use_lora
     expected = sft.SFTConfig(output_dir=str(tmp_path / "sft"), num_train_epochs=1.5, per_device_train_batch_size=32,
                              learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,
-                             save_strategy="no", report_to=[], use_cpu=True, gradient_checkpointing=False, seed=3,
+                             save_strategy="no", report_to=[], use_cpu=True, activation_checkpointing=False, seed=3,
                              max_length=512, disable_tqdm=False)
     assert config.to_dict() == expected.to_dict()
     assert ppo_args == ppo.PPOArgs(

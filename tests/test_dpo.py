@@ -84,7 +84,7 @@ def tiny_trainer(tmp_path, tokenizer, pairs_rows, **config):
     args = dpo.DPOConfig(output_dir=str(tmp_path), max_steps=config.pop("max_steps", 1), learning_rate=0.05,
                          per_device_train_batch_size=len(pairs_rows), report_to=[], save_strategy="no",
                          use_cpu=True, logging_steps=1, disable_tqdm=True, remove_unused_columns=False,
-                         gradient_checkpointing=False, beta=0.5, **config)
+                         activation_checkpointing=False, beta=0.5, **config)
     return dpo.BacktrackDPOTrainer(model=policy, args=args, train_dataset=datasets.Dataset.from_list(pairs_rows),
                                    processing_class=tokenizer,
                                    data_collator=dpo.PreferenceCollator(pad_token_id=tokenizer.pad_token_id))
@@ -166,7 +166,7 @@ def test_dpo_command_continues_an_adapter_and_saves_it(tmp_path, tokenizer):
     code = dpo.main(["--model_name_or_path", str(tmp_path / "sft"), "--output_dir", str(out), "--max_steps", "2",
                      "--num_problems", "8", "--num_samples", "2", "--per_device_train_batch_size", "8",
                      "--max_new_tokens", "24", "--min_pairs", "2", "--rebuild_every", "1", "--save_steps", "1",
-                     "--gradient_checkpointing", "false", "--learning_rate", "0.01", "--logging_steps", "1", *common])
+                     "--activation_checkpointing", "false", "--learning_rate", "0.01", "--logging_steps", "1", *common])
     assert code == 0
     policy, _, _ = load_policy(out)
     assert policy.config.backtrack_head == "factorized"  # the policy's settings travel through DPO

@@ -38,7 +38,7 @@ def make_trainer(tokenizer, tmp_path, rewards=None, bias=3.0, coef=0.0, reward_f
     policy = make_lora_model(model, LoraArgs(lora_r=4, lora_alpha=8), backtrack_token_id(tokenizer))
     options = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_generations=4,
                    max_completion_length=12, learning_rate=1e-2, max_steps=2, report_to="none", use_cpu=True,
-                   gradient_checkpointing=False, logging_steps=1, disable_tqdm=True, save_strategy="no", seed=0)
+                   activation_checkpointing=False, logging_steps=1, disable_tqdm=True, save_strategy="no", seed=0)
     args = grpo.GRPOConfig(**{**options, **overrides})
     return grpo.BacktrackGRPOTrainer(
         policy, args, grpo.problem_dataset(PROBLEMS, tokenizer), tokenizer,

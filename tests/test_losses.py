@@ -71,7 +71,7 @@ def test_sft_with_the_factorized_head_trains_saves_and_reloads_it(tmp_path, toke
     tokenizer.save_pretrained(base)
     argv = ["--model_name_or_path", str(base), "--output_dir", str(tmp_path / "run"), "--num_train_problems", "16",
             "--per_device_train_batch_size", "4", "--max_steps", "3", "--learning_rate", "0.01",
-            "--report_to", "none", "--use_cpu", "true", "--gradient_checkpointing", "false",
+            "--report_to", "none", "--use_cpu", "true", "--activation_checkpointing", "false",
             "--save_strategy", "no", "--disable_tqdm", "true", "--error_rate", "1.0",
             "--backtrack_head", "factorized", "--logging_steps", "1"]
     calls: list[dict] = []

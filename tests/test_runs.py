@@ -16,12 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from halluc_rl.adapters import base_model_name
 from halluc_rl.agents import evaluate as eval_cli
 from halluc_rl.agents import sft
 from halluc_rl.atomic import atomic_write_text
 from halluc_rl.checkpoints import checkpoint_problem, resume_checkpoint
 from halluc_rl.config import NonFiniteError
 from halluc_rl.modeling import load_policy
+from halluc_rl.registry import TINY_MODEL_DIR
 from halluc_rl.training import SafeTrainerMixin
 from tests.conftest import make_model
 
@@ -40,7 +42,7 @@ def base_dir(tmp_path, tokenizer):
 def argv(base_dir, out, *extra):
     return ["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--num_train_problems", "16",
             "--per_device_train_batch_size", "4", "--learning_rate", "0.01", "--report_to", "none",
-            "--use_cpu", "true", "--bf16", "false", "--gradient_checkpointing", "false", "--logging_steps", "1",
+            "--use_cpu", "true", "--bf16", "false", "--activation_checkpointing", "false", "--logging_steps", "1",
             "--disable_tqdm", "true", "--error_rate", "1.0", "--seed", "0", *extra]
 
 
@@ -195,7 +197,9 @@ def test_adapters_of_the_embedded_model_record_it_by_name(tmp_path):
             "--per_device_train_batch_size", "4", "--max_steps", "1", "--report_to", "none", "--use_cpu", "true",
             "--bf16", "false", "--save_strategy", "no", "--disable_tqdm", "true"]
     assert sft.main(args) == 0
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+    # PEFT's own loaders get a path they open offline; halluc-rl's portable name sits beside it (issue 22)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(TINY_MODEL_DIR)
+    assert json.loads((out / "config.json").read_text())["base_model_name"] == "tiny" == base_model_name(out)
     model, _, _ = load_policy(out)  # resolves "tiny" on this machine, as on any other
     assert json.loads((out / "config.json").read_text())["base_fingerprint"]
 

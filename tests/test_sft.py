@@ -34,7 +34,7 @@ def base_dir(tmp_path, tokenizer):
 def configs(base_dir, out, *extra):
     argv = ["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--num_train_problems", "16",
             "--per_device_train_batch_size", "4", "--learning_rate", "0.01", "--report_to", "none",
-            "--use_cpu", "true", "--gradient_checkpointing", "false", "--logging_steps", "1",
+            "--use_cpu", "true", "--activation_checkpointing", "false", "--logging_steps", "1",
             "--disable_tqdm", "true", "--error_rate", "1.0", "--seed", "0", *extra]
     return parse_config([sft.SFTScriptArgs, ModelArgs, LoraArgs, sft.SFTConfig], argv)
 
