@@ -4,6 +4,7 @@ about, rewards replaced through the Python API, and a failed command that must n
 The environment's own refusals (a bool action, an unknown reset option) are in ``tests/test_env.py``.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -11,14 +12,16 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
+import torch
 
 from halluc_rl.agents import dpo, grpo, ppo, prm, sft
 from halluc_rl.checkpoints import LOCK_FILE, lock_run_dir, prepare_run_dir
 from halluc_rl.config import LoraArgs, ModelArgs, NonFiniteError, parse_cli
 from halluc_rl.rewards import RewardMixer, RuleGrader
-from halluc_rl.training import DeadGradientStop
+from halluc_rl.training import DeadGradientStop, SafeTrainerMixin
 from tests.conftest import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -269,3 +272,41 @@ def test_a_folder_holding_work_still_refuses_another_config(tmp_path, work):
     said = []
     prepare_run_dir(out, other, resume=True, allow_change=False, announce=said.append)
     assert said == [f"replacing {out / 'config.yaml'}: its run left no checkpoint, weights or log_history.json"]
+
+
+class _ZeroNorms:
+    """A stand-in for ``transformers.Trainer`` whose gradient norm is always 0 (loss 0: zero advantages)."""
+
+    def __init__(self, entropy: float) -> None:
+        self._last_loss, self._last_entropy = 0.0, entropy
+        self.state, self.args = types.SimpleNamespace(global_step=0), types.SimpleNamespace(learning_rate=3e-3)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        return 0.0  # the real Trainer counts global_step after the optimiser step
+
+
+class _GRPOStandIn(SafeTrainerMixin, _ZeroNorms):
+    pass
+
+
+def test_grpo_records_the_entropy_the_dead_gradient_stop_reads(tokenizer):
+    """GRPO's loss pass records its largest action entropy; the mixin then stops a collapsed policy (entropy 0)
+    whose gradient is 0, and lets a live one with zero advantages go on."""
+    from halluc_rl.generation import BacktrackGenerationConfig
+
+    model = make_model("llama", tokenizer, hidden_size=32)
+    trainer = types.SimpleNamespace(backtrack_config=BacktrackGenerationConfig(do_sample=True),
+                                    accelerator=types.SimpleNamespace(autocast=contextlib.nullcontext))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    grpo.BacktrackGRPOTrainer._get_per_token_logps_and_entropies(trainer, model, ids, torch.ones_like(ids), 3,
+                                                                  compute_entropy=True)
+    assert trainer._last_entropy > 0.1
+    live = _GRPOStandIn(entropy=trainer._last_entropy)
+    for _ in range(4):
+        live._get_grad_norm(None)
+    dead = _GRPOStandIn(entropy=0.0)
+    dead._get_grad_norm(None)
+    dead.state.global_step += 1
+    with pytest.raises(NonFiniteError, match=r"^step 2: the gradient norm has been 0 for 2 steps while the policy "
+                                             r"has collapsed \(entropy 0\)"):
+        dead._get_grad_norm(None)
