@@ -144,8 +144,9 @@ class BacktrackGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
     """``GRPOTrainer`` on action streams. ``rewards``: the env's plug-ins (default: the rule grader); ``reward_funcs``:
     extra TRL reward functions (they get visible texts); ``generation_config``: the backtrack decoding rules (length
     and temperature come from ``args``); ``process_advantage_coef`` > 0 adds each action's process reward to its
-    advantage. Overrides TRL 1.16's ``_get_per_token_logps_and_entropies`` (every log-prob; the reference's inside
-    TRL's adapter context), ``_generate`` (its 4th output, the completions) and ``_generate_and_score_completions``.
+    advantage. Stops (exit 3) on a dead gradient, a collapsed policy included (``training.DeadGradientStop``, from
+    the mixin, fed the largest action entropy of the loss's batch). Overrides TRL 1.16's
+    ``_get_per_token_logps_and_entropies`` (every log-prob; the reference's inside TRL's adapter context), ``_generate`` (its 4th output, the completions) and ``_generate_and_score_completions``.
     """
 
     def __init__(self, model, args: GRPOConfig, train_dataset, processing_class, *, rewards: RewardMixer | None = None,
@@ -181,6 +182,8 @@ class BacktrackGRPOTrainer(SafeTrainerMixin, GRPOTrainer):
                                        self.backtrack_config)
             logps.append(scores.logprobs)
             entropies.append(scores.entropy)
+        if compute_entropy and torch.is_grad_enabled():  # the loss's pass: the dead-gradient stop reads it
+            self._last_entropy = float(torch.cat(entropies).max())  # 0 only if every action is certain
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _generate(self, prompts: list):

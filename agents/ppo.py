@@ -18,14 +18,17 @@ CleanRL's ``ppo.py`` for a policy that can press backspace, read top to bottom:
 Several processes (``accelerate launch --num_processes 2``) split the problems; gradients are averaged and every
 global statistic (whitening, the token count of a minibatch) is reduced (``halluc_rl/distributed.py``), so the
 run follows the single-process one. The maths lives in ``halluc_rl/losses.py``, VinePPO's values in
-``halluc_rl/values.py``; runs stop on a non-finite loss or an exploding KL with the update number (exit status
-3), checkpoint atomically and resume. :func:`train` is the loop; each step of it is a function below it.
+``halluc_rl/values.py``; runs stop on a non-finite loss, an exploding KL or a dead gradient (the shared
+:class:`halluc_rl.training.DeadGradientStop`) with the update number (exit status 3), hold a lock on their folder,
+checkpoint atomically and resume. A jump of the backtrack or truncation rate, the signature of reward hacking, is
+warned about (:func:`rate_jumps`). :func:`train` is the loop; each step of it is a function below it.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -42,6 +45,7 @@ from halluc_rl.adapters import check_same_base, reference_mode
 from halluc_rl.atomic import atomic_write_json
 from halluc_rl.checkpoints import (
     load_checkpoint,
+    lock_run_dir,
     prepare_run_dir,
     publish,
     save_checkpoint,
@@ -75,6 +79,7 @@ from halluc_rl.rewards import (
 )
 from halluc_rl.rollout import Rollout, rollout
 from halluc_rl.scoring import score_actions
+from halluc_rl.training import DeadGradientStop
 from halluc_rl.values import mc_states, vine_advantages  # noqa: F401  (mc_states: ppo.mc_states, as before)
 
 
@@ -167,30 +172,66 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardMixer | None = None) -> int:
     """Validate, then run (resuming from the newest complete checkpoint). ``rewards`` replaces the configured reward
-    plug-ins (Python API: any outcome/process plug-in, see ``halluc_rl.rewards``)."""
+    plug-ins (Python API: any outcome/process plug-in, see ``halluc_rl.rewards``); that is said in one line."""
     validate(args, model_args)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    run = set_up(args, model_args, lora, acc, rewards)
-    bar = tqdm(range(run.start, args.updates), initial=run.start, total=args.updates, desc="ppo",
-               dynamic_ncols=True, disable=not acc.is_main_process)
-    for update in bar:
-        began = time.time()
-        local = choose_problems(args, len(run.pool), update, acc.process_index, acc.num_processes)
-        ro = collect(run, args, update, local)
-        per_action, immediate, kl, old_values = rewards_with_kl(run, args, ro)
-        adv, returns = advantages(run, args, ro, per_action, old_values, update, local)
-        if immediate is not None:  # each action's own process reward, credited to it alone
-            adv = adv + immediate
-        if args.whiten:  # over the whole rollout, all processes
-            reduce = partial(distributed.all_sum, device=run.acc.device)
-            adv = losses.masked_whiten(adv, ro.action_mask, reduce=reduce)
-        metrics = update_policy(run, args, ro, adv, returns, old_values, update)
-        row = log_row(run, ro, kl, metrics, update, began)
-        bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",
-                        kl=f"{row['losses/approx_kl']:.3f}")
-        checkpoint_or_stop(run, args, row, update)
-    finish(run)
+    if rewards is not None and acc.is_main_process:
+        print(f"ppo: using the rewards passed to train(); the configured ones are ignored (process_reward "
+              f"{args.process_reward!r}, backtrack_cost {args.backtrack_cost})")
+    with lock_run_dir(args.output_dir, enabled=acc.is_main_process):  # one run per folder, for the whole run
+        run = set_up(args, model_args, lora, acc, rewards)
+        dead = DeadGradientStop(unit="update")
+        bar = tqdm(range(run.start, args.updates), initial=run.start, total=args.updates, desc="ppo",
+                   dynamic_ncols=True, disable=not acc.is_main_process)
+        for update in bar:
+            began = time.time()
+            local = choose_problems(args, len(run.pool), update, acc.process_index, acc.num_processes)
+            ro = collect(run, args, update, local)
+            per_action, immediate, kl, old_values = rewards_with_kl(run, args, ro)
+            adv, returns = advantages(run, args, ro, per_action, old_values, update, local)
+            if immediate is not None:  # each action's own process reward, credited to it alone
+                adv = adv + immediate
+            if args.whiten:  # over the whole rollout, all processes
+                reduce = partial(distributed.all_sum, device=run.acc.device)
+                adv = losses.masked_whiten(adv, ro.action_mask, reduce=reduce)
+            metrics = update_policy(run, args, ro, adv, returns, old_values, update)
+            row = log_row(run, ro, kl, metrics, update, began)
+            bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",
+                            kl=f"{row['losses/approx_kl']:.3f}")
+            if acc.is_main_process:
+                for warning in rate_jumps(run.history):
+                    print(warning)
+            dead.observe(update + 1, max(metrics.get("losses/grad_norm", [None]), key=lambda v: v or 0.0),
+                         row.get("losses/loss"), row.get("losses/entropy"),
+                         advice=f"the last checkpoint is kept (lower the learning rate, now {args.learning_rate})")
+            checkpoint_or_stop(run, args, row, update)
+        finish(run)
     return 0
+
+
+RATE_KEYS: tuple[str, ...] = ("rollout/backtrack_rate", "rollout/truncated_rate")
+"""The rates a reward-hacking policy drives up: backtracking everywhere, and answers cut off at the action cap."""
+
+
+def rate_jumps(history: list[dict], keys: Sequence[str] = RATE_KEYS, floor: float = 0.5,
+               factor: float = 3.0) -> list[str]:
+    """One warning line per rate of the last row that jumped: above ``floor`` and at least ``factor`` times its
+    mean over the earlier rows (none on the first row: there is nothing to compare with). A policy paid per
+    backtrack drives every answer to the action cap within a few updates; the run goes on, but the user is told."""
+    if len(history) < 2:
+        return []
+    last, warnings = history[-1], []
+    for key in keys:
+        earlier = [r[key] for r in history[:-1] if r.get(key) is not None]
+        value = last.get(key)
+        if value is None or not earlier:
+            continue
+        mean = sum(earlier) / len(earlier)
+        if value > floor and value >= factor * mean:
+            warnings.append(f"ppo: warning: update {last['update']}: {key} jumped to {value:.3f} (mean so far "
+                            f"{mean:.3f}); the policy may be hacking its reward (check backtrack_cost and the "
+                            "process reward, or lower the learning rate)")
+    return warnings
 
 
 def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerator,
@@ -339,11 +380,12 @@ def minibatch_step(run: Run, args: PPOArgs, ro: Rollout, rows: list[int], adv: t
     else:  # none of this minibatch's problems is here
         distributed.zero_gradients(run.params)
     distributed.average_gradients(run.params)
-    torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm)
     run.optimizer.step()
+    metrics.setdefault("losses/grad_norm", []).append(float(grad_norm))  # before clipping; the dead-gradient stop
     if rows:
-        for key, value in (("losses/policy", pg), ("losses/entropy", entropy), ("losses/clipfrac", clipfrac),
-                           ("losses/approx_kl", approx_kl)):
+        for key, value in (("losses/loss", loss), ("losses/policy", pg), ("losses/entropy", entropy),
+                           ("losses/clipfrac", clipfrac), ("losses/approx_kl", approx_kl)):
             metrics.setdefault(key, []).append(float(value.detach()))
 
 
@@ -359,10 +401,12 @@ def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[flo
     local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
                                 c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
                                 c.num_false_deletions, c.num_correct_appends, float(kl.sum()),
-                                float(ro.action_mask.sum()), float(ro.rewards.sum())], dtype=torch.float64)
+                                float(ro.action_mask.sum()), float(ro.rewards.sum()),
+                                float((~ro.generation.finished).sum())], dtype=torch.float64)
     t = distributed.all_sum(local_stats, run.acc.device).tolist()
     row = {"update": update + 1, "rollout/accuracy": t[0] / t[1],
-           "rollout/backtrack_rate": _ratio(t[2], t[3]), "rollout/backtrack_precision": _ratio(t[4], t[5]),
+           "rollout/backtrack_rate": _ratio(t[2], t[3]), "rollout/truncated_rate": t[11] / t[1],
+           "rollout/backtrack_precision": _ratio(t[4], t[5]),
            "rollout/false_backtrack_rate": _ratio(t[6], t[7]),
            "rollout/kl": _ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
            "time/update_s": time.time() - began}

@@ -37,8 +37,8 @@ class BacktrackEnv(gym.Env):
 
     ## Action Space
 
-    ``Discrete(len(tokenizer))``: a token id. The tokenizer's backtrack id is the backspace; any other id is
-    appended. A backspace on an empty answer is a no-op, counted as a failed backtrack.
+    ``Discrete(len(tokenizer))``: a token id (an int or NumPy integer; a bool is refused with a ``TypeError``). The
+    tokenizer's backtrack id is the backspace; any other id is appended. A backspace on an empty answer is a no-op, counted as a failed backtrack.
 
     ## Observation Space
 
@@ -60,8 +60,8 @@ class BacktrackEnv(gym.Env):
 
     ## Starting State
 
-    A problem drawn with ``self.np_random`` from the split (``options={"index": i}`` picks problem ``i``), an empty
-    answer.
+    A problem drawn with ``self.np_random`` from the split (``options={"index": i}`` picks problem ``i``; any other
+    option is refused with a ``ValueError``), an empty answer.
 
     ## Episode End
 
@@ -207,7 +207,14 @@ class BacktrackEnv(gym.Env):
         }
 
     # -- the API ------------------------------------------------------------------------------------------------
+    RESET_OPTIONS: tuple[str, ...] = ("index",)
+    """The keys ``reset(options=...)`` reads; any other is refused (a misspelt ``indx`` would be ignored)."""
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        unknown = sorted(set(options or {}) - set(self.RESET_OPTIONS), key=str)
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}: BacktrackEnv.reset reads only "
+                             f"{list(self.RESET_OPTIONS)} (options={{'index': i}} picks problem i)")
         super().reset(seed=seed)
         index = (options or {}).get("index")
         if index is None:
@@ -234,6 +241,9 @@ class BacktrackEnv(gym.Env):
             raise RuntimeError("Cannot call step() before reset(): call env.reset() first.")
         if self._done:
             raise RuntimeError("The episode has ended (terminated or truncated): call env.reset() to start another.")
+        if isinstance(action, (bool, np.bool_)):  # a bool is an int to Python and to Discrete.contains
+            raise TypeError(f"invalid action {action!r}: expected a token id (an int in [0, {self.action_space.n})), "
+                            "not a bool")
         if not self.action_space.contains(action) and not (
             isinstance(action, (int, np.integer)) and 0 <= int(action) < self.action_space.n
         ):

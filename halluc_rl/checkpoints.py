@@ -2,7 +2,12 @@
 
 * **Resume is safe**: :func:`resume_checkpoint` picks the newest *complete* ``checkpoint-N`` and says which ones it
   skipped and why; :func:`check_resume_config` refuses to continue a run under a changed config, naming the keys;
-  :func:`prepare_run_dir` writes ``config.yaml`` only once the folder has been checked.
+  :func:`prepare_run_dir` writes ``config.yaml`` only once the folder has been checked, and replaces the one of a
+  run that never got as far as a checkpoint (a command that failed after writing it does not block the corrected
+  one).
+* **One run per folder**: :func:`lock_run_dir` holds an OS lock on ``output_dir/.run.lock`` for the whole run, so
+  a second command into the same folder is refused (naming the holder) instead of doing the work twice; the OS
+  drops the lock when the process dies, even under ``kill -9``.
 * **Saves are atomic**: a policy or checkpoint is written into a hidden staging folder and renamed into place
   (:func:`save_checkpoint`, :func:`publish`), so a kill at any moment leaves either a complete folder or none.
 * **Nothing non-finite is saved** (:func:`check_finite_weights`).
@@ -13,11 +18,15 @@ Trainer-based commands get the same layout from :class:`halluc_rl.training.SafeT
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import socket
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,18 +102,66 @@ def check_resume_config(saved_file: Path, resolved: dict, allow_change: bool) ->
     return keys
 
 
-def prepare_run_dir(output_dir: str | Path, configs: Sequence, *, resume: bool, allow_change: bool) -> str | None:
+def started_run(output_dir: str | Path) -> bool:
+    """Whether ``output_dir`` holds work of a run: a ``checkpoint-N`` folder, weights or ``log_history.json``. A
+    folder with only a ``config.yaml`` (its command failed before the first checkpoint) holds none."""
+    out = Path(output_dir)
+    return (any(p.is_dir() and p.name[11:].isdigit() for p in out.glob("checkpoint-*"))
+            or any((out / f).exists() for f in (*WEIGHT_FILES, "log_history.json")))
+
+
+def prepare_run_dir(output_dir: str | Path, configs: Sequence, *, resume: bool, allow_change: bool,
+                    announce: Callable[[str], None] = print) -> str | None:
     """Validate the run folder against the configs, then (only then) write ``config.yaml``; return the checkpoint
-    to resume from. Nothing is written when validation fails."""
+    to resume from. Nothing is written when validation fails. A folder whose ``config.yaml`` belongs to a run that
+    left no work (:func:`started_run`) is treated as new: its config is replaced, said in one line."""
     out = Path(output_dir)
     resolved = resolved_config(*configs)
-    checkpoint = resume_checkpoint(out) if resume else None
-    if resume:  # a folder holding another run (finished or not) is never overwritten under another config
+    checkpoint = resume_checkpoint(out, announce) if resume else None
+    if resume and (out / "config.yaml").exists() and not started_run(out):
+        announce(f"replacing {out / 'config.yaml'}: its run left no checkpoint, weights or log_history.json")
+    elif resume:  # a folder holding another run (finished or not) is never overwritten under another config
         changed = check_resume_config(out / "config.yaml", resolved, allow_change)
         if changed:
-            print(f"continuing under a changed config: {', '.join(changed)}")
+            announce(f"continuing under a changed config: {', '.join(changed)}")
     atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=True))
     return checkpoint
+
+
+LOCK_FILE = ".run.lock"
+"""The file inside a run folder that :func:`lock_run_dir` locks; it holds the holder's pid, host, start time and
+command (read only to name the holder)."""
+
+
+@contextlib.contextmanager
+def lock_run_dir(output_dir: str | Path, enabled: bool = True) -> Iterator[Path | None]:
+    """Hold an exclusive, non-blocking ``flock`` on ``output_dir/.run.lock`` for the ``with`` block: two commands
+    into one folder would do the work twice and interleave their logs. A second one gets a :class:`UsageError`
+    naming the holder. The OS releases the lock when the process ends in any way (``kill -9`` included), so a lock
+    is never stale. ``enabled=False`` (the other processes of a distributed run) takes none."""
+    if not enabled:
+        yield None
+        return
+    import fcntl
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = " ".join(path.read_text(errors="replace").split()) or "a process that has not said who it is"
+            raise UsageError(f"{out} is in use by another run ({holder}); wait for it to end, or use another "
+                             "output_dir") from err
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()}, started {started}, command: "
+                      f"{' '.join(sys.argv)}\n").encode())
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def finished_run(output_dir: str | Path, configs: Sequence) -> bool:

@@ -12,9 +12,45 @@ from typing import Any
 
 from halluc_rl.adapters import check_same_base
 from halluc_rl.atomic import atomic_write_json
-from halluc_rl.checkpoints import check_finite_weights, is_finite, prepare_run_dir, publish, staging_dir
+from halluc_rl.checkpoints import (
+    check_finite_weights,
+    is_finite,
+    lock_run_dir,
+    prepare_run_dir,
+    publish,
+    staging_dir,
+)
 from halluc_rl.config import NonFiniteError, UsageError
 from halluc_rl.policy import write_policy_config
+
+
+class DeadGradientStop:
+    """The one rule for a run whose gradients died (every trainer uses it: the Trainer mixin, PPO, GRPO).
+
+    A step is *dead* when its gradient norm is exactly 0 while the loss is positive (a learning rate far too high
+    saturated the network: the loss flattens and nothing trains) or the policy has collapsed (entropy 0: every
+    action is certain, so no advantage can move it). After ``limit`` dead steps in a row :meth:`observe` raises
+    :class:`NonFiniteError`. A zero gradient alone is legitimate (a group whose answers all got the same reward has
+    zero advantages and a loss of exactly 0) and never stops a run.
+    """
+
+    entropy_floor = 1e-6
+    """A mean entropy at or below this counts as a collapsed policy (float rounding keeps it off exact zero)."""
+
+    def __init__(self, limit: int = 2, unit: str = "step"):
+        self.limit, self.unit, self.count = limit, unit, 0
+
+    def observe(self, step: int, grad_norm: float | None, loss: float | None, entropy: float | None = None, *,
+                advice: str = "") -> None:
+        """Record step ``step``; raise :class:`NonFiniteError` naming it once ``limit`` dead steps ran in a row."""
+        collapsed = entropy is not None and entropy <= self.entropy_floor
+        positive = loss is not None and loss > 0
+        dead = grad_norm is not None and float(grad_norm) == 0.0 and (collapsed or positive)
+        self.count = self.count + 1 if dead else 0
+        if self.count >= self.limit:
+            why = f"the loss is {loss:.4g}" if positive else "the policy has collapsed (entropy 0)"
+            raise NonFiniteError(f"{self.unit} {step}: the gradient norm has been 0 for {self.count} {self.unit}s "
+                                 f"while {why}: the run diverged and no longer learns; {advice}")
 
 
 class SafeTrainerMixin:
@@ -23,8 +59,7 @@ class SafeTrainerMixin:
     model config (its backtrack settings) with every copy."""
 
     dead_steps_limit = 2
-    """Consecutive steps with a zero gradient norm but a positive loss after which the run counts as diverged (a
-    learning rate far too high saturates the network: the loss flattens and nothing trains any more)."""
+    """Consecutive dead steps (:class:`DeadGradientStop`) after which the run counts as diverged."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -40,12 +75,11 @@ class SafeTrainerMixin:
         if not is_finite(norm):
             raise NonFiniteError(f"step {step}: the gradient norm is {float(norm)}; nothing was saved for this step "
                                  f"(lower the learning rate, now {self.args.learning_rate})")
-        dead = norm is not None and float(norm) == 0.0 and getattr(self, "_last_loss", 0.0) > 0
-        self._dead_steps = getattr(self, "_dead_steps", 0) + 1 if dead else 0
-        if self._dead_steps >= self.dead_steps_limit:
-            raise NonFiniteError(f"step {step}: the gradient norm has been 0 for {self._dead_steps} steps while the "
-                                 f"loss is {self._last_loss:.4g}: the run diverged and no longer learns; nothing "
-                                 f"was saved for these steps (lower the learning rate, now {self.args.learning_rate})")
+        if getattr(self, "_dead_stop", None) is None:
+            self._dead_stop = DeadGradientStop(self.dead_steps_limit)
+        self._dead_stop.observe(step, None if norm is None else float(norm), getattr(self, "_last_loss", None),
+                                getattr(self, "_last_entropy", None), advice="nothing was saved for these steps "
+                                f"(lower the learning rate, now {self.args.learning_rate})")
         return norm
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -116,22 +150,25 @@ def run_training(configs: Sequence, validate: Callable[..., None], build: Callab
     arguments first, :class:`~halluc_rl.config.ModelArgs` second and the trainer's config last.
 
     1. ``validate(*configs)``, once: one-line usage errors, before anything is loaded or written;
-    2. check the run folder against the configs and write ``config.yaml`` (only then), and refuse a checkpoint of
-       another base;
+    2. lock the run folder for the whole run (:func:`~halluc_rl.checkpoints.lock_run_dir`; a second command into
+       it is refused), check it against the configs and write ``config.yaml`` (only then), and refuse a checkpoint
+       of another base;
     3. ``build(resume)`` the trainer (a model that does not load, or too little data, is a usage error);
     4. train, and save the policy and its history atomically.
     """
     script, model_args, config = configs[0], configs[1], configs[-1]
     validate(*configs)
-    resume = prepare_run_dir(config.output_dir, configs, resume=script.resume and not config.resume_from_checkpoint,
-                             allow_change=script.allow_config_change) or config.resume_from_checkpoint
-    if resume:
-        check_same_base(resume, model_args.model_name_or_path)
-    try:
-        trainer = build(resume)
-    except (OSError, ValueError) as err:
-        if isinstance(err, (UsageError, NonFiniteError)):
-            raise
-        raise UsageError(" ".join(str(err).split())) from err
-    train_and_save(trainer, config.output_dir, resume)
+    with lock_run_dir(config.output_dir, enabled=int(os.environ.get("RANK", "0")) == 0):  # one run per folder
+        resume = prepare_run_dir(config.output_dir, configs,
+                                 resume=script.resume and not config.resume_from_checkpoint,
+                                 allow_change=script.allow_config_change) or config.resume_from_checkpoint
+        if resume:
+            check_same_base(resume, model_args.model_name_or_path)
+        try:
+            trainer = build(resume)
+        except (OSError, ValueError) as err:
+            if isinstance(err, (UsageError, NonFiniteError)):
+                raise
+            raise UsageError(" ".join(str(err).split())) from err
+        train_and_save(trainer, config.output_dir, resume)
     return trainer

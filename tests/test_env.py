@@ -268,3 +268,21 @@ def test_env_and_generation_end_episodes_alike(tokenizer):
         assert info["text"] == out.texts[b]
         ends.add("eos" if out.sequences[b][-1:] == [eos] else "stop" if term else "budget")
     assert ends == {"eos", "stop", "budget"}
+
+
+def test_a_bool_action_is_refused_not_read_as_token_1(tokenizer):
+    env = arithmetic_env(tokenizer).unwrapped
+    env.reset(seed=0)
+    for action in (True, np.bool_(False)):
+        with pytest.raises(TypeError, match=r"expected a token id \(an int in \[0, \d+\)\), not a bool"):
+            env.step(action)
+    assert env.step(np.int64(5))[4]["text"] == tokenizer.decode([5])  # ints and NumPy ints still are tokens
+
+
+def test_an_unknown_reset_option_is_refused_naming_the_valid_ones(tokenizer):
+    env = arithmetic_env(tokenizer).unwrapped
+    with pytest.raises(ValueError, match=r"unknown reset option\(s\) \['indx'\]: BacktrackEnv.reset reads only "
+                                         r"\['index'\]"):
+        env.reset(options={"indx": 3})
+    assert env.reset(options={"index": 3})[1]["answer"] == env.problems[3].answer
+    env.reset(options={})  # an empty dict is no option at all
