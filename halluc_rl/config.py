@@ -28,6 +28,7 @@ import yaml
 
 from halluc_rl.atomic import atomic_write_text
 from halluc_rl.data.tasks import parse_task
+from halluc_rl.modeling import check_saved_model
 from halluc_rl.registry import KNOWN_MODELS, is_known_name, resolve_model_path
 
 
@@ -328,9 +329,11 @@ def check_reward_args(args: RewardArgs, task: str) -> None:
         "backtrack_cost", "process_weight"))
     if args.process_reward == "oracle" and check_task(task) != "arithmetic":
         raise UsageError("process_reward: the oracle knows only the offline task's solutions; use prm on gsm8k")
-    if args.process_reward in ("prm", "implicit") and not (args.prm_path and Path(args.prm_path).exists()):
-        raise UsageError(f"prm_path: give the PRM's (prm) or the policy's (implicit) directory for process_reward: "
-                         f"{args.process_reward} (got {args.prm_path})")
+    if args.process_reward in ("prm", "implicit"):
+        if not (args.prm_path and Path(args.prm_path).is_dir()):
+            raise UsageError(f"prm_path: give the PRM's (prm) or the policy's (implicit) directory for "
+                             f"process_reward: {args.process_reward} (got {args.prm_path})")
+        check_model_name(args.prm_path, "prm_path")
 
 
 def check_task(spec: str, field: str = "task") -> str:
@@ -353,6 +356,10 @@ def check_model_name(name: str, field: str = "model_name_or_path") -> None:
     if path.exists():
         if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             raise UsageError(f"{field}: {name} holds no model (no config.json); give a model directory")
+        try:
+            check_saved_model(path)
+        except ValueError as err:
+            raise UsageError(f"{field}: {err}") from err
         return
     hub_like = name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

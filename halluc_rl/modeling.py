@@ -7,12 +7,14 @@ policy's backtrack settings are :mod:`halluc_rl.policy`; the tiny model's recipe
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from halluc_rl.adapters import (
     BASE_NAME_KEY,
@@ -222,6 +224,45 @@ def load_model_and_tokenizer(name_or_path: str, add_backtrack: bool = True, **kw
 # ----------------------------------------------------------------------------------------------------------------
 
 
+WEIGHT_FILES: dict[str, tuple[str, str]] = {
+    "adapter_config.json": ("adapter_model.safetensors", "adapter_model.bin"),
+    "config.json": ("model.safetensors", "pytorch_model.bin"),
+}
+"""A saved folder's config file -> (its safetensors weights, the pickle file halluc-rl refuses to load)."""
+
+
+def check_saved_model(folder: str | Path) -> None:
+    """Check a saved model or adapter folder's files without loading its weights: a config that is JSON, weights
+    as safetensors (a pickle-only folder is refused: nothing remote is unpickled) with a header that reads. Raises
+    a one-line ValueError naming the file and the fix. A folder with neither config file is left to the loader."""
+    folder = Path(folder)
+    kind = "adapter_config.json" if (folder / "adapter_config.json").exists() else "config.json"
+    if not (folder / kind).exists():
+        return
+    try:
+        config = json.loads((folder / kind).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{folder / kind} is not valid JSON ({err}); re-save the model, or restore the file") from err
+    if not isinstance(config, dict) or (kind == "adapter_config.json" and "peft_type" not in config):
+        raise ValueError(f"{folder / kind} is not a {'PEFT adapter' if kind != 'config.json' else 'model'} config; "
+                         "re-save the model, or restore the file")
+    safe, pickle = WEIGHT_FILES[kind]
+    shards = [folder / safe] if (folder / safe).exists() else sorted(folder.glob("model-*.safetensors"))
+    if not shards:
+        if (folder / pickle).exists():
+            raise ValueError(f"{folder} holds {pickle} only, a pickle halluc-rl does not load; convert it once where "
+                             "you trust it: load it with transformers/PEFT and save_pretrained(folder, "
+                             "safe_serialization=True)")
+        raise ValueError(f"{folder} holds no weights ({safe}); point at the folder a run saved its model to")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{shard} is damaged ({' '.join(str(err).split())}); the run that wrote it was "
+                             "interrupted: use another checkpoint, or retrain") from err
+
+
 def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                 add_missing_backtrack: bool = False, trainable: bool = False):
     """Load a saved policy for generation: a full model directory, or a PEFT adapter on its base.
@@ -233,6 +274,7 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
     and without backtracking. ``trainable`` loads an adapter ready to train on (a later stage continuing it).
     """
     folder = Path(resolve_model_path(str(path)))
+    check_saved_model(folder)
     base = base_model_name(folder)
     tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
     if base is None:
