@@ -39,7 +39,7 @@ from halluc_rl.agents.stages import (
 from halluc_rl.atomic import atomic_write_json, atomic_write_text
 from halluc_rl.config import UsageError, check_choice, check_positive, check_task, cli, parse_cli, save_config
 from halluc_rl.data.errors import PLAUSIBLE_KINDS
-from halluc_rl.reporting import demo_summary, plot_rl, print_table, write_report
+from halluc_rl.reporting import demo_summary, plot_rl, print_table, run_environment, write_report
 
 STAGES: tuple[str, ...] = ("base", "plain_sft", "backtrack_sft", "dpo", "ppo", "control_ppo")
 KEYS: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_greedy_no_backtrack",
@@ -100,8 +100,10 @@ def demo(args: DemoArgs) -> int:
     paths = write_report(results, out, title=title)
     plot_rl(out, out / "rl.png")
     print_table(results, title="halluc-rl demo")
-    print("\n" + demo_summary(results))
-    atomic_write_text(out / "summary.txt", demo_summary(results) + "\n")
+    env = run_environment()
+    atomic_write_json(out / "environment.json", env)
+    print("\n" + demo_summary(results, env))
+    atomic_write_text(out / "summary.txt", demo_summary(results, env) + "\n")
     print(f"report: {', '.join(str(p) for p in paths.values())}, {out / 'rl.png'}")
     return 0
 

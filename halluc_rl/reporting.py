@@ -247,8 +247,28 @@ def plot_rl(root: Path, path: Path, arms: Sequence[str] = ("ppo", "control_ppo")
     return path
 
 
-def demo_summary(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """What backtracking bought: the full pipeline against plain SFT and against the no-backtrack control."""
+def run_environment() -> dict[str, Any]:
+    """What a run's figures depend on beyond its config and seeds: the torch threads (a CPU matmul sums in an order
+    that depends on them), the device and the library versions. With all of these the same, a rerun gives the same
+    figures to the last digit."""
+    import importlib.metadata as metadata
+
+    import torch
+
+    versions = {name: metadata.version(name) for name in ("torch", "transformers", "trl", "peft")}
+    return {"threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu", **versions}
+
+
+def reproducibility_line(env: Mapping[str, Any]) -> str:
+    """One line saying when a rerun reproduces these figures exactly."""
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "transformers", "trl", "peft") if k in env)
+    return (f"  bit-identical on rerun with {env['threads']} torch thread(s) on {env['device']} ({versions}); another "
+            "thread count or device rounds differently (OMP_NUM_THREADS=1 matches the ablation's seeds)")
+
+
+def demo_summary(results: Mapping[str, Mapping[str, Any]], env: Mapping[str, Any] | None = None) -> str:
+    """What backtracking bought: the full pipeline against plain SFT and against the no-backtrack control, and
+    (given the run's :func:`run_environment`) when a rerun reproduces it exactly."""
     def num(value) -> str:
         return "-" if value is None else f"{value:.3f}"
 
@@ -264,6 +284,8 @@ def demo_summary(results: Mapping[str, Mapping[str, Any]]) -> str:
         lines.append(f"  sampled backtracks: rate {num(full['sampled_backtrack_rate'])}, precision "
                      f"{num(full['sampled_backtrack_precision'])}, false-backtrack rate "
                      f"{num(full['sampled_false_backtrack_rate'])}")
+    if env is not None:
+        lines.append(reproducibility_line(env))
     return "\n".join(lines)
 
 

@@ -41,6 +41,8 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatch):
     for value in (v for stage in report.values() for v in stage.values() if isinstance(v, float)):
         assert math.isfinite(value)
     assert "What backtracking bought" in (out / "summary.txt").read_text()
+    env = json.loads((out / "environment.json").read_text())
+    assert f"bit-identical on rerun with {env['threads']} torch thread(s)" in (out / "summary.txt").read_text()
 
 
 def _sft(tmp_path, name, processes):

@@ -50,3 +50,17 @@ def test_the_report_names_stay_importable_from_evaluation():
                  "SHORT_NAMES", "ACCURACY_KEYS"):
         assert getattr(evaluation, name) is getattr(reporting, name)
     assert evaluation._cell is reporting.cell and evaluation._rows is reporting.stage_rows
+
+
+def test_the_demo_summary_says_when_a_rerun_is_bit_identical(monkeypatch):
+    import importlib.metadata
+
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    env = reporting.run_environment()
+    assert env["threads"] == 3 and env["torch"] == importlib.metadata.version("torch")
+    line = reporting.demo_summary({}, env).splitlines()[-1]
+    assert "bit-identical on rerun with 3 torch thread(s) on cpu" in line and f"torch {env['torch']}" in line
+    assert "bit-identical" not in reporting.demo_summary({})  # without the environment, nothing is claimed
