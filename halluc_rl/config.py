@@ -384,6 +384,8 @@ ALLOW_INF: dict[str, str] = {"backtrack_bias": "-inf"}
 """The infinities a float field documents, by field name (space-separated): ``backtrack_bias: -inf`` means "never
 backtrack" (the backtrack logit is masked), as the runs with backtracking off use internally. (Not field
 metadata: HfArgumentParser passes metadata on to ``argparse.add_argument``.)"""
+INF_MEANS: dict[str, str] = {"backtrack_bias": "-inf means never backtrack"}
+"""What an allowed infinity means, for the error message."""
 
 
 def check_finite(obj: Any) -> None:
@@ -400,7 +402,7 @@ def check_finite(obj: Any) -> None:
                 continue
             allowed = ALLOW_INF.get(f.name, "")
             if math.isnan(item) or str(item) not in allowed.split():
-                also = f" ({allowed} is allowed: see --help)" if allowed else ""
+                also = f" ({allowed} is allowed: {INF_MEANS.get(f.name, allowed)})" if allowed else ""
                 raise UsageError(f"{f.name}: must be a finite number, got {item}{also}; fix it in the YAML file or "
                                  "on the command line")
 

@@ -30,7 +30,7 @@ IS_A_FILE = "is a file; give a folder"
 CASES = [
     # 1. non-finite numbers, refused up front by config.check_types (TRL's TrainingArguments included)
     ("eval", ["--temperature", "nan"], f"temperature: {FINITE} nan"),
-    ("eval", ["--backtrack_bias", "nan"], f"backtrack_bias: {FINITE} nan (-inf is allowed"),
+    ("eval", ["--backtrack_bias", "nan"], f"backtrack_bias: {FINITE} nan (-inf is allowed: -inf means never backtrack)"),
     ("eval", ["--backtrack_bias", "inf"], f"backtrack_bias: {FINITE} inf (-inf is allowed"),
     ("ppo", ["--kl_coef", "nan"], f"kl_coef: {FINITE} nan"),
     ("ppo", ["--config", "{nan_yaml}"], f"kl_coef: {FINITE} nan"),
@@ -162,3 +162,13 @@ def test_help_parses_nothing_differently(tmp_path):
                            ["--output_dir", str(tmp_path / "o"), "--warmup_steps", "3", "--no_resume"],
                            prog="halluc-rl sft")
     assert config.warmup_steps == 3
+
+
+def test_backtrack_bias_minus_inf_is_documented_and_accepted():
+    """-inf is the one infinity a field documents ("never backtrack"); +inf and NaN stay refused."""
+    from halluc_rl.config import UsageError, check_types
+
+    check_types(eval_cli.EvalArgs(backtrack_bias=float("-inf")))
+    with pytest.raises(UsageError, match="backtrack_bias: must be a finite number, got inf"):
+        check_types(eval_cli.EvalArgs(backtrack_bias=float("inf")))
+    assert "-inf: never backtrack" in eval_cli.EvalArgs.__dataclass_fields__["backtrack_bias"].metadata["help"]
