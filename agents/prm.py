@@ -35,7 +35,9 @@ from halluc_rl.config import (
     TaskArgs,
     UsageError,
     check_choice,
+    check_device,
     check_model_name,
+    check_output_dir,
     check_positive,
     check_task_args,
     cli,
@@ -130,6 +132,7 @@ def validate_labels(args: LabelArgs) -> None:
     check_positive(args, "samples_per_problem", "temperature", "max_new_tokens", "mc_max_new_tokens",
                    "label_batch_size")
     check_positive(args, "mc_k", allow_zero=("mc_k",))
+    check_device(args.device)
     check_model_name(args.policy, "policy")
 
 
@@ -235,6 +238,7 @@ def validate(script: PRMScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     check_positive(script, "num_train_problems", "max_length")
     check_positive(config, "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
     check_positive(lora, "lora_r", "lora_alpha")
+    check_output_dir(config.output_dir)
     if script.label_type == "mc" and script.mc_k == 0:
         raise UsageError("mc_k: Monte-Carlo labels need mc_k > 0 continuations per step (or label_type: oracle)")
     if script.label_type == "oracle" and task_name(script.task) != "arithmetic":
@@ -281,6 +285,7 @@ def evaluate(args: PRMEvalArgs) -> dict[str, dict]:
     validate_labels(args)
     check_choice("split", args.split, ("train", "validation", "test"))
     check_positive(args, "num_problems", "implicit_beta")
+    check_output_dir(args.output_dir)
     if task_name(args.task) != "arithmetic":
         raise UsageError(f"task: held-out oracle labels need the arithmetic task (unique solutions), not {args.task}")
     for path in [*args.prm, *([args.implicit_policy] if args.implicit_policy else [])]:

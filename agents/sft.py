@@ -24,6 +24,7 @@ from halluc_rl.config import (
     UsageError,
     check_choice,
     check_model_name,
+    check_output_dir,
     check_positive,
     check_task_args,
     cli,
@@ -173,6 +174,7 @@ def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     check_positive(script, "error_length_min", "error_length_max", "temperature")
     check_positive(config, "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
     check_positive(lora, "lora_r", "lora_alpha")
+    check_output_dir(config.output_dir)
     if not 0.0 <= script.error_rate <= 1.0:
         raise UsageError(f"error_rate: must be in [0, 1], got {script.error_rate}")
     if not script.curriculum_caps or any(c < 1 for c in script.curriculum_caps):

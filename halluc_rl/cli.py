@@ -7,7 +7,8 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (module with a `main(argv)` function, one-line help)
-    "demo": ("halluc_rl.agents.demo", "the whole pipeline on the embedded tiny model, offline: SFT, evaluation"),
+    "demo": ("halluc_rl.agents.demo", "the whole pipeline on the embedded tiny model, offline: SFT, DPO, PPO and a control arm, "
+             "each stage evaluated"),
     "pretrain": ("halluc_rl.agents.pretrain", "train the embedded tiny model from scratch on the offline task"),
     "sft": ("halluc_rl.agents.sft", "masked-error SFT of a (LoRA) policy: the warm start"),
     "dpo": ("halluc_rl.agents.dpo", "token-level DPO at the policy's own error points (after SFT)"),

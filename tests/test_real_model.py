@@ -83,7 +83,7 @@ def test_missing_gguf_package_says_how_to_install_it(tmp_path, monkeypatch, caps
     monkeypatch.setenv("HALLUC_RL_HOME", str(tmp_path))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
-    assert models.main(["get", NAME]) == 1  # refused before downloading anything
+    assert models.main(["get", NAME]) == 2  # refused before downloading anything
     assert "pip install 'halluc-rl[gguf]'" in capsys.readouterr().err
     assert not (tmp_path / "models" / NAME).exists()
     gguf = tmp_path / "x.gguf"
