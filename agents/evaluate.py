@@ -102,7 +102,7 @@ def validate(args: EvalArgs) -> None:
                          "PEFT adapter saved with its tokenizer), or --policy tiny for the embedded model. To "
                          "evaluate a Hub model, download it first and pass its local directory.")
     check_model_name(args.policy, "policy")
-    check_task_args(args, args.num_problems, "num_problems")
+    check_task_args(args, args.num_problems, "num_problems", split=args.split)
     check_choice("split", args.split, SPLITS)
     check_positive(args, "max_new_tokens", "batch_size", "temperature")
     check_positive(args, "num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget",

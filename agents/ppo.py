@@ -63,6 +63,7 @@ from halluc_rl.config import (
     UsageError,
     check_choice,
     check_model_name,
+    check_output_dir,
     check_positive,
     check_reward_args,
     check_task_args,
@@ -124,6 +125,7 @@ class PPOArgs(RunArgs, RewardArgs, SamplingArgs, TaskArgs):
 def validate(args: PPOArgs, model_args: ModelArgs) -> None:
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
     check_task_args(args, args.num_problems, "num_problems")
+    check_output_dir(args.output_dir)
     check_reward_args(args, args.task)
     check_choice("process_credit", args.process_credit, ("return", "immediate"))
     check_choice("kl_estimator", args.kl_estimator, ("k1", "k3"))

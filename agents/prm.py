@@ -128,7 +128,7 @@ def _device(name: str) -> torch.device:
 
 
 def validate_labels(args: LabelArgs) -> None:
-    check_task_args(args)
+    check_task_args(args, split=getattr(args, "split", "train"))
     check_positive(args, "samples_per_problem", "temperature", "max_new_tokens", "mc_max_new_tokens",
                    "label_batch_size")
     check_positive(args, "mc_k", allow_zero=("mc_k",))

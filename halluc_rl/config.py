@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from halluc_rl.atomic import atomic_write_text
-from halluc_rl.data.tasks import parse_task
+from halluc_rl.data.tasks import load_problems, parse_task
 from halluc_rl.modeling import check_saved_model
 from halluc_rl.registry import KNOWN_MODELS, is_known_name, resolve_model_path
 
@@ -465,8 +465,10 @@ FILE_TASKS: tuple[str, ...] = ("gsm8k",)
 """The tasks that read ``data_files`` (the others make their problems)."""
 
 
-def check_task_args(args: TaskArgs, num_problems: int | None = None, count_field: str = "num_train_problems") -> str:
-    """Refuse bad task settings, a data file for a task that reads none or a missing one, or an endless task
+def check_task_args(args: TaskArgs, num_problems: int | None = None, count_field: str = "num_train_problems",
+                    split: str = "train") -> str:
+    """Refuse bad task settings, a data file for a task that reads none, a missing or unreadable one (its
+    ``split`` is read now: a broken line or an empty file is one line, not a traceback mid-run), or an endless task
     asked for all of its problems (``num_problems`` 0); returns the task's base name."""
     name = check_task(args.task)
     check_positive(args, "validation_size", allow_zero=("validation_size",))
@@ -477,6 +479,12 @@ def check_task_args(args: TaskArgs, num_problems: int | None = None, count_field
                          f"{', '.join(FILE_TASKS)} reads them)")
     if args.data_files is not None and not Path(args.data_files).exists():
         raise UsageError(f"data_files: no such file or directory {args.data_files}")
+    if args.data_files is not None:
+        try:
+            load_problems(args.task, split, num_problems or 0, args.data_files, seed=args.task_seed,
+                          validation_size=args.validation_size)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"data_files: {' '.join(str(err).split())}") from err
     return name
 
 

@@ -36,6 +36,9 @@ CASES = [
     ("ppo", ["--config", "{nan_yaml}"], f"kl_coef: {FINITE} nan"),
     ("ppo", ["--learning_rate", "inf"], f"learning_rate: {FINITE} inf"),
     ("ppo", ["--clip", "nan"], f"clip: {FINITE} nan"),
+    ("ppo", ["--task", "gsm8k", "--data_files", "{broken_jsonl}"], "data_files: {broken_jsonl}, line 2: malformed JSON"),
+    ("ppo", ["--task", "gsm8k", "--data_files", "{empty_jsonl}"], "data_files: no row of {empty_jsonl} has a parseable"),
+    ("eval", ["--task", "gsm8k", "--data_files", "{broken_jsonl}"], "data_files: {broken_jsonl}, line 2: malformed"),
     ("sft", ["--learning_rate", "nan"], f"learning_rate: {FINITE} nan"),
     ("grpo", ["--max_grad_norm=-inf"], f"max_grad_norm: {FINITE} -inf"),
     ("dpo", ["--beta", "nan"], f"beta: {FINITE} nan"),
@@ -54,7 +57,7 @@ CASES = [
     ("prm eval", ["--device", "tpu"], "device: unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
     # 5. output_dir is an existing file (ppo's call to check_output_dir lives in agents/ppo.py)
     *[(cmd, ["--output_dir", "{file}"], f"output_dir: {{file}} {IS_A_FILE}")
-      for cmd in ("sft", "dpo", "grpo", "prm", "prm eval", "eval", "pretrain", "demo")],
+      for cmd in ("sft", "dpo", "grpo", "prm", "prm eval", "ppo", "eval", "pretrain", "demo")],
     ("eval", ["--output_dir", "{file}/sub"], "output_dir: {file}/sub lies under {file}, which is a file"),
     # 6. models: not a GGUF file, an unknown model
     ("models", ["convert", "{fake_gguf}", "{out}"], "gguf_file: {fake_gguf} is not a GGUF file"),
@@ -89,10 +92,14 @@ def paths(tmp_path) -> dict[str, str]:
     (tmp_path / "bad.yaml").write_text("output_dir: [1\n")
     (tmp_path / "unknown.yaml").write_text("lerning_rate: 0.1\n")
     (tmp_path / "nan.yaml").write_text("kl_coef: .nan\n")
+    (tmp_path / "broken.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{broken\n')
+    (tmp_path / "empty.jsonl").write_text("")
     return {"out": str(tmp_path / "out"), "file": str(tmp_path / "plain.txt"),
             "fake_gguf": str(tmp_path / "fake.gguf"), "missing": str(tmp_path / "missing"),
             "bad_yaml": str(tmp_path / "bad.yaml"), "unknown_key": str(tmp_path / "unknown.yaml"),
-            "nan_yaml": str(tmp_path / "nan.yaml")}
+            "nan_yaml": str(tmp_path / "nan.yaml"), "broken_jsonl": str(tmp_path / "broken.jsonl"),
+            "empty_jsonl": str(tmp_path / "empty.jsonl")}
+
 
 
 @pytest.mark.parametrize("command, argv, expected", CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])

@@ -244,13 +244,16 @@ def sft_argv(base_dir, out, *extra):
 
 def test_a_command_that_failed_after_writing_its_config_does_not_block_the_corrected_one(base_dir, tmp_path,
                                                                                           capsys):
-    """The issue's repro: sft on an empty GSM8K file fails (exit 2) once config.yaml is written; the corrected
-    command (another task) must run, not be refused as 'a run with another config'."""
+    """The issue's repro: sft on an empty GSM8K file. It is now refused before anything is written; a folder that
+    an earlier failure left with only its config.yaml (as older versions did) does not block the corrected
+    command either: it is not refused as 'a run with another config'."""
     out, empty = tmp_path / "run", tmp_path / "empty.jsonl"
     empty.write_text("")
     assert sft.main(sft_argv(base_dir, out, "--task", "gsm8k", "--data_files", str(empty))) == 2
-    assert (out / "config.yaml").exists()
-    capsys.readouterr()
+    err = capsys.readouterr().err.strip()
+    assert "data_files: no row of" in err and len(err.splitlines()) == 1 and not out.exists()
+    out.mkdir()
+    (out / "config.yaml").write_text("task: gsm8k\ndata_files: empty.jsonl\n")  # what a failed run used to leave
     assert sft.main(sft_argv(base_dir, out)) == 0
     said = capsys.readouterr().out
     assert f"replacing {out / 'config.yaml'}: its run left no checkpoint, weights or log_history.json" in said
