@@ -26,13 +26,8 @@ from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from halluc_rl.adapters import sync_reference_adapter
+from halluc_rl.args import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs, SamplingArgs, TaskArgs
 from halluc_rl.config import (
-    LoraArgs,
-    ModelArgs,
-    PrecisionDefaults,
-    RunArgs,
-    SamplingArgs,
-    TaskArgs,
     UsageError,
     check_choice,
     check_model_name,
@@ -83,7 +78,7 @@ class DPOScriptArgs(RunArgs, SamplingArgs, TaskArgs):
 
 @dataclass
 class DPOConfig(PrecisionDefaults, trl.DPOConfig):
-    """TRL's ``DPOConfig``; ``bf16`` defaults to off on a CPU (see :class:`halluc_rl.config.PrecisionDefaults`)."""
+    """TRL's ``DPOConfig``; ``bf16`` defaults to off on a CPU (see :class:`halluc_rl.args.PrecisionDefaults`)."""
 
 
 @dataclass

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
+from halluc_rl.args import SamplingArgs, TaskArgs
 from halluc_rl.config import (
-    SamplingArgs,
-    TaskArgs,
     UsageError,
     check_choice,
     check_device,

@@ -22,14 +22,9 @@ import trl
 from trl import GRPOTrainer
 
 from halluc_rl.adapters import base_model_name, quiet_checkpointing_alias, sync_reference_adapter
+from halluc_rl.args import LoraArgs, ModelArgs, PrecisionDefaults, RewardArgs, RunArgs, TaskArgs
 from halluc_rl.backtrack import apply_actions
 from halluc_rl.config import (
-    LoraArgs,
-    ModelArgs,
-    PrecisionDefaults,
-    RewardArgs,
-    RunArgs,
-    TaskArgs,
     UsageError,
     check_model_name,
     check_output_dir,

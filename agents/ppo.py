@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from halluc_rl import distributed, losses
 from halluc_rl.adapters import check_same_base, reference_mode
+from halluc_rl.args import LoraArgs, ModelArgs, RewardArgs, RunArgs, SamplingArgs, TaskArgs
 from halluc_rl.atomic import atomic_write_json
 from halluc_rl.checkpoints import (
     load_checkpoint,
@@ -53,13 +54,7 @@ from halluc_rl.checkpoints import (
     staging_dir,
 )
 from halluc_rl.config import (
-    LoraArgs,
-    ModelArgs,
     NonFiniteError,
-    RewardArgs,
-    RunArgs,
-    SamplingArgs,
-    TaskArgs,
     UsageError,
     check_choice,
     check_model_name,

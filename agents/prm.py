@@ -26,13 +26,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from halluc_rl.adapters import base_model_name
+from halluc_rl.args import LoraArgs, ModelArgs, RunArgs, SamplingArgs, TaskArgs
 from halluc_rl.atomic import atomic_write_json, atomic_write_text
 from halluc_rl.config import (
-    LoraArgs,
-    ModelArgs,
-    RunArgs,
-    SamplingArgs,
-    TaskArgs,
     UsageError,
     check_choice,
     check_device,

@@ -14,13 +14,8 @@ import trl
 from trl import SFTTrainer
 
 from halluc_rl.adapters import make_lora_model
+from halluc_rl.args import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs, SamplingArgs, TaskArgs
 from halluc_rl.config import (
-    LoraArgs,
-    ModelArgs,
-    PrecisionDefaults,
-    RunArgs,
-    SamplingArgs,
-    TaskArgs,
     UsageError,
     check_choice,
     check_model_name,
@@ -69,7 +64,7 @@ class SFTScriptArgs(RunArgs, SamplingArgs, TaskArgs):
 
 @dataclass
 class SFTConfig(PrecisionDefaults, trl.SFTConfig):
-    """TRL's ``SFTConfig``; ``bf16`` defaults to off on a CPU (see :class:`halluc_rl.config.PrecisionDefaults`)."""
+    """TRL's ``SFTConfig``; ``bf16`` defaults to off on a CPU (see :class:`halluc_rl.args.PrecisionDefaults`)."""
 
 
 class MaskedErrorSFTTrainer(SafeTrainerMixin, SFTTrainer):

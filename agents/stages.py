@@ -21,9 +21,10 @@ import yaml
 from trl import TrlParser
 
 from halluc_rl.agents import dpo, ppo, prm, sft
+from halluc_rl.args import LoraArgs, ModelArgs
 from halluc_rl.atomic import atomic_write_json
 from halluc_rl.checkpoints import finished_run
-from halluc_rl.config import LoraArgs, ModelArgs, UsageError, check_types
+from halluc_rl.config import UsageError, check_types
 from halluc_rl.data.errors import PLAUSIBLE_KINDS
 from halluc_rl.data.tasks import load_problems
 from halluc_rl.evaluation import evaluate_policy

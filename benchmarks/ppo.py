@@ -30,7 +30,8 @@ import time
 import torch
 
 from halluc_rl.agents import ppo
-from halluc_rl.config import LoraArgs, ModelArgs, parse_cli
+from halluc_rl.args import LoraArgs, ModelArgs
+from halluc_rl.config import parse_cli
 from halluc_rl.data.problems import format_prompt
 from halluc_rl.data.tasks import load_problems
 

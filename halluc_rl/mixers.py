@@ -3,7 +3,7 @@ form asked for, and the backtrack cost, as a :class:`~halluc_rl.rewards.RewardMi
 
 from __future__ import annotations
 
-from halluc_rl.config import RewardArgs
+from halluc_rl.args import RewardArgs
 from halluc_rl.labels import step_token_ids
 from halluc_rl.modeling import load_policy
 from halluc_rl.rewards import (

@@ -163,7 +163,8 @@ def test_the_top_level_help_names_the_demos_stages(capsys):
 
 def test_help_parses_nothing_differently(tmp_path):
     """Grouping the help leaves parsing alone: a hidden inherited option still parses."""
-    from halluc_rl.config import ModelArgs, parse_cli
+    from halluc_rl.args import ModelArgs
+    from halluc_rl.config import parse_cli
 
     *_, config = parse_cli([sft.SFTScriptArgs, ModelArgs, sft.LoraArgs, sft.SFTConfig],
                            ["--output_dir", str(tmp_path / "o"), "--warmup_steps", "3", "--no_resume"],

@@ -76,7 +76,7 @@ def test_find_errors_on_a_policy_sample_matches_the_oracle(tokenizer):
 def tiny_trainer(tmp_path, tokenizer, pairs_rows, **config):
     model = make_model("llama", tokenizer, hidden_size=32)
     from halluc_rl.adapters import make_lora_model
-    from halluc_rl.config import LoraArgs
+    from halluc_rl.args import LoraArgs
 
     policy = make_lora_model(model, LoraArgs(lora_r=4), backtrack_token_id(tokenizer))
     import datasets
@@ -184,7 +184,8 @@ def test_dpo_refuses_oracle_settings_on_gsm8k(capsys):
 
 def test_the_reference_of_a_continued_adapter_keeps_its_trained_backtrack_rows(tmp_path, tokenizer):
     from halluc_rl.agents import sft
-    from halluc_rl.config import LoraArgs, ModelArgs, parse_cli
+    from halluc_rl.args import LoraArgs, ModelArgs
+    from halluc_rl.config import parse_cli
 
     base = tmp_path / "base"
     make_model("llama", tokenizer, hidden_size=32).save_pretrained(base)

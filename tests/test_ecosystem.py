@@ -17,7 +17,8 @@ from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 import halluc_rl
 from halluc_rl.adapters import BASE_NAME_KEY, base_model_name, expose_head_bias, make_lora_model
-from halluc_rl.config import LoraArgs, ModelArgs, parse_config
+from halluc_rl.args import LoraArgs, ModelArgs
+from halluc_rl.config import parse_config
 from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.problems import format_prompt, format_solution
 from halluc_rl.modeling import load_model, load_model_and_tokenizer, load_policy

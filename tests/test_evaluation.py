@@ -334,7 +334,7 @@ def test_eval_cli_end_to_end(tmp_path, tokenizer, capsys):
 def test_eval_cli_adapter_policy(tmp_path, tokenizer):
     """A PEFT adapter directory (with its tokenizer) is evaluated on its base model."""
     from halluc_rl.adapters import base_model_name, make_lora_model
-    from halluc_rl.config import LoraArgs
+    from halluc_rl.args import LoraArgs
     from halluc_rl.modeling import load_model
 
     base = _save_policy(make_model("llama", tokenizer), tokenizer, tmp_path / "base")

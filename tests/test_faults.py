@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from halluc_rl.agents import dpo, grpo, ppo, prm, sft
+from halluc_rl.args import LoraArgs, ModelArgs
 from halluc_rl.checkpoints import LOCK_FILE, lock_run_dir, prepare_run_dir
-from halluc_rl.config import LoraArgs, ModelArgs, NonFiniteError, parse_cli
+from halluc_rl.config import NonFiniteError, parse_cli
 from halluc_rl.rewards import RewardMixer, RuleGrader
 from halluc_rl.training import DeadGradientStop, SafeTrainerMixin
 from tests.conftest import make_model

@@ -11,8 +11,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from halluc_rl.adapters import make_lora_model
+from halluc_rl.args import LoraArgs
 from halluc_rl.backtrack import apply_actions, backtrack_token_id
-from halluc_rl.config import LoraArgs
 from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.problems import encode_problem
 from halluc_rl.generation import BacktrackGenerationConfig

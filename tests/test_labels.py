@@ -183,7 +183,7 @@ def test_the_cache_tells_adapters_apart_and_knows_one_reloaded(tokenizer, tmp_pa
     """A cache made by a freshly trained adapter is reused by the same adapter loaded from disk (in another
     process, say), and refused once its weights change."""
     from halluc_rl.adapters import make_lora_model
-    from halluc_rl.config import LoraArgs
+    from halluc_rl.args import LoraArgs
     from halluc_rl.modeling import load_model, load_policy
     from halluc_rl.policy import write_policy_config
 

@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                 "halluc_rl.scoring")),
     ("models", ("halluc_rl.registry", "halluc_rl.tiny", "halluc_rl.adapters", "halluc_rl.modeling")),
     ("data", ("halluc_rl.data",)),
-    ("runs", ("halluc_rl.config", "halluc_rl.checkpoints", "halluc_rl.training")),
+    ("runs", ("halluc_rl.args", "halluc_rl.config", "halluc_rl.checkpoints", "halluc_rl.training")),
     ("rl", ("halluc_rl.rewards", "halluc_rl.mixers", "halluc_rl.rollout", "halluc_rl.values", "halluc_rl.labels",
             "halluc_rl.label_cache", "halluc_rl.prm_metrics", "halluc_rl.pairs", "halluc_rl.evaluation",
             "halluc_rl.reporting")),

@@ -64,7 +64,8 @@ def test_generation_samples_from_the_factorized_head(tokenizer):
 
 def test_sft_with_the_factorized_head_trains_saves_and_reloads_it(tmp_path, tokenizer, monkeypatch):
     sft = importlib.import_module("halluc_rl.agents.sft")
-    from halluc_rl.config import LoraArgs, ModelArgs, parse_config
+    from halluc_rl.args import LoraArgs, ModelArgs
+    from halluc_rl.config import parse_config
 
     base = tmp_path / "base"
     make_model("llama", tokenizer, hidden_size=32).save_pretrained(base)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from halluc_rl.agents import ppo
+from halluc_rl.args import LoraArgs, ModelArgs
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.checkpoints import checkpoint_problem
-from halluc_rl.config import LoraArgs, ModelArgs, parse_cli
+from halluc_rl.config import parse_cli
 from halluc_rl.data.tasks import ArithmeticTask
 from halluc_rl.rewards import CallableReward, OracleProcessReward, RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout

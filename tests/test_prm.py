@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 from halluc_rl.adapters import make_lora_model
+from halluc_rl.args import LoraArgs, ModelArgs
 from halluc_rl.backtrack import apply_actions, backtrack_token_id
-from halluc_rl.config import LoraArgs, ModelArgs, parse_config
+from halluc_rl.config import parse_config
 from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.labels import step_token_ids
 from halluc_rl.losses import action_log_probs

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from halluc_rl.adapters import base_model_name, make_lora_model
+from halluc_rl.args import LoraArgs
 from halluc_rl.backtrack import BACKTRACK_TOKEN, apply_actions
-from halluc_rl.config import LoraArgs
 from halluc_rl.data.problems import Problem, encode_problem, format_prompt
 from halluc_rl.generation import generate
 from halluc_rl.modeling import (

@@ -322,7 +322,8 @@ def test_renamed_sampling_options_are_read_as_their_new_names(tmp_path):
     """The sampling temperature has one name everywhere; the old names still work, on the command line and in
     YAML files, and a file may not set both."""
     from halluc_rl.agents import dpo, prm
-    from halluc_rl.config import LoraArgs, ModelArgs, UsageError, parse_cli
+    from halluc_rl.args import LoraArgs, ModelArgs
+    from halluc_rl.config import UsageError, parse_cli
 
     types_ = [dpo.DPOScriptArgs, ModelArgs, LoraArgs, dpo.DPOConfig]
     script = parse_cli(types_, ["--sample-temperature", "0.7", "--output_dir", str(tmp_path)], "t")[0]
@@ -341,7 +342,8 @@ def test_renamed_sampling_options_are_read_as_their_new_names(tmp_path):
 def test_the_task_block_is_declared_once_and_checked_alike(tmp_path):
     """Every command takes the task settings from one block, and refuses a missing data file in the same line."""
     from halluc_rl.agents import dpo, evaluate, grpo, prm
-    from halluc_rl.config import TaskArgs, UsageError, check_task_args
+    from halluc_rl.args import TaskArgs
+    from halluc_rl.config import UsageError, check_task_args
 
     for args in (sft.SFTScriptArgs, dpo.DPOScriptArgs, grpo.GRPOScriptArgs, prm.PRMScriptArgs, evaluate.EvalArgs):
         assert issubclass(args, TaskArgs)

@@ -11,8 +11,8 @@ import torch
 from halluc_rl.adapters import make_lora_model
 from halluc_rl.agents import dpo, ppo
 from halluc_rl.agents import evaluate as eval_cli
+from halluc_rl.args import LoraArgs
 from halluc_rl.checkpoints import save_model_files
-from halluc_rl.config import LoraArgs
 from halluc_rl.modeling import check_saved_model, load_model_and_tokenizer, load_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")

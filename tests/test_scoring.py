@@ -8,8 +8,8 @@ from transformers import GenerationConfig
 
 import halluc_rl  # noqa: F401  (registers the envs)
 from halluc_rl.adapters import make_lora_model
+from halluc_rl.args import LoraArgs
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.config import LoraArgs
 from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.generation import (

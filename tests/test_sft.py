@@ -9,8 +9,9 @@ import yaml
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from halluc_rl.args import LoraArgs, ModelArgs
 from halluc_rl.backtrack import backtrack_token_id
-from halluc_rl.config import LoraArgs, ModelArgs, UsageError, parse_config
+from halluc_rl.config import UsageError, parse_config
 from halluc_rl.generation import generate
 from halluc_rl.modeling import load_policy
 from tests.conftest import make_model
