@@ -21,14 +21,13 @@ run follows the single-process one. The maths lives in ``halluc_rl/losses.py``, 
 ``halluc_rl/values.py``; runs stop on a non-finite loss, an exploding KL or a dead gradient (the shared
 :class:`halluc_rl.training.DeadGradientStop`) with the update number (exit status 3), hold a lock on their folder,
 checkpoint atomically and resume. A jump of the backtrack or truncation rate, the signature of reward hacking, is
-warned about (:func:`rate_jumps`). :func:`train` is the loop; each step of it is a function below it.
+warned about (:func:`halluc_rl.training.rate_jumps`). :func:`train` is the loop; each step of it is a function below it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -75,7 +74,7 @@ from halluc_rl.rewards import (
 )
 from halluc_rl.rollout import Rollout, rollout
 from halluc_rl.scoring import score_actions
-from halluc_rl.training import DeadGradientStop
+from halluc_rl.training import DeadGradientStop, rate_jumps
 from halluc_rl.values import mc_states, vine_advantages  # noqa: F401  (mc_states: ppo.mc_states, as before)
 
 
@@ -197,38 +196,13 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
                             kl=f"{row['losses/approx_kl']:.3f}")
             if acc.is_main_process:
                 for warning in rate_jumps(run.history):
-                    print(warning)
+                    print(f"ppo: {warning}")
             dead.observe(update + 1, max(metrics.get("losses/grad_norm", [None]), key=lambda v: v or 0.0),
                          row.get("losses/loss"), row.get("losses/entropy"),
                          advice=f"the last checkpoint is kept (lower the learning rate, now {args.learning_rate})")
             checkpoint_or_stop(run, args, row, update)
         finish(run)
     return 0
-
-
-RATE_KEYS: tuple[str, ...] = ("rollout/backtrack_rate", "rollout/truncated_rate")
-"""The rates a reward-hacking policy drives up: backtracking everywhere, and answers cut off at the action cap."""
-
-
-def rate_jumps(history: list[dict], keys: Sequence[str] = RATE_KEYS, floor: float = 0.5,
-               factor: float = 3.0) -> list[str]:
-    """One warning line per rate of the last row that jumped: above ``floor`` and at least ``factor`` times its
-    mean over the earlier rows (none on the first row: there is nothing to compare with). A policy paid per
-    backtrack drives every answer to the action cap within a few updates; the run goes on, but the user is told."""
-    if len(history) < 2:
-        return []
-    last, warnings = history[-1], []
-    for key in keys:
-        earlier = [r[key] for r in history[:-1] if r.get(key) is not None]
-        value = last.get(key)
-        if value is None or not earlier:
-            continue
-        mean = sum(earlier) / len(earlier)
-        if value > floor and value >= factor * mean:
-            warnings.append(f"ppo: warning: update {last['update']}: {key} jumped to {value:.3f} (mean so far "
-                            f"{mean:.3f}); the policy may be hacking its reward (check backtrack_cost and the "
-                            "process reward, or lower the learning rate)")
-    return warnings
 
 
 def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerator,

@@ -53,6 +53,31 @@ class DeadGradientStop:
                                  f"while {why}: the run diverged and no longer learns; {advice}")
 
 
+RATE_KEYS: tuple[str, ...] = ("rollout/backtrack_rate", "rollout/truncated_rate")
+"""The rates a reward-hacking policy drives up: backtracking everywhere, and answers cut off at the action cap."""
+
+
+def rate_jumps(history: list[dict], keys: Sequence[str] = RATE_KEYS, floor: float = 0.5,
+               factor: float = 3.0) -> list[str]:
+    """One warning line per rate of the last row that jumped: above ``floor`` and at least ``factor`` times its
+    mean over the earlier rows (none on the first row: there is nothing to compare with). A policy paid per
+    backtrack drives every answer to the action cap within a few updates; the run goes on, but the user is told."""
+    if len(history) < 2:
+        return []
+    last, warnings = history[-1], []
+    for key in keys:
+        earlier = [r[key] for r in history[:-1] if r.get(key) is not None]
+        value = last.get(key)
+        if value is None or not earlier:
+            continue
+        mean = sum(earlier) / len(earlier)
+        if value > floor and value >= factor * mean:
+            warnings.append(f"warning: update {last['update']}: {key} jumped to {value:.3f} (mean so far "
+                            f"{mean:.3f}); the policy may be hacking its reward (check backtrack_cost and the "
+                            "process reward, or lower the learning rate)")
+    return warnings
+
+
 class SafeTrainerMixin:
     """For ``transformers.Trainer`` subclasses (TRL's included): stop on non-finite losses and gradient norms before
     the optimiser applies them, never save non-finite weights, save checkpoints atomically, and save the policy's

@@ -17,6 +17,7 @@ import types
 import pytest
 import torch
 
+from halluc_rl import training
 from halluc_rl.agents import dpo, grpo, ppo, prm, sft
 from halluc_rl.args import LoraArgs, ModelArgs
 from halluc_rl.checkpoints import LOCK_FILE, lock_run_dir, prepare_run_dir
@@ -203,10 +204,10 @@ def rows(*rates):
     (rows((0.0, 0.0), (None, 0.0), (0.6, 0.0)), ["rollout/backtrack_rate"]),  # no action: no rate
 ])
 def test_a_jump_of_the_backtrack_or_truncation_rate_is_warned(history, warned):
-    lines = ppo.rate_jumps(history)
-    assert [line.split(": ")[3].split(" jumped")[0] for line in lines] == warned
+    lines = training.rate_jumps(history)
+    assert [line.split(": ")[2].split(" jumped")[0] for line in lines] == warned
     for line in lines:
-        assert line.startswith(f"ppo: warning: update {len(history)}: ") and "hacking its reward" in line
+        assert line.startswith(f"warning: update {len(history)}: ") and "hacking its reward" in line
         assert "\n" not in line
 
 
