@@ -69,3 +69,12 @@ def make_model(arch: str, tokenizer, seed: int = 0, **overrides):
 
 
 ARCHS = ["llama", "qwen2", "gpt2"]
+
+
+@pytest.fixture
+def base_dir(tmp_path, tokenizer):
+    """A tiny Llama (untied head) saved with its tokenizer: a base model as a user would have one."""
+    path = tmp_path / "base"
+    make_model("llama", tokenizer, hidden_size=32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

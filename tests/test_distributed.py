@@ -48,7 +48,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_two_processes_reduce_to_what_one_process_computes_on_all_the_data(tmp_path):
     # fork: the children start without importing torch again (a few seconds on a busy machine)
     mp.start_processes(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork")
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     whole = masked_whiten(ADV, MASK)
     assert torch.equal(torch.cat([r["whitened"] for r in results]), whole)
     assert whole[MASK].abs().sum() > 0 and abs(float(whole[MASK].mean())) < 1e-6

@@ -32,14 +32,6 @@ HOLD = ("import sys, time\nfrom halluc_rl.checkpoints import lock_run_dir\nwith 
         "    print('locked', flush=True)\n    time.sleep(600)\n")
 
 
-@pytest.fixture
-def base_dir(tmp_path, tokenizer):
-    path = tmp_path / "base"
-    make_model("llama", tokenizer, hidden_size=32).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def ppo_argv(base_dir, out, *extra):
     return ["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--num_problems", "64",
             "--problems_per_update", "4", "--group_size", "2", "--max_new_tokens", "8", "--updates", "3",

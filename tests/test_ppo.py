@@ -26,14 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
 
-@pytest.fixture
-def base_dir(tmp_path, tokenizer):
-    path = tmp_path / "base"
-    make_model("llama", tokenizer, hidden_size=32).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def args(base_dir, out, *extra):
     return ["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--num_problems", "64",
             "--problems_per_update", "8", "--group_size", "2", "--max_new_tokens", "12", "--updates", "2",

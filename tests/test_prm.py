@@ -29,16 +29,6 @@ prm = importlib.import_module("halluc_rl.agents.prm")  # agents/ is mapped into 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def base_dir(tmp_path, tokenizer):
-    """A tiny Llama saved with its tokenizer: the policy, and the PRM's starting point."""
-    model = make_model("llama", tokenizer, hidden_size=32)
-    path = tmp_path / "base"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def argv(base_dir, out, *extra) -> list[str]:
     return ["--policy", str(base_dir), "--model_name_or_path", str(base_dir), "--output_dir", str(out),
             "--num_train_problems", "4", "--samples_per_problem", "2", "--mc_k", "2", "--max_new_tokens", "16",

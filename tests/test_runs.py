@@ -30,15 +30,6 @@ from tests.conftest import make_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def base_dir(tmp_path, tokenizer):
-    model = make_model("llama", tokenizer, hidden_size=32)
-    path = tmp_path / "base"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def argv(base_dir, out, *extra):
     return ["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--num_train_problems", "16",
             "--per_device_train_batch_size", "4", "--learning_rate", "0.01", "--report_to", "none",

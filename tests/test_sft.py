@@ -22,16 +22,6 @@ sft = importlib.import_module("halluc_rl.agents.sft")  # agents/ is mapped into 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def base_dir(tmp_path, tokenizer):
-    """A tiny Llama (untied head) saved with its tokenizer: a base model as a user would have one."""
-    model = make_model("llama", tokenizer, hidden_size=32)
-    path = tmp_path / "base"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def configs(base_dir, out, *extra):
     argv = ["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--num_train_problems", "16",
             "--per_device_train_batch_size", "4", "--learning_rate", "0.01", "--report_to", "none",
