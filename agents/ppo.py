@@ -65,7 +65,8 @@ from halluc_rl.config import (
     parse_cli,
 )
 from halluc_rl.data.tasks import Problem, encode_problem, load_problems
-from halluc_rl.evaluation import backtrack_counts
+from halluc_rl.distributed import seed_of
+from halluc_rl.evaluation import backtrack_counts, ratio
 from halluc_rl.generation import BacktrackGenerationConfig, row_generators
 from halluc_rl.mixers import build_rewards
 from halluc_rl.modeling import load_start_policy
@@ -133,11 +134,6 @@ def validate(args: PPOArgs, model_args: ModelArgs) -> None:
     if args.problems_per_update % args.minibatches:
         raise UsageError("minibatches: must divide problems_per_update")
     check_model_name(model_args.model_name_or_path)
-
-
-def seed_of(*keys: int) -> int:
-    """A seed mixed from integers, the same in every process (Python's ``hash`` is salted for strings)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] % 2**62)
 
 
 @dataclass
@@ -360,10 +356,6 @@ def minibatch_step(run: Run, args: PPOArgs, ro: Rollout, rows: list[int], adv: t
             metrics.setdefault(key, []).append(float(value.detach()))
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b else None
-
-
 def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[float]], update: int,
             began: float) -> dict:
     """The update's history row (rollout sums over processes, loss means), also sent to tensorboard."""
@@ -376,10 +368,10 @@ def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[flo
                                 float((~ro.generation.finished).sum())], dtype=torch.float64)
     t = distributed.all_sum(local_stats, run.acc.device).tolist()
     row = {"update": update + 1, "rollout/accuracy": t[0] / t[1],
-           "rollout/backtrack_rate": _ratio(t[2], t[3]), "rollout/truncated_rate": t[11] / t[1],
-           "rollout/backtrack_precision": _ratio(t[4], t[5]),
-           "rollout/false_backtrack_rate": _ratio(t[6], t[7]),
-           "rollout/kl": _ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
+           "rollout/backtrack_rate": ratio(t[2], t[3]), "rollout/truncated_rate": t[11] / t[1],
+           "rollout/backtrack_precision": ratio(t[4], t[5]),
+           "rollout/false_backtrack_rate": ratio(t[6], t[7]),
+           "rollout/kl": ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
            "time/update_s": time.time() - began}
     row.update({f"rollout/reward_{k}": float(v.sum(1).mean()) for k, v in ro.reward_parts.items()})
     row.update({k: float(np.mean(v)) for k, v in metrics.items()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -54,3 +55,8 @@ def zero_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Give every parameter a zero gradient: what a process without rows in a minibatch adds to the mean."""
     for p in params:
         p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+
+
+def seed_of(*keys: int) -> int:
+    """A seed mixed from integers, the same in every process (Python's ``hash`` is salted for strings)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] % 2**62)

@@ -79,15 +79,16 @@ class BacktrackCounts:
     def metrics(self) -> dict[str, float | int | None]:
         """The ratios (None where the denominator is zero: no deletions, no correct token, no episode)."""
         return {
-            "backtrack_rate": _ratio(self.num_backtracks, self.num_actions),
-            "backtrack_precision": _ratio(self.num_precise_deletions, self.num_deletions),
-            "false_backtrack_rate": _ratio(self.num_false_deletions, self.num_correct_appends),
-            "failed_backtracks": _ratio(self.num_failed, self.num_episodes),
+            "backtrack_rate": ratio(self.num_backtracks, self.num_actions),
+            "backtrack_precision": ratio(self.num_precise_deletions, self.num_deletions),
+            "false_backtrack_rate": ratio(self.num_false_deletions, self.num_correct_appends),
+            "failed_backtracks": ratio(self.num_failed, self.num_episodes),
             "num_deletions": self.num_deletions,
         }
 
 
-def _ratio(num: float, den: float) -> float | None:
+def ratio(num: float, den: float) -> float | None:
+    """``num / den``, or None when there is nothing to divide by (a rate of no events)."""
     return num / den if den else None
 
 
