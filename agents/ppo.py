@@ -68,6 +68,7 @@ from halluc_rl.data.tasks import Problem, encode_problem, load_problems
 from halluc_rl.distributed import seed_of
 from halluc_rl.evaluation import backtrack_counts, ratio
 from halluc_rl.generation import BacktrackGenerationConfig, row_generators
+from halluc_rl.labels import line_break_ids
 from halluc_rl.mixers import build_rewards
 from halluc_rl.modeling import load_start_policy
 from halluc_rl.rewards import (
@@ -237,7 +238,7 @@ def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerato
     gen_config = BacktrackGenerationConfig(do_sample=True, temperature=args.temperature, loop_guard=None,
                                            max_new_tokens=args.max_new_tokens, return_logprobs=True,
                                            backtrack_bias=0.0 if args.backtrack else float("-inf"))
-    newline_ids = {i for t, i in tok.get_vocab().items() if "\n" in tok.convert_tokens_to_string([t])}
+    newline_ids = line_break_ids(tok)
     tensorboard = args.report_to == "tensorboard" and acc.is_main_process
     writer = SummaryWriter(str(out / "tensorboard")) if tensorboard else None
     return Run(acc, out, model, tok, bt, head, params, optimizer, pool, mixer, gen_config, newline_ids, start,

@@ -70,6 +70,12 @@ def newline_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def line_break_ids(tokenizer) -> set[int]:
+    """Ids of the tokens whose text holds a newline anywhere: where Monte-Carlo values are taken (VinePPO's states,
+    DPO's value drops). Wider than :func:`newline_token_ids`, which keeps those that *end* a line."""
+    return {i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([t])}
+
+
 def step_token_ids(tokenizer) -> list[int]:
     """What a step-level :class:`~halluc_rl.rewards.HFProcessReward` should score at: newlines and EOS (the EOS
     closes the last step, which has no newline)."""

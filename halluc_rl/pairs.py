@@ -33,7 +33,7 @@ from halluc_rl.backtrack import BacktrackState, apply_actions
 from halluc_rl.data.grading import reward as grade
 from halluc_rl.data.tasks import Problem, encode_problem, format_solution
 from halluc_rl.generation import BacktrackGenerationConfig
-from halluc_rl.labels import prm_step_scores
+from halluc_rl.labels import line_break_ids, prm_step_scores
 from halluc_rl.policy import policy_backtrack
 from halluc_rl.rewards import OracleProcessReward
 from halluc_rl.rollout import rollout
@@ -154,7 +154,7 @@ def _step_value_errors(model, tokenizer, problems, prompts, streams, bt, k, min_
     """The first wrong step (line); steps before it are right. Without ``prm``: the first step after which the
     Monte-Carlo value (Math-Shepherd, Wang et al. 2024) falls by ``min_drop``. With it: the first step the PRM
     scores below ``prm_threshold``. The final state's value is its grade either way."""
-    newline_ids = {i for t, i in tokenizer.get_vocab().items() if "\n" in tokenizer.convert_tokens_to_string([t])}
+    newline_ids = line_break_ids(tokenizer)
     finals = [apply_actions(a, bt).visible_ids for a in streams]
     states, owner = [], []
     for n, visible in enumerate(finals):
