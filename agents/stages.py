@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from trl import TrlParser
 
 from halluc_rl.agents import dpo, ppo, prm, sft
 from halluc_rl.args import LoraArgs, ModelArgs
 from halluc_rl.atomic import atomic_write_json
 from halluc_rl.checkpoints import finished_run
-from halluc_rl.config import UsageError, check_types
+from halluc_rl.config import UsageError, check_types, read_config_mapping
 from halluc_rl.data.errors import PLAUSIBLE_KINDS
 from halluc_rl.data.tasks import load_problems
 from halluc_rl.evaluation import evaluate_policy
@@ -93,12 +92,7 @@ def stage_config(args: DemoArgs, stage: str, overrides: dict[str, Any]) -> tuple
     if not path.is_file():
         raise UsageError(f"stage_configs: no such file {path}; give a folder holding {', '.join(STAGE_TYPES)} "
                          "(.yaml), like configs/demo")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UsageError(f"stage_configs: {path} is not valid YAML ({' '.join(str(err).split())[:160]})") from err
-    if not isinstance(data, dict):
-        raise UsageError(f"stage_configs: {path} must hold a YAML mapping of option: value")
+    data = read_config_mapping(path, "stage_configs")
     parser = TrlParser(STAGE_TYPES[stage])
     unknown = parser.set_defaults_with_config(**{**data, **overrides})  # as --config sets a file's values
     if unknown:

@@ -207,18 +207,26 @@ def _renamed_flag(arg: str, renames: dict[str, str]) -> str:
     return f"--{new}{eq}{value}" if new else arg
 
 
-def _read_config_file(given: str | None, renames: dict[str, str], tmp: Path) -> Path:
-    """Check a ``--config`` file (one line per problem); a file using renamed keys is read through a renamed copy."""
+def read_config_mapping(given: str | Path | None, field: str = "--config") -> dict:
+    """The option: value mapping of a YAML config file (an empty file is no options), or a one-line
+    :class:`UsageError` naming ``field`` when the file is missing, not YAML, or not a mapping."""
     path = Path(given) if given else None
     if path is None or not path.is_file():
-        raise UsageError(f"--config: no such file {str(path) if path else '(missing)'}; give a YAML file "
+        raise UsageError(f"{field}: no such file {str(path) if path else '(missing)'}; give a YAML file "
                          "(see configs/ for examples)")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise UsageError(f"--config: {path} is not valid YAML ({' '.join(str(err).split())[:160]})") from err
-    if not isinstance(data, dict):
-        raise UsageError(f"--config: {path} must hold a YAML mapping of option: value")
+        raise UsageError(f"{field}: {path} is not valid YAML ({' '.join(str(err).split())[:160]})") from err
+    if data is not None and not isinstance(data, dict):
+        raise UsageError(f"{field}: {path} must hold a YAML mapping of option: value")
+    return data or {}
+
+
+def _read_config_file(given: str | None, renames: dict[str, str], tmp: Path) -> Path:
+    """Check a ``--config`` file (one line per problem); a file using renamed keys is read through a renamed copy."""
+    data = read_config_mapping(given)
+    path = Path(given)
     if not any(key in renames for key in data):
         return path
     clash = [f"{old} and {renames[old]}" for old in data if old in renames and renames[old] in data]
