@@ -35,9 +35,11 @@ import yaml
 
 from halluc_rl.atomic import atomic_write_text
 from halluc_rl.config import NonFiniteError, UsageError, resolved_config
+from halluc_rl.modeling import SAVED_WEIGHTS
 from halluc_rl.policy import write_policy_config
 
-WEIGHT_FILES: tuple[str, ...] = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+WEIGHT_FILES: tuple[str, ...] = (*(safe for safe, _ in SAVED_WEIGHTS.values()), "model.safetensors.index.json")
+"""The files that hold a saved policy's weights (safetensors: the adapter, the model, or a sharded model's index)."""
 
 
 def checkpoint_problem(path: Path) -> str | None:

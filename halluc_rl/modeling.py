@@ -224,7 +224,7 @@ def load_model_and_tokenizer(name_or_path: str, add_backtrack: bool = True, **kw
 # ----------------------------------------------------------------------------------------------------------------
 
 
-WEIGHT_FILES: dict[str, tuple[str, str]] = {
+SAVED_WEIGHTS: dict[str, tuple[str, str]] = {
     "adapter_config.json": ("adapter_model.safetensors", "adapter_model.bin"),
     "config.json": ("model.safetensors", "pytorch_model.bin"),
 }
@@ -246,7 +246,7 @@ def check_saved_model(folder: str | Path) -> None:
     if not isinstance(config, dict) or (kind == "adapter_config.json" and "peft_type" not in config):
         raise ValueError(f"{folder / kind} is not a {'PEFT adapter' if kind != 'config.json' else 'model'} config; "
                          "re-save the model, or restore the file")
-    safe, pickle = WEIGHT_FILES[kind]
+    safe, pickle = SAVED_WEIGHTS[kind]
     shards = [folder / safe] if (folder / safe).exists() else sorted(folder.glob("model-*.safetensors"))
     if not shards:
         if (folder / pickle).exists():
