@@ -5,12 +5,21 @@ visible *response* token, like a backspace. It never deletes into the prompt: a 
 no-op, counted as a failed backtrack. Backtrack tokens never appear in the visible text, and trailing backtracks
 apply.
 
-| action stream          | visible response | backtracks | deleted | failed |
-|------------------------|------------------|------------|---------|--------|
-| `a b c`                | `a b c`          | 0          | 0       | 0      |
-| `a b <BT> c`           | `a c`            | 1          | 1       | 0      |
-| `a <BT> <BT> b`        | `b`              | 2          | 1       | 1      |
-| `a b <BT> <BT>`        | (empty)          | 2          | 2       | 0      |
+| action stream          | visible response | backtracks | deleted | failed | the model then conditions on (`rewind`) | (`retry`)              |
+|------------------------|------------------|------------|---------|--------|-----------------------------------------|------------------------|
+| `a b c`                | `a b c`          | 0          | 0       | 0      | `a b c`                                 | `a b c`                |
+| `a b <BT> c`           | `a c`            | 1          | 1       | 0      | `a c`                                   | `a b <BT> c`           |
+| `a <BT> <BT> b`        | `b`              | 2          | 1       | 1      | `b`                                     | `a <BT> <BT> b`        |
+| `a b <BT> <BT>`        | (empty)          | 2          | 2       | 0      | (empty)                                 | `a b <BT> <BT>`        |
+
+The visible response (what graders, rewards, users and the env's ``info["text"]`` see) is the same in both
+semantics (:data:`SEMANTICS`). They differ in what the model is fed for its next action:
+
+* ``rewind`` (the default): the visible text only. The KV cache is rewound on a backspace, so after it the model is
+  exactly where it was before typing the deleted token, and has forgotten what it tried. Its memory of what was
+  tried is the decoder's visited memory (:class:`halluc_rl.decoding.LoopGuard`, keyed on the visible prefix).
+* ``retry``: every action so far, in order. Deleted tokens and backtrack tokens stay in the context, and the KV
+  cache only appends (the in-context retry of Physics of Language Models 2.2, Ye et al. 2024).
 
 Three views of the same rule live here, and the tests hold them equal:
 
@@ -22,7 +31,8 @@ Three views of the same rule live here, and the tests hold them equal:
 The MDP's other shared pieces live here too: :class:`StepEvent`, the one record of a step that reward models and
 followers receive; :func:`stop_token_ids` (the ids that end an episode) and :class:`EpisodeEnd`, the one episode-end rule
 (generation and the env); and
-:func:`rewind_layout`, the semantics replayed for one teacher-forced forward (the scorer and the collator pack it).
+:func:`stream_layout`, an action stream laid out for one teacher-forced forward in either semantics (the scorer and
+the collator pack it).
 """
 
 from __future__ import annotations
@@ -36,6 +46,18 @@ import torch
 
 BACKTRACK_TOKEN = "<|BACKTRACK|>"
 """The special token that deletes the previous response token."""
+
+SEMANTICS: tuple[str, ...] = ("rewind", "retry")
+"""What a backspace leaves in the model's context (the table above): the two semantics by name."""
+DEFAULT_SEMANTICS = "rewind"
+
+
+def check_semantics(name: str) -> str:
+    """``name`` if it is one of :data:`SEMANTICS`, else a one-line ``ValueError`` naming them."""
+    if name not in SEMANTICS:
+        raise ValueError(f"semantics: unknown value {name!r}; use 'rewind' (a backspace forgets what it deleted) or "
+                         "'retry' (deleted tokens and backtracks stay in the model's context)")
+    return name
 
 
 class ActionKind(IntEnum):
@@ -263,7 +285,8 @@ def stop_token_ids(tokenizer, generation_config=None, eos_token_id: int | Sequen
 class RewindLayout:
     """A backtrack action stream laid out for one teacher-forced forward pass that sees what generation sees.
 
-    Generation rewinds the KV cache on every backspace, so each action is chosen from the *visible* text alone.
+    (:func:`retry_layout` fills the same fields for ``retry``: there the layout is the plain causal stream.)
+    In ``rewind``, generation rewinds the KV cache on every backspace, so each action is chosen from the *visible* text alone.
     Replaying the stream with a stack gives a tree of visible states; packing it flat:
 
     * ``input_ids[i]`` is a typed token (prompt, correct, error or correction; backtrack tokens are never inputs);
@@ -321,6 +344,34 @@ def rewind_layout(actions: Sequence[int], trained: Sequence[bool] | None, backtr
     for predictor, target in targets.items():
         labels[predictor + 1] = target
     return RewindLayout(ids, pos, parents, labels, predictors)
+
+
+def retry_layout(actions: Sequence[int], trained: Sequence[bool] | None, backtrack_id: int, prompt_length: int,
+                 ignore_index: int = -100, pad_id: int = 0) -> RewindLayout:
+    """Lay out ``actions`` (prompt ids, then the response's action stream) for the ``retry`` semantics.
+
+    Generation in ``retry`` feeds every action, backtracks included, so the stream is one causal sequence:
+    ``input_ids`` is the stream itself at positions ``0..n-1``, each token's parent is the token before it, action
+    ``k`` is predicted from flat index ``k - 1`` (``labels[k]`` when ``trained[k]``). ``backtrack_id`` and
+    ``pad_id`` are unused (every action is an input; no padding slot is needed): the signature is
+    :func:`rewind_layout`'s, so :func:`stream_layout` can choose either.
+    """
+    if prompt_length < 1:
+        raise ValueError("the action stream needs at least one prompt token to predict the first action from")
+    ids = [int(a) for a in actions]
+    labels = [ignore_index] * len(ids)
+    for k in range(prompt_length, len(ids)):
+        if trained is None or trained[k]:
+            labels[k] = ids[k]
+    return RewindLayout(ids, list(range(len(ids))), list(range(-1, len(ids) - 1)), labels,
+                        list(range(prompt_length - 1, len(ids) - 1)))
+
+
+def stream_layout(semantics: str, actions: Sequence[int], trained: Sequence[bool] | None, backtrack_id: int,
+                  prompt_length: int, ignore_index: int = -100, pad_id: int = 0) -> RewindLayout:
+    """The layout of ``semantics``: :func:`rewind_layout` or :func:`retry_layout` (the same arguments)."""
+    layout = {"rewind": rewind_layout, "retry": retry_layout}[check_semantics(semantics)]
+    return layout(actions, trained, backtrack_id, prompt_length, ignore_index, pad_id)
 
 
 def ancestor_mask(parents: Sequence[int]) -> np.ndarray:

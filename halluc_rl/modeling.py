@@ -303,7 +303,7 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
     if "backtrack_head" not in saved and folder != TINY_MODEL_DIR:
         warnings.warn(f"{path} records no backtrack head in config.json; reading its backtrack logit as softmax "
                       "(re-save the policy with this version of halluc-rl to record it)", stacklevel=2)
-    set_policy_backtrack(model, bt, saved.get("backtrack_head", "softmax"))
+    set_policy_backtrack(model, bt, saved.get("backtrack_head", "softmax"), saved.get("backtrack_semantics"))
     return model.eval(), tokenizer, bt
 
 
