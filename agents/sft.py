@@ -14,7 +14,16 @@ import trl
 from trl import SFTTrainer
 
 from halluc_rl.adapters import make_lora_model
-from halluc_rl.args import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs, SamplingArgs, TaskArgs
+from halluc_rl.args import (
+    LoraArgs,
+    ModelArgs,
+    PrecisionDefaults,
+    RunArgs,
+    SamplingArgs,
+    SemanticsArgs,
+    TaskArgs,
+)
+from halluc_rl.backtrack import SEMANTICS
 from halluc_rl.config import (
     UsageError,
     check_choice,
@@ -31,12 +40,12 @@ from halluc_rl.data.errors import PLAUSIBLE_KINDS, PlausibleErrors, RandomTokenE
 from halluc_rl.data.tasks import load_problems
 from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
 from halluc_rl.modeling import load_model_and_tokenizer
-from halluc_rl.policy import policy_backtrack, set_policy_backtrack
+from halluc_rl.policy import policy_backtrack, policy_semantics, set_policy_backtrack
 from halluc_rl.training import SafeTrainerMixin, run_training
 
 
 @dataclass
-class SFTScriptArgs(RunArgs, SamplingArgs, TaskArgs):
+class SFTScriptArgs(RunArgs, SamplingArgs, SemanticsArgs, TaskArgs):
     """What to train on: the errors and how they are laid out (the task, sampling of self errors and resume
     settings come from the shared blocks)."""
 
@@ -53,10 +62,8 @@ class SFTScriptArgs(RunArgs, SamplingArgs, TaskArgs):
     curriculum_boundaries: list[int] = field(default_factory=lambda: [1, 2],
                                              metadata={"help": "Epochs (or steps) where the next cap starts."})
     curriculum_unit: str = field(default="epoch", metadata={"help": "epoch or step."})
-    layout: str = field(default="rewind", metadata={"help": "rewind (what generation sees) or retry (in-context)."})
-    train_errors: bool = field(default=False, metadata={"help": "retry layout: also train the error tokens (ablation)."})
-    hard_attention: bool = field(default=False, metadata={"help": "retry layout: hide deleted groups."})
-    rewind_positions: bool = field(default=False, metadata={"help": "retry layout: positions rewind over deletions."})
+    train_errors: bool = field(default=False, metadata={
+        "help": "retry: also train the error tokens (an ablation: it teaches the model to make them)."})
     backtrack_head: str = field(default="softmax", metadata={
         "help": "softmax (the backtrack token is one more vocabulary entry) or factorized (a sigmoid delete-or-not "
                 "decision; see halluc_rl.losses)."})
@@ -134,7 +141,8 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     model, tokenizer, bt = load_model_and_tokenizer(
         model_args.model_name_or_path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code,
         revision=model_args.revision)
-    set_policy_backtrack(model, bt, script.backtrack_head)  # the head lives on the config from here on
+    semantics = policy_semantics(model, script.semantics, script.override_semantics)
+    set_policy_backtrack(model, bt, script.backtrack_head, semantics)  # on the config (saved) from here on
     problems = load_problems(script.task, "train", script.num_train_problems, script.data_files, seed=script.task_seed,
                              validation_size=script.validation_size)
     source = make_error_source(script, model, config.seed)
@@ -142,10 +150,8 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
                             unit=script.curriculum_unit)
     curriculum_ds = CurriculumDataset(problems, tokenizer, source, curriculum)
     collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id, backtrack_token_id=bt,
-                                   train_errors=script.train_errors,
-                                   layout=script.layout, hard_attention=script.hard_attention,
-                                   rewind_positions=script.rewind_positions, max_length=config.max_length,
-                                   mask_dtype=model.dtype)  # an additive 4D mask in the model's dtype (bf16 on GPU)
+                                   train_errors=script.train_errors, layout=semantics, max_length=config.max_length,
+                                   mask_dtype=model.dtype)  # rewind: an additive 4D mask in the model's dtype
     if lora.use_lora:
         model = make_lora_model(model, lora, bt)
     config.remove_unused_columns = False  # the collator needs `spans`
@@ -160,7 +166,11 @@ def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     """Every check that needs no model, before anything is loaded or written (one-line UsageErrors)."""
     check_task_args(script, script.num_train_problems)
     check_choice("error_source", script.error_source, ("random", "plausible", "self", "none"))
-    check_choice("layout", script.layout, ("rewind", "retry"))
+    if script.semantics is not None:
+        check_choice("semantics", script.semantics, SEMANTICS)
+    if script.train_errors and script.semantics != "retry":
+        raise UsageError("train_errors: only the retry semantics has error tokens in its context to train; add "
+                         "--semantics retry or drop --train_errors")
     for kind in script.error_kinds or [""]:
         check_choice("error_kinds", kind, PLAUSIBLE_KINDS)
     check_choice("backtrack_head", script.backtrack_head, BACKTRACK_HEADS)

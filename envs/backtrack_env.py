@@ -17,6 +17,7 @@ from halluc_rl.backtrack import (
     EpisodeEnd,
     StepEvent,
     backtrack_token_id,
+    check_semantics,
     stop_token_ids,
 )
 from halluc_rl.data.tasks import Problem, encode_problem, format_prompt, load_problems
@@ -28,7 +29,9 @@ class BacktrackEnv(gym.Env):
     ## Description
 
     A language model writes the answer to a math word problem one token at a time, and may press backspace: the
-    action ``<|BACKTRACK|>`` deletes the last visible token of the answer (never the prompt). The episode is the
+    action ``<|BACKTRACK|>`` deletes the last visible token of the answer (never the prompt). What the model then
+    conditions on is the ``semantics``: the visible answer (``rewind``), or every action so far, deleted tokens and
+    backspaces included (``retry``); the visible answer is the same in both (:mod:`halluc_rl.backtrack`). The episode is the
     writing of one answer; rewards come from pluggable reward models - a rule grader of the final answer by
     default, process reward models per action, and shaping terms for backtracking.
 
@@ -50,6 +53,11 @@ class BacktrackEnv(gym.Env):
     | `prompt_length`   | `Discrete(max_prompt_tokens + 1)`                | number of prompt ids                     |
     | `response_ids`    | `Box(0, V-1, (max_new_tokens,), int64)`          | visible answer ids, right-padded         |
     | `response_length` | `Discrete(max_new_tokens + 1)`                   | number of visible answer ids             |
+    | `action_ids`      | `Box(0, V-1, (max_new_tokens,), int64)`          | every action so far, right-padded        |
+    | `num_actions`     | `Discrete(max_new_tokens + 1)`                   | number of actions so far                 |
+
+    What the model conditions on is ``prompt_ids`` followed by ``response_ids`` in ``rewind``, and by
+    ``action_ids`` in ``retry``.
 
     ## Rewards
 
@@ -87,6 +95,8 @@ class BacktrackEnv(gym.Env):
     * ``rewards``: reward models, each an object, a ``(model, weight)`` pair or a callable ``fn(text, problem)``.
     * ``prompt_format``: ``fn(question, tokenizer) -> str`` (default: the library's one prompt format).
     * ``stop_strings``: extra ends of an answer. ``task_kwargs``: settings of :class:`ArithmeticTask`.
+    * ``semantics``: ``"rewind"`` (default) or ``"retry"``: what a process reward that follows the policy (the
+      implicit PRM) conditions on, and which observation key is the model's context.
     """
 
     metadata = {"render_modes": ["ansi"]}
@@ -112,9 +122,11 @@ class BacktrackEnv(gym.Env):
         generation_config: Any = None,
         eos_token_id: int | Sequence[int] | None = None,
         render_mode: str | None = None,
+        semantics: str = "rewind",
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.semantics = check_semantics(semantics)
         for name, value in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
             if value is not None and int(value) <= 0:
                 raise ValueError(f"{name} must be a positive number of tokens, got {value}")
@@ -158,6 +170,8 @@ class BacktrackEnv(gym.Env):
             "prompt_length": spaces.Discrete(self.max_prompt_tokens + 1),
             "response_ids": spaces.Box(0, vocab - 1, (self.max_new_tokens,), dtype=np.int64),
             "response_length": spaces.Discrete(self.max_new_tokens + 1),
+            "action_ids": spaces.Box(0, vocab - 1, (self.max_new_tokens,), dtype=np.int64),
+            "num_actions": spaces.Discrete(self.max_new_tokens + 1),
         })
         self._state: BatchedBacktrackState | None = None
         self._done = True
@@ -191,8 +205,11 @@ class BacktrackEnv(gym.Env):
         response = np.full(self.max_new_tokens, self.pad_id, dtype=np.int64)
         visible = self.visible_ids
         response[: len(visible)] = visible
+        actions = np.full(self.max_new_tokens, self.pad_id, dtype=np.int64)
+        actions[: len(self._actions)] = self._actions
         return {"prompt_ids": prompt, "prompt_length": len(self._prompt),
-                "response_ids": response, "response_length": len(visible)}
+                "response_ids": response, "response_length": len(visible),
+                "action_ids": actions, "num_actions": len(self._actions)}
 
     def _info(self, parts: dict[str, float], popped: list[int]) -> dict[str, Any]:
         s = self._state
@@ -230,6 +247,7 @@ class BacktrackEnv(gym.Env):
             )
         self._state = BatchedBacktrackState(1, self.max_new_tokens, self.backtrack_id)
         self._steps = 0
+        self._actions: list[int] = []
         self._done = False
         ids = torch.tensor([self._prompt])
         self.mixer.set_problems([self.problem])
@@ -252,7 +270,9 @@ class BacktrackEnv(gym.Env):
         actions = torch.tensor([action])
         kinds, deleted = self._state.step(actions)
         self._steps += 1
-        event = StepEvent(self._steps - 1, actions, kinds, deleted, torch.ones(1, dtype=torch.bool), self._state)
+        self._actions.append(action)
+        event = StepEvent(self._steps - 1, actions, kinds, deleted, torch.ones(1, dtype=torch.bool), self._state,
+                          self.semantics)
         parts = {k: float(v[0]) for k, v in self.mixer.step(event).items()}
         kind = ActionKind(int(kinds[0]))
         terminated = bool(self.end.terminated(actions, kinds, self._state)[0])  # the rule generation applies

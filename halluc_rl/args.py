@@ -61,6 +61,18 @@ class SamplingArgs:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (softmax of logits / T)."})
 
 
+@dataclass
+class SemanticsArgs:
+    """What a backspace leaves in the model's context (:data:`halluc_rl.backtrack.SEMANTICS`). A policy records
+    the semantics it was trained in on ``model.config``; every command runs it in that one unless told otherwise."""
+
+    semantics: str | None = field(default=None, metadata={
+        "help": "rewind (a backspace forgets what it deleted) or retry (deleted tokens and backtracks stay in the "
+                "context). Default: the policy's recorded semantics, else rewind."})
+    override_semantics: bool = field(default=False, metadata={
+        "help": "Run a policy in a semantics other than the one it was trained in (reported in the results)."})
+
+
 PROCESS_REWARDS: tuple[str, ...] = ("none", "oracle", "prm", "implicit")
 
 
@@ -85,9 +97,10 @@ RENAMED: dict[str, str] = {
     "label_temperature": "temperature",
     "self_error_temperature": "temperature",
     "label_max_new_tokens": "max_new_tokens",
+    "layout": "semantics",
 }
-"""Options that were renamed when the sampling settings got one name everywhere: the old names are still read
-(command line and YAML) as the new ones."""
+"""Options that were renamed (the sampling settings got one name everywhere; SFT's ``layout`` is the semantics):
+the old names are still read (command line and YAML) as the new ones."""
 
 
 @dataclass

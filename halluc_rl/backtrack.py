@@ -255,7 +255,7 @@ class StepEvent:
     (reward models with their own caches, value followers) and for the env's reward plug-ins.
 
     A follower with its own :class:`~halluc_rl.cache.RewindableCache` stays exact with
-    ``cache.follow(event.state.lengths, event.state.last_tokens(pad), event.active)``.
+    ``cache.follow_event(event, event.semantics)`` (or ``"rewind"`` for a model that reads the visible text).
     """
 
     step: int
@@ -264,6 +264,7 @@ class StepEvent:
     deleted: torch.Tensor  # [B] deleted token, -1 where none
     active: torch.Tensor  # [B] rows that took an action this step (a row that just stopped included)
     state: BatchedBacktrackState
+    semantics: str = DEFAULT_SEMANTICS  # what the policy conditions on (a follower of the policy feeds the same)
 
 
 def stop_token_ids(tokenizer, generation_config=None, eos_token_id: int | Sequence[int] | None = None) -> list[int]:

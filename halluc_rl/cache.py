@@ -25,6 +25,8 @@ import inspect
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer, StaticCache
 
+from halluc_rl.backtrack import StepEvent
+
 
 def _check_rewindable(cache: Cache) -> None:
     if isinstance(cache, StaticCache):
@@ -235,6 +237,18 @@ class RewindableCache:
             return self.prompt_logits.clone()
         logits = self.step(torch.where(write, last_tokens, 0), None if bool(write.all()) else write)  # [B, V]
         return torch.where(write.unsqueeze(1), logits, self.prompt_logits)
+
+    @torch.no_grad()
+    def follow_event(self, event: StepEvent, semantics: str = "rewind") -> torch.Tensor:
+        """Advance with one step of a policy's decoding (a follower's cache: value models, implicit PRMs): in
+        ``rewind`` follow the visible text (:meth:`follow`); in ``retry`` feed every row's action, a backtrack too,
+        as the policy's own cache does. Returns next-token logits [B, V]."""
+        device = self.live_len.device  # the policy may live on another device
+        if semantics == "retry":
+            return self.step(event.actions.to(device))
+        state = event.state
+        return self.follow(state.lengths.to(device), state.last_tokens(torch.zeros_like(state.lengths)).to(device),
+                           event.active.to(device))
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, write: torch.Tensor | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from halluc_rl.backtrack import ActionKind, StepEvent
+from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, StepEvent
 from halluc_rl.losses import action_log_probs
 
 
@@ -36,7 +36,8 @@ class BacktrackGenerationConfig:
     backtrack_budget: int | None = None
     """Backtracks allowed per sequence; once spent, the backtrack token is masked (None: unlimited)."""
     loop_guard: int | None = 3
-    """After a token is deleted this many times at the same position, it may not be typed there again (None: off)."""
+    """After a token is deleted this many times at the same visible state (the same prefix), it may not be typed
+    there again (None: off)."""
     allow_failed_backtracks: bool = False
     """Let the model choose a backtrack on an empty response. Such a backtrack is always a no-op: the visible text,
     and so the next logits, stay the same, so by default it is masked. Forced actions may still contain one."""
@@ -90,6 +91,7 @@ class BacktrackGenerationOutput:
     config: BacktrackGenerationConfig | None = None  # the options it ran with (the scorer applies the same rules)
     backtrack_id: int = -1
     backtrack_head: str = "softmax"
+    semantics: str = "rewind"  # what the model conditioned on (halluc_rl.backtrack.SEMANTICS)
 
     @property
     def action_mask(self) -> torch.Tensor:
@@ -110,31 +112,37 @@ class BacktrackGenerationOutput:
 
 
 class LoopGuard:
-    """Bans re-typing a token at a position after it was deleted there ``limit`` times (per row).
+    """A visited memory: bans re-typing a token at a visible state after it was deleted there ``limit`` times.
 
+    A state is the row's visible response (its prefix), as Self-Backtracking's visited set keys it (Yang et al.
+    2025): after a deeper backtrack and a different prefix, a token deleted at the same *length* is allowed again.
     Generation records each step's deletions and asks for the bans of the current states; the scorer replays an
     action stream through the same object, so both mask the same tokens.
     """
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.counts: dict[tuple[int, int, int], int] = {}
-        self.bans: dict[int, dict[int, list[int]]] = {}  # row -> response length -> banned tokens
+        self.counts: dict[tuple[int, tuple[int, ...], int], int] = {}
+        self.bans: dict[int, dict[tuple[int, ...], list[int]]] = {}  # row -> visible prefix -> banned tokens
+        self._lengths: dict[int, set[int]] = {}  # row -> lengths of its banned prefixes (to skip rows cheaply)
 
-    def record(self, kinds: torch.Tensor, deleted: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Count this step's deletions: ``kinds``, ``deleted`` and the new ``lengths`` are [B]."""
+    def record(self, kinds: torch.Tensor, deleted: torch.Tensor, state: BatchedBacktrackState) -> None:
+        """Count this step's deletions: ``kinds`` and ``deleted`` are [B]; ``state`` is after the step."""
         rows = torch.nonzero(kinds == int(ActionKind.DELETE)).flatten().tolist()
         for b in rows:
-            key = (b, int(lengths[b]), int(deleted[b]))
+            prefix = tuple(state.visible(b))
+            key = (b, prefix, int(deleted[b]))
             self.counts[key] = self.counts.get(key, 0) + 1
             if self.counts[key] == self.limit:
-                self.bans.setdefault(b, {}).setdefault(key[1], []).append(key[2])
+                self.bans.setdefault(b, {}).setdefault(prefix, []).append(key[2])
+                self._lengths.setdefault(b, set()).add(len(prefix))
 
-    def banned(self, lengths: torch.Tensor) -> list[tuple[int, int]]:
-        """(row, token) pairs banned at the rows' current response ``lengths`` [B]."""
+    def banned(self, state: BatchedBacktrackState) -> list[tuple[int, int]]:
+        """(row, token) pairs banned at the rows' current visible states."""
         out = []
-        for b, by_pos in self.bans.items():
-            out += [(b, t) for t in by_pos.get(int(lengths[b]), ())]
+        for b, by_prefix in self.bans.items():
+            if int(state.lengths[b]) in self._lengths[b]:  # only then can the prefix match: read it
+                out += [(b, t) for t in by_prefix.get(tuple(state.visible(b)), ())]
         return out
 
 

@@ -7,8 +7,9 @@ and the trace - and each step is a few named moves: score the states, choose the
 stop, advance the cache. :func:`halluc_rl.generation.generate` validates its inputs, builds an engine and runs it.
 
 What the model's context is after an action is one swappable part, a :class:`DecodingSemantics` chosen by name
-(:data:`SEMANTICS`). ``"rewind"`` (:class:`RewindDecoding`) is the library's semantics: a backspace rewinds the
-cache, so every action is chosen from the visible text alone.
+(:data:`DECODERS`, one per :data:`halluc_rl.backtrack.SEMANTICS`). ``"rewind"`` (:class:`RewindDecoding`, the
+default): a backspace rewinds the cache, so every action is chosen from the visible text alone. ``"retry"``
+(:class:`RetryDecoding`): every action is fed, backtracks included, so the cache only appends.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Protocol
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, EpisodeEnd, StepEvent
+from halluc_rl.backtrack import ActionKind, BatchedBacktrackState, EpisodeEnd, StepEvent, apply_actions
 from halluc_rl.cache import RewindableCache
 from halluc_rl.decoding import (
     BacktrackGenerationConfig,
@@ -79,15 +80,38 @@ class RewindDecoding:
         return self.cache.follow(state.lengths, state.last_tokens(self._fill), active)
 
 
-SEMANTICS: dict[str, type] = {"rewind": RewindDecoding}
-"""Backtrack semantics by name: each class takes ``(cache, pad)`` and implements :class:`DecodingSemantics`."""
+class RetryDecoding:
+    """``"retry"``: the cache holds every action, in order. Each action is fed as a token, a backtrack too (the
+    deleted tokens stay in the context), so every step is a plain cached decode: nothing is ever cropped or
+    compacted. A finished row is fed the pad token; its logits are never read."""
+
+    name = "retry"
+
+    def __init__(self, cache: RewindableCache, pad: int):
+        self.cache = cache
+        self.pad = pad
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                written: torch.Tensor | None) -> torch.Tensor:
+        """Encode the prompts (each followed by the actions already taken): next-token logits [B, V]."""
+        return self.cache.prefill(input_ids, attention_mask, written)
+
+    def advance(self, actions: torch.Tensor, kinds: torch.Tensor, state: BatchedBacktrackState,
+                active: torch.Tensor | None) -> torch.Tensor:
+        """Feed every row's action, a backtrack included: next-token logits [B, V]."""
+        return self.cache.step(actions)
+
+
+DECODERS: dict[str, type] = {"rewind": RewindDecoding, "retry": RetryDecoding}
+"""The decoder of each semantics by name: each class takes ``(cache, pad)`` and implements
+:class:`DecodingSemantics`."""
 
 
 def decoding_semantics(name: str, cache: RewindableCache, pad: int) -> DecodingSemantics:
-    """The semantics called ``name`` over ``cache`` (see :data:`SEMANTICS`)."""
-    if name not in SEMANTICS:
-        raise ValueError(f"unknown backtrack semantics {name!r}; known: {sorted(SEMANTICS)}")
-    return SEMANTICS[name](cache, pad)
+    """The semantics called ``name`` over ``cache`` (see :data:`DECODERS`)."""
+    if name not in DECODERS:
+        raise ValueError(f"semantics: unknown value {name!r}; use one of {', '.join(sorted(DECODERS))}")
+    return DECODERS[name](cache, pad)
 
 
 def sampling_warpers(config: BacktrackGenerationConfig) -> LogitsProcessorList:
@@ -146,8 +170,9 @@ class DecodeEngine:
         steps = self.steps = int(self.config.max_new_tokens)
         self.state = BatchedBacktrackState(batch, steps + max((len(r) for r in prefix or ()), default=0), self.bt,
                                            self.device)
-        if prefix is not None:
-            self.state.load(prefix)
+        if prefix is not None:  # in retry a prefix is an action stream: the state starts from its visible text
+            self.state.load(prefix if self.semantics.name == "rewind" else
+                            [apply_actions(r, self.bt).visible_ids for r in prefix])
         self.active = torch.ones(batch, dtype=torch.bool, device=self.device)  # [B]
         self.finished = torch.zeros(batch, dtype=torch.bool, device=self.device)  # [B]
         # step-major trace buffers [S, B]: one contiguous copy per step, transposed once at the end
@@ -178,7 +203,7 @@ class DecodeEngine:
         scores = decoding_scores(self.logits, self.bt, self.head)  # [B, V]
         bans = None
         if self.guard is not None and self.guard.bans:
-            pairs = self.guard.banned(self.state.lengths)
+            pairs = self.guard.banned(self.state)
             if pairs:
                 bans = tuple(torch.tensor(list(col), device=self.device) for col in zip(*pairs))  # (rows, tokens)
         return mask_scores(scores, self.bt, self.config, self.state.lengths, self.state.num_backtracks, bans)
@@ -208,9 +233,9 @@ class DecodeEngine:
         kinds, deleted = self.state.step(action, None if self.all_active else self.active)  # [B], [B]
         self.t_actions[step], self.t_kinds[step], self.t_deleted[step] = action, kinds, deleted
         if self.guard is not None:
-            self.guard.record(kinds, deleted, self.state.lengths)
+            self.guard.record(kinds, deleted, self.state)
         for cb in self.callbacks:
-            cb.on_step(StepEvent(step, action, kinds, deleted, kinds >= 0, self.state))
+            cb.on_step(StepEvent(step, action, kinds, deleted, kinds >= 0, self.state, self.semantics.name))
         return kinds
 
     def _check_stop(self, action: torch.Tensor, kinds: torch.Tensor) -> bool:

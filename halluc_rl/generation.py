@@ -28,7 +28,7 @@ from halluc_rl.decoding import (
     mask_scores,
 )
 from halluc_rl.engine import DecodeEngine
-from halluc_rl.policy import policy_backtrack
+from halluc_rl.policy import policy_backtrack, policy_semantics
 
 __all__ = [
     "BacktrackGenerationConfig",
@@ -56,6 +56,8 @@ def generate(
     callbacks: Sequence[StepCallback] = (),
     responses: Sequence[Sequence[int]] | None = None,
     num_branches: int = 1,
+    semantics: str | None = None,
+    override_semantics: bool = False,
     **overrides,
 ) -> BacktrackGenerationOutput:
     """Generate from a batch of prompts with ``<|BACKTRACK|>`` applied on the fly.
@@ -72,13 +74,17 @@ def generate(
     rows (row ``b`` becomes rows ``b*K .. b*K+K-1``) by copying its KV cache, so K continuations of a state cost no
     re-encoding. The outputs have ``B*K`` rows; ``sequences`` include the prefilled response, and the trace holds
     the new actions only. Process-reward followers cannot start from a prefilled response (they are refused).
+    In ``retry`` a prefilled response is the action stream taken so far (backtracks included).
+
+    ``semantics`` (``rewind`` or ``retry``, :data:`halluc_rl.backtrack.SEMANTICS`) defaults to the one recorded on
+    ``model.config``; another one is refused unless ``override_semantics`` (:func:`halluc_rl.policy.policy_semantics`).
 
     Runs under ``torch.inference_mode``; the returned tensors are ordinary copies that trainers may use in autograd.
     """
     with torch.inference_mode():
         out = _generate(model, tokenizer, prompts, config, backtrack_id=backtrack_id, forced_actions=forced_actions,
                         generator=generator, callbacks=callbacks, responses=responses, num_branches=num_branches,
-                        **overrides)
+                        semantics=policy_semantics(model, semantics, override_semantics), **overrides)
     for name in ("actions", "kinds", "deleted", "positions", "num_backtracks", "num_deleted", "num_failed", "finished",
                  "logprobs"):
         value = getattr(out, name)
@@ -88,7 +94,7 @@ def generate(
 
 
 def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions, generator, callbacks, responses,
-              num_branches, **overrides) -> BacktrackGenerationOutput:
+              num_branches, semantics, **overrides) -> BacktrackGenerationOutput:
     """Check the inputs (in this order: the errors users see), build the engine and run it."""
     config, bt, head = _resolve_config(model, config, backtrack_id, overrides)
     device = next(model.parameters()).device
@@ -96,11 +102,14 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
     if num_branches < 1:
         raise ValueError(f"num_branches must be >= 1, got {num_branches}")
     forced_actions = _check_rows(input_ids.shape[0] * num_branches, forced_actions, generator, device)
+    if semantics == "retry":
+        check_retry_context(model, input_ids.shape[1], config.max_new_tokens)
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None), config.eos_token_id)
     end = EpisodeEnd(stop_ids, config.stop_strings, config.max_new_tokens, tokenizer, device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     engine = DecodeEngine(model, tokenizer, config, backtrack_id=bt, head=head, end=end, pad=pad,
-                          forced_actions=forced_actions, generator=generator, callbacks=callbacks)
+                          forced_actions=forced_actions, generator=generator, callbacks=callbacks,
+                          semantics=semantics)
     was_training = model.training
     model.eval()
     try:
@@ -108,8 +117,18 @@ def _generate(model, tokenizer, prompts, config, *, backtrack_id, forced_actions
     finally:
         if was_training:
             model.train()
-    out.config, out.backtrack_id, out.backtrack_head = config, bt, head
+    out.config, out.backtrack_id, out.backtrack_head, out.semantics = config, bt, head, semantics
     return out
+
+
+def check_retry_context(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse, before anything runs, a ``retry`` context that would outgrow the model's positions: in ``retry``
+    every action stays in the context, so a row can reach ``prompt_tokens + max_new_tokens`` positions."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + max_new_tokens > int(limit):
+        raise ValueError(f"semantics: a retry context of {prompt_tokens} prompt tokens + {max_new_tokens} actions "
+                         f"exceeds the model's {int(limit)} positions (max_position_embeddings); lower "
+                         "max_new_tokens or use semantics rewind")
 
 
 def _resolve_config(model, config: BacktrackGenerationConfig | None, backtrack_id: int | None,

@@ -94,15 +94,17 @@ class CallableReward:
 class IncrementalScorer:
     """Scores every prefix of a response with a Hugging Face model that keeps its own KV cache.
 
-    The cache follows the policy's actions with the same rewind rule (a backspace rewinds it; nothing is
-    re-encoded). ``model`` is a token-classification model (``AutoModelForTokenClassification``) or anything whose
+    The cache follows the policy's actions (nothing is re-encoded): the visible text by default (a backspace
+    rewinds it: a PRM scores the visible text in both semantics), or, with ``follows="policy"`` (a value model),
+    what the policy conditions on in its semantics (:meth:`RewindableCache.follow_event`). ``model`` is a token-classification model (``AutoModelForTokenClassification``) or anything whose
     forward returns per-token ``logits`` [B, T, L]; the score of a prefix is read at its last token: the softmax
     probability of ``label`` when L > 1, else ``transform`` of the single logit. The model must share the policy's
     tokenizer.
     """
 
-    def __init__(self, model, label: int = 1, transform: Literal["sigmoid", "identity"] = "sigmoid"):
-        self.model, self.label, self.transform = model, label, transform
+    def __init__(self, model, label: int = 1, transform: Literal["sigmoid", "identity"] = "sigmoid",
+                 follows: Literal["visible", "policy"] = "visible"):
+        self.model, self.label, self.transform, self.follows = model, label, transform, follows
         self.cache: RewindableCache | None = None
         self.current: torch.Tensor | None = None  # [B] score of each row's current prefix
 
@@ -120,11 +122,8 @@ class IncrementalScorer:
 
     def follow(self, event: StepEvent) -> torch.Tensor:
         """Advance with one policy step; returns the new score of each acting row's prefix [B]."""
-        state, device = event.state, self.current.device  # the policy may live on another device
-        lengths = state.lengths.to(device)
-        last = state.last_tokens(torch.zeros_like(state.lengths)).to(device)
-        active = event.active.to(device)
-        logits = self.cache.follow(lengths, last, active)
+        active = event.active.to(self.current.device)  # the policy may live on another device
+        logits = self.cache.follow_event(event, event.semantics if self.follows == "policy" else "rewind")
         self.current = torch.where(active, self._score(logits), self.current)
         return self.current
 
@@ -395,7 +394,8 @@ class ImplicitProcessReward:
     token. A step's reward is the sum over its tokens (:func:`halluc_rl.labels.implicit_step_scores`).
 
     Incremental like :class:`IncrementalScorer`: two :class:`~halluc_rl.cache.RewindableCache` s follow the
-    policy's actions (the second runs the model with the adapter disabled), so a backspace costs one forward each.
+    policy's actions in its semantics (the second runs the model with the adapter disabled), so a backspace costs
+    one forward each.
     :meth:`start` puts the model in eval mode, as generation does.
     """
 
@@ -434,12 +434,9 @@ class ImplicitProcessReward:
         active = event.active.to(device)  # [B]
         ratio = (policy_lp.gather(1, actions) - ref_lp.gather(1, actions)).squeeze(1)  # [B]
         reward = torch.where(active, self.beta * ratio, 0.0)
-        state = event.state
-        lengths = state.lengths.to(device)
-        last = state.last_tokens(torch.zeros_like(state.lengths)).to(device)
-        new_policy = self._log_probs(self.caches[0].follow(lengths, last, active))  # [B, V]
+        new_policy = self._log_probs(self.caches[0].follow_event(event, event.semantics))  # [B, V]
         with self.policy.disable_adapter():
-            new_ref = self._log_probs(self.caches[1].follow(lengths, last, active))  # [B, V]
+            new_ref = self._log_probs(self.caches[1].follow_event(event, event.semantics))  # [B, V]
         keep = active.unsqueeze(1)  # [B, 1]
         self.log_probs = (torch.where(keep, new_policy, policy_lp), torch.where(keep, new_ref, ref_lp))
         return reward.cpu()

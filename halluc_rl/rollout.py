@@ -52,7 +52,7 @@ class _ValueFollower:
     """Records a value model's score of the state before every action (its cache follows the policy's)."""
 
     def __init__(self, model):
-        self.scorer = IncrementalScorer(model, transform="identity")
+        self.scorer = IncrementalScorer(model, transform="identity", follows="policy")
         self.values: list[torch.Tensor] = []
 
     def on_prefill(self, input_ids, attention_mask):

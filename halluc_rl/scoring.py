@@ -1,21 +1,24 @@
 """Log-probabilities of action streams: the one scorer every trainer uses (SFT's collator, DPO, the PRMs, PPO).
 
 An action stream is a prompt and the actions a policy took, backtracks included (``Rollout.actions``: [B, S], -1
-after the end). Generation rewinds its KV cache on every backspace, so each action was chosen from the *visible*
-text alone. The scorer reproduces that in one batched forward with gradients:
+after the end). What each action was chosen from depends on the policy's semantics
+(:data:`halluc_rl.backtrack.SEMANTICS`). The scorer reproduces it in one batched forward with gradients:
 
-* **one packing** (:func:`pack_streams`): each stream is replayed with the backtrack stack
-  (:func:`halluc_rl.backtrack.rewind_layout`). Typed tokens are packed flat, each at its visible position and
+* **one packing per semantics** (:func:`pack_streams`). In ``rewind`` generation rewinds its KV cache on every
+  backspace, so each action was chosen from the *visible* text alone: each stream is replayed with the backtrack
+  stack (:func:`halluc_rl.backtrack.rewind_layout`), typed tokens are packed flat, each at its visible position and
   attending to its chain of visible ancestors only (a 4D mask), so a correction typed after a backtrack never
-  attends to the deleted token, and backtrack tokens are never inputs. The masked-error collator lays out SFT
-  batches with the same function;
+  attends to the deleted token, and backtrack tokens are never inputs. In ``retry`` every action stays in the
+  context, so the stream is one causal sequence with the backtrack tokens as inputs
+  (:func:`halluc_rl.backtrack.retry_layout`). The masked-error collator lays out SFT batches with the same
+  function;
 * **the same decoding rules** (:func:`halluc_rl.decoding.mask_scores`): the policy's head, the backtrack bias,
   the budget, the empty-response mask, the loop guard's bans and the temperature are applied to each action's
   logits exactly as generation applied them when it sampled. A state's rule inputs (response length, backtracks so
   far, bans) come from replaying the stream through the decoder's own state objects.
 
-The contract is exactness: the log-probs equal the rollout's sampling log-probs (fp32, tested to 1e-5 on Llama,
-Qwen2 and GPT-2 under LoRA), so the first PPO ratio is exactly 1. Top-k/top-p are not part of the log-prob (the RL
+The contract is exactness: the log-probs equal the rollout's sampling log-probs in both semantics (fp32, tested
+to 1e-5 on Llama, Qwen2, GPT-2 and sliding-window models, under LoRA), so the first PPO ratio is exactly 1. Top-k/top-p are not part of the log-prob (the RL
 convention ``return_logprobs`` follows too): sample with ``top_k=0, top_p=1`` for exact ratios.
 """
 
@@ -28,7 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from halluc_rl.backtrack import BatchedBacktrackState, ancestor_mask, rewind_layout
+from halluc_rl.backtrack import BatchedBacktrackState, RewindLayout, ancestor_mask, stream_layout
 from halluc_rl.generation import (
     BacktrackGenerationConfig,
     LoopGuard,
@@ -37,7 +40,7 @@ from halluc_rl.generation import (
     mask_scores,
 )
 from halluc_rl.losses import IGNORE_INDEX
-from halluc_rl.policy import policy_backtrack
+from halluc_rl.policy import policy_backtrack, policy_semantics
 
 # ----------------------------------------------------------------------------------------------------------------
 # The one packing
@@ -65,15 +68,20 @@ def pack_streams(
     pad_to_multiple_of: int | None = None,
     num_actions: int | None = None,
     mask_dtype: torch.dtype = torch.bool,
+    semantics: str = "rewind",
 ) -> PackedStreams:
-    """Pack ``streams`` (prompt ids then the response's actions, one list per row) in the rewind layout.
+    """Pack ``streams`` (prompt ids then the response's actions, one list per row) in the layout of ``semantics``.
 
     ``trained[b][k]`` marks the actions that get a label (None: every response action). ``num_actions`` sets S of
-    ``predictors`` (default: the longest response). ``mask_dtype`` bool gives True = attend; a float dtype gives an
-    additive mask (0 / the dtype's minimum), which eager and SDPA attention both take.
+    ``predictors`` (default: the longest response). ``rewind`` gives the 4D ancestor mask: ``mask_dtype`` bool gives
+    True = attend; a float dtype gives an additive mask (0 / the dtype's minimum), which eager and SDPA attention
+    both take. ``retry`` gives plain causal sequences, right-padded, with a 2D mask (1 = a real token): the fast,
+    mask-free attention path.
     """
-    layouts = [rewind_layout(s, None if trained is None else trained[b], backtrack_id, prompt_lengths[b],
+    layouts = [stream_layout(semantics, s, None if trained is None else trained[b], backtrack_id, prompt_lengths[b],
                              IGNORE_INDEX, pad_id) for b, s in enumerate(streams)]
+    if semantics == "retry":
+        return _pack_causal(layouts, pad_id, pad_to_multiple_of, num_actions)
     batch = len(layouts)
     longest = max(len(lay.input_ids) for lay in layouts)
     width = longest if not pad_to_multiple_of else -(-longest // pad_to_multiple_of) * pad_to_multiple_of
@@ -97,21 +105,31 @@ def pack_streams(
                          torch.from_numpy(labels), torch.from_numpy(predictors))
 
 
+def _pack_causal(layouts: Sequence[RewindLayout], pad_id: int, pad_to_multiple_of: int | None,
+                 num_actions: int | None) -> PackedStreams:
+    """Causal layouts (:func:`halluc_rl.backtrack.retry_layout`) right-padded, with a 2D mask [B, L]."""
+    longest = max(len(lay.input_ids) for lay in layouts)
+    width = longest if not pad_to_multiple_of else -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    steps = max((len(lay.predictors) for lay in layouts), default=0) if num_actions is None else num_actions
+    ids = torch.full((len(layouts), width), pad_id, dtype=torch.long)  # [B, L]
+    labels = torch.full((len(layouts), width), IGNORE_INDEX, dtype=torch.long)  # [B, L]
+    mask = torch.zeros_like(ids)  # [B, L]
+    predictors = torch.full((len(layouts), steps), -1, dtype=torch.long)  # [B, S]
+    for b, lay in enumerate(layouts):
+        n = len(lay.input_ids)
+        ids[b, :n] = torch.tensor(lay.input_ids)
+        labels[b, :n] = torch.tensor(lay.labels)
+        mask[b, :n] = 1
+        predictors[b, : len(lay.predictors)] = torch.tensor(lay.predictors[:steps], dtype=torch.long)
+    positions = torch.arange(width).expand(len(layouts), width).clone()  # [B, L]
+    return PackedStreams(ids, positions, mask, labels, predictors)
+
+
 def causal_streams(streams: Sequence[Sequence[int]], prompt_lengths: Sequence[int], num_actions: int,
                    pad_id: int = 0) -> PackedStreams:
-    """Streams without a backtrack, right-padded as plain causal sequences: what :func:`pack_streams` gives for
-    them, with a 2D mask (1 = a real token) instead of the 4D one."""
-    width = max(map(len, streams))
-    ids = torch.full((len(streams), width), pad_id, dtype=torch.long)  # [B, L]
-    mask = torch.zeros_like(ids)  # [B, L]
-    predictors = torch.full((len(streams), num_actions), -1, dtype=torch.long)  # [B, S]
-    for b, (stream, prompt) in enumerate(zip(streams, prompt_lengths)):
-        ids[b, : len(stream)] = torch.tensor(stream)
-        mask[b, : len(stream)] = 1
-        n = len(stream) - prompt
-        predictors[b, :n] = torch.arange(prompt - 1, prompt - 1 + n)
-    positions = torch.arange(width).expand(len(streams), width).clone()  # [B, L]
-    return PackedStreams(ids, positions, mask, torch.full_like(ids, IGNORE_INDEX), predictors)
+    """Streams as plain causal sequences, right-padded, with a 2D mask (1 = a real token): the ``retry`` packing,
+    and what :func:`pack_streams` gives in ``rewind`` for streams without a backtrack (with a 4D mask there)."""
+    return pack_streams(streams, prompt_lengths, -1, pad_id=pad_id, num_actions=num_actions, semantics="retry")
 
 
 def as_attention_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -157,10 +175,10 @@ def decode_context(actions: torch.Tensor, backtrack_id: int, config: BacktrackGe
         lengths[:, s] = state.lengths
         spent[:, s] = state.num_backtracks
         if guard is not None and guard.bans:
-            bans += [(b, s, t) for b, t in guard.banned(state.lengths)]
+            bans += [(b, s, t) for b, t in guard.banned(state)]
         kinds, deleted = state.step(actions[:, s].clamp(min=0), mask[:, s])
         if guard is not None:
-            guard.record(kinds, deleted, state.lengths)
+            guard.record(kinds, deleted, state)
     rows, cols, toks = (torch.tensor(list(c), dtype=torch.long) for c in zip(*bans)) if bans else (
         torch.zeros(0, dtype=torch.long) for _ in range(3))
     return DecodeContext(lengths, spent, (rows, cols, toks), mask)
@@ -205,6 +223,8 @@ def score_actions(
     backtrack_id: int | None = None,
     return_hidden: bool = False,
     with_entropy: bool = True,
+    semantics: str | None = None,
+    override_semantics: bool = False,
     **overrides,
 ) -> ActionScores:
     """Log-probs [B, S] of ``actions`` (-1 padding) after ``prompt_ids``, from one batched forward with gradients.
@@ -213,10 +233,12 @@ def score_actions(
     ``rollout.generation.config`` to reproduce a rollout's log-probs exactly. The backtrack id and head are read
     from ``model.config``. Run the model in eval mode (no dropout) where the ratio to old log-probs must be exact.
     ``with_entropy=False`` skips the entropy and diagnostics (a reference pass needs the log-probs only).
+    ``semantics`` is what the actions were taken in (default: the policy's, :func:`~halluc_rl.policy.policy_semantics`).
     """
     config = replace(config or BacktrackGenerationConfig(), **overrides)
     inner = getattr(model, "module", model)  # a DistributedDataParallel wrapper keeps the model as .module
     bt, head = policy_backtrack(inner, backtrack_id)
+    semantics = policy_semantics(inner, semantics, override_semantics)
     if actions.ndim != 2 or actions.shape[0] != len(prompt_ids):
         raise ValueError(f"actions must be [B, S] with B = {len(prompt_ids)} prompts, got {tuple(actions.shape)}")
     if any(len(p) == 0 for p in prompt_ids):
@@ -227,13 +249,13 @@ def score_actions(
     context = decode_context(cpu_actions, bt, config)
     streams = [list(map(int, prompt_ids[b])) + cpu_actions[b][context.mask[b]].tolist() for b in range(batch)]
     dtype = next(inner.parameters()).dtype
-    if bool((cpu_actions[context.mask] == bt).any()):  # some row backtracked: the rewind layout and its 4D mask
+    if semantics == "rewind" and bool((cpu_actions[context.mask] == bt).any()):  # the rewind layout, 4D mask
         packed = pack_streams(streams, [len(p) for p in prompt_ids], bt, num_actions=steps)
         attention = _attention_masks(inner.config, packed.attention_mask, packed.position_ids,
                                      dtype if dtype.is_floating_point else torch.float32)
         attention = ({kind: m.to(device) for kind, m in attention.items()} if isinstance(attention, dict)
                      else attention.to(device))
-    else:  # no backtrack anywhere: each stream is a plain causal sequence (the fast, mask-free attention path)
+    else:  # retry, or no backtrack anywhere: each stream is a plain causal sequence (the fast attention path)
         packed = causal_streams(streams, [len(p) for p in prompt_ids], steps)
         attention = packed.attention_mask.to(device)
     # logits are needed from the last prompt token on: keep only that tail (the prompt's other logits are waste)
@@ -274,4 +296,4 @@ def score_rollout(model, rollout, *, return_hidden: bool = False) -> ActionScore
     """:func:`score_actions` on a :class:`~halluc_rl.rollout.Rollout` with the options it was sampled with."""
     gen = rollout.generation
     return score_actions(model, rollout.prompt_ids, rollout.actions, gen.config, backtrack_id=gen.backtrack_id,
-                         return_hidden=return_hidden)
+                         return_hidden=return_hidden, semantics=gen.semantics, override_semantics=True)

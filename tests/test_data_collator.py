@@ -37,54 +37,12 @@ def test_train_errors_ablation_and_dict_spans():
     assert batch["labels"].tolist() == [[X, X, 20, 30, 31, BT, BT, 21, 2]]
 
 
-def test_rewind_positions():
-    batch = MaskedErrorCollator(layout="retry", pad_token_id=0, rewind_positions=True)([ERR, CLEAN])
-    # errors continue the prefix (3, 4), backtracks count down (5, 4), the correction restarts at 3
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 4, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7, 8]]
-    assert batch["attention_mask"].tolist()[1] == [1, 1, 1, 1, 0, 0, 0, 0, 0]
-
-
-def _causal(n: int) -> list[list[bool]]:
-    return [[k <= q for k in range(n)] for q in range(n)]
-
-
-def test_hard_attention_mask():
-    batch = MaskedErrorCollator(layout="retry", pad_token_id=0, hard_attention=True, mask_dtype=torch.bool)([ERR, CLEAN])
-    mask = batch["attention_mask"]
-    assert mask.shape == (2, 1, 9, 9) and mask.dtype == torch.bool
-    expected = _causal(9)
-    for q in (7, 8):  # the correction cannot see the error (3, 4) nor its backtracks (5, 6)
-        for k in (3, 4, 5, 6):
-            expected[q][k] = False
-    assert mask[0, 0].tolist() == expected  # backtracks (5, 6) do see the errors
-    clean = [[k <= q < 4 or k == q for k in range(9)] for q in range(9)]  # padding queries see themselves only
-    assert mask[1, 0].tolist() == clean
-    additive = MaskedErrorCollator(layout="retry", pad_token_id=0, hard_attention=True)([ERR, CLEAN])["attention_mask"]
-    assert additive.dtype == torch.float32
-    assert torch.equal(additive, torch.where(mask, 0.0, torch.finfo(torch.float32).min))
-    assert "position_ids" not in batch
-
-
-def test_two_errors_hide_each_group_from_what_follows():
-    example = assemble_example([10], [20, 21, 2], [(0, [30]), (1, [31, 32])], BT)
-    batch = MaskedErrorCollator(layout="retry", hard_attention=True, rewind_positions=True, mask_dtype=torch.bool)(
-        [example.to_features()])
-    # 10 | 30 BT | 20 | 31 32 BT BT | 21 2: each token sits at the count of visible tokens before it
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 1, 2, 3, 4, 3, 2, 3]]
-    mask = batch["attention_mask"][0, 0]
-    visible = {q: [k for k in range(10) if mask[q, k]] for q in range(10)}
-    assert visible[2] == [0, 1, 2] and visible[3] == [0, 3]
-    assert visible[6] == [0, 3, 4, 5, 6] and visible[8] == [0, 3, 8] and visible[9] == [0, 3, 8, 9]
-
-
 def test_max_length_and_pad_to_multiple_of():
-    collator = MaskedErrorCollator(layout="retry", pad_token_id=0, max_length=6, pad_to_multiple_of=4, rewind_positions=True,
-                                   hard_attention=True, mask_dtype=torch.bool)
+    collator = MaskedErrorCollator(layout="retry", pad_token_id=0, max_length=6, pad_to_multiple_of=4)
     batch = collator([ERR, CLEAN])
     assert batch["input_ids"].tolist() == [[10, 11, 20, 30, 31, BT, 0, 0], [10, 12, 22, 2, 0, 0, 0, 0]]
     assert batch["labels"].tolist() == [[X, X, 20, X, X, BT, X, X], [X, X, 22, 2, X, X, X, X]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7]]
-    assert batch["attention_mask"].shape == (2, 1, 8, 8)
+    assert batch["attention_mask"].tolist() == [[1] * 6 + [0] * 2, [1] * 4 + [0] * 4]
 
 
 def test_precomputed_labels_mask_and_errors():
@@ -92,7 +50,7 @@ def test_precomputed_labels_mask_and_errors():
     batch = MaskedErrorCollator(layout="retry", pad_token_id=0)([feature])
     assert batch["labels"].tolist() == [[X, 6, 7]]
     with pytest.raises(ValueError, match="spans"):
-        MaskedErrorCollator(layout="retry", hard_attention=True)([feature])
+        MaskedErrorCollator(layout="rewind")([feature])
     with pytest.raises(ValueError, match="spans"):
         MaskedErrorCollator(layout="retry")([{"input_ids": [1, 2]}])
     with pytest.raises(ValueError, match="cover"):
@@ -106,32 +64,34 @@ def _batch(tokenizer, n=3, seed=0):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_hard_attention_with_rewound_positions_matches_the_clean_sequence(tokenizer, arch):
-    """Under both options the logits at correction tokens equal those of prompt + reference alone."""
+def test_retry_layout_trains_on_the_logits_generation_computes(tokenizer, arch):
+    """retry: every label is trained on logits equal to a fresh forward over the action stream before it (errors
+    and backtracks in context, as retry generation feeds them), and corrections do see the errors they replace."""
     model = make_model(arch, tokenizer)
     problems, examples = _batch(tokenizer)
-    pad = tokenizer.pad_token_id
-    batch = MaskedErrorCollator(layout="retry", pad_token_id=pad, hard_attention=True, rewind_positions=True)(
+    bt = backtrack_token_id(tokenizer)
+    batch = MaskedErrorCollator(layout="retry", pad_token_id=tokenizer.pad_token_id, backtrack_token_id=bt)(
         [e.to_features() for e in examples])
-    plain = MaskedErrorCollator(layout="retry", pad_token_id=pad)([e.to_features() for e in examples])
+    assert set(batch) == {"input_ids", "attention_mask", "labels"} and batch["attention_mask"].ndim == 2
     with torch.no_grad():
         logits = model(**batch).logits  # [B, L, V]
-        soft = model(**plain).logits  # [B, L, V]
-    differs = False
+    checked, differs = 0, False
     for b, (problem, example) in enumerate(zip(problems, examples)):
+        assert int((batch["input_ids"][b] == bt).sum()) == example.input_ids.count(bt) > 0  # backtracks are inputs
+        for i in torch.nonzero(batch["labels"][b] != X).flatten().tolist():
+            with torch.no_grad():
+                fresh = model(input_ids=torch.tensor([example.input_ids[:i]])).logits[0, -1]  # [V]
+            torch.testing.assert_close(logits[b, i - 1], fresh, atol=1e-5, rtol=1e-5)
+            checked += 1
         prompt, response = encode_problem(problem, tokenizer)
-        with torch.no_grad():
-            clean = model(input_ids=torch.tensor([prompt + response])).logits[0]  # [P + R, V]
         visible = len(prompt)
-        for kind, start, end in example.spans:
-            if kind not in ("prompt", "correct", "correction"):
-                continue
-            rows = torch.arange(start, end)
-            ref_rows = rows if kind == "prompt" else torch.arange(visible, visible + end - start)
-            torch.testing.assert_close(logits[b, rows], clean[ref_rows], atol=1e-4, rtol=1e-4)
-            differs |= kind == "correction" and not torch.allclose(soft[b, rows], clean[ref_rows], atol=1e-3)
-            visible += 0 if kind == "prompt" else end - start
-    assert differs  # without the options, corrections do see the errors
+        for kind, start, end in example.spans:  # corrections: not what the clean sequence gives (the errors show)
+            if kind == "correction":
+                with torch.no_grad():
+                    clean = model(input_ids=torch.tensor([prompt + response[: visible - len(prompt)]])).logits[0, -1]
+                differs |= not torch.allclose(logits[b, start - 1], clean, atol=1e-3)
+            visible += end - start if kind in ("correct", "correction") else 0
+    assert checked > 20 and differs
 
 
 def test_labels_of_built_examples_and_right_padding(tokenizer):
@@ -165,7 +125,7 @@ def test_works_in_a_dataloader_and_sft_trainer(tokenizer, tmp_path):
     trl = pytest.importorskip("trl")
     _, examples = _batch(tokenizer, n=4)
     features = [e.to_features() for e in examples]
-    collator = MaskedErrorCollator(layout="retry", pad_token_id=tokenizer.pad_token_id, hard_attention=True, rewind_positions=True)
+    collator = MaskedErrorCollator(pad_token_id=tokenizer.pad_token_id, backtrack_token_id=backtrack_token_id(tokenizer))
     loader = DataLoader(features, batch_size=2, collate_fn=collator)
     shapes = [tuple(b["attention_mask"].shape) for b in loader]
     assert [s[:2] for s in shapes] == [(2, 1), (2, 1)]
@@ -208,11 +168,10 @@ def test_a_revealed_error_trains_backtracks_from_every_state_of_its_reveal():
     assert rewind["input_ids"].tolist() == [[10, 11, 20, 30, 31, 32, 21, 2]]
     assert rewind["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]
     assert rewind["labels"].tolist() == [[X, X, 20, 21, BT, BT, BT, 2]]
-    retry = MaskedErrorCollator(layout="retry", pad_token_id=0, hard_attention=True, mask_dtype=torch.bool)(
-        [example.to_features()])
+    retry = MaskedErrorCollator(layout="retry", pad_token_id=0, backtrack_token_id=BT)([example.to_features()])
+    assert retry["input_ids"].tolist() == [[10, 11, 20, 30, 31, 32, BT, BT, BT, 21, 2]]
     assert retry["labels"].tolist() == [[X, X, 20, X, 31, 32, BT, BT, BT, 21, 2]]
-    mask = retry["attention_mask"][0, 0]
-    assert [k for k in range(11) if mask[9, k]] == [0, 1, 2, 9]  # the correction sees neither error nor reveal
+    assert retry["attention_mask"].tolist() == [[1] * 11]  # the correction sees the error and its reveal
 
 
 def test_rewind_layout_refuses_train_errors():

@@ -159,14 +159,22 @@ def test_custom_reward_model_plugs_in(tokenizer):
         arithmetic_env(tokenizer, rewards=[object()])
 
 
-def test_rollout_driver_matches_the_env(tokenizer):
-    """The same action sequences through the env and through the driver: same texts, same rewards."""
-    policy = make_model("llama", tokenizer)
+@pytest.mark.parametrize("semantics", ["rewind", "retry"])
+def test_rollout_driver_matches_the_env(tokenizer, semantics):
+    """The same action sequences through the env and through the driver, in either semantics: same texts, same
+    rewards, the implicit PRM (which follows the policy's context) included."""
+    from halluc_rl.policy import set_policy_backtrack
+    from halluc_rl.rewards import ImplicitProcessReward
+    from tests.test_scoring import lora_policy
+
+    policy = lora_policy("llama", tokenizer, head="softmax")
+    set_policy_backtrack(policy, backtrack_token_id(tokenizer), semantics=semantics)
     problems = ArithmeticTask(seed=0).problems("test", 4)
     bt = backtrack_token_id(tokenizer)
 
     def mixer():
-        return RewardMixer([RuleGrader(), (HFProcessReward(tiny_prm(tokenizer)), 0.5)],
+        return RewardMixer([RuleGrader(), (HFProcessReward(tiny_prm(tokenizer)), 0.5),
+                            (ImplicitProcessReward(policy, beta=1.0), 1.0)],
                            Shaping(backtrack_cost=0.05, failed_backtrack_penalty=0.1, budget_penalty=1.0, budget=4))
 
     g = torch.Generator().manual_seed(0)
@@ -174,19 +182,33 @@ def test_rollout_driver_matches_the_env(tokenizer):
     forced[1, 10] = tokenizer.eos_token_id  # one row stops early
     ro = rollout(policy, tokenizer, problems, mixer(), max_new_tokens=24, do_sample=True, generator=g,
                  forced_actions=forced)
-    assert ro.action_mask[1].sum() == 11 and ro.dones[1, 10]
+    assert ro.action_mask[1].sum() == 11 and ro.dones[1, 10] and ro.generation.semantics == semantics
     for b, problem in enumerate(problems):
         env = gym.make("Backtrack-Arithmetic-v0", tokenizer=tokenizer, problems=[problem], max_new_tokens=24,
                        backtrack_budget=4, backtrack_cost=0.05, failed_backtrack_penalty=0.1, budget_penalty=1.0,
-                       rewards=list(mixer().outcome + mixer().process))
+                       rewards=list(mixer().outcome + mixer().process), semantics=semantics)
         env.reset(seed=0)
         rewards = []
         for a in ro.actions[b][ro.action_mask[b]].tolist():
-            _, r, term, trunc, info = env.step(a)
+            obs, r, term, trunc, info = env.step(a)
             rewards.append(r)
         assert info["text"] == ro.texts[b]
+        n = int(obs["num_actions"])
+        assert obs["action_ids"][:n].tolist() == ro.actions[b][ro.action_mask[b]].tolist()
         torch.testing.assert_close(torch.tensor(rewards), ro.rewards[b][ro.action_mask[b]], atol=1e-4, rtol=0)
     assert ro.logprobs.shape == ro.actions.shape
+    # the implicit reward at each action is the policy's log-ratio given the context of this semantics
+    implicit = ro.reward_parts["implicit"]
+    other = "retry" if semantics == "rewind" else "rewind"
+    set_policy_backtrack(policy, bt, semantics=other)
+    again = rollout(policy, tokenizer, problems, mixer(), max_new_tokens=24, do_sample=True, forced_actions=ro.actions,
+                    generator=torch.Generator().manual_seed(0))
+    assert again.texts == ro.texts and not torch.allclose(again.reward_parts["implicit"], implicit, atol=1e-4)
+
+
+def test_an_unknown_semantics_is_refused_in_one_line(tokenizer):
+    with pytest.raises(ValueError, match="semantics: unknown value 'undo'; use 'rewind'.*or 'retry'"):
+        arithmetic_env(tokenizer, semantics="undo")
 
 
 def test_default_env_needs_no_arguments_and_no_network(monkeypatch):

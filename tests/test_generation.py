@@ -3,7 +3,7 @@ import torch
 
 from halluc_rl.backtrack import ActionKind, EpisodeEnd, apply_actions, backtrack_token_id
 from halluc_rl.cache import RewindableCache
-from halluc_rl.engine import SEMANTICS, DecodeEngine, RewindDecoding, decoding_semantics
+from halluc_rl.engine import DECODERS, DecodeEngine, RewindDecoding, decoding_semantics
 from halluc_rl.generation import BacktrackGenerationConfig, generate
 from tests.conftest import ARCHS, make_model
 
@@ -191,13 +191,13 @@ def test_engine_semantics_are_chosen_by_name(tokenizer, monkeypatch):
     output."""
     model = make_model("llama", tokenizer, seed=1)
     bt, eos = backtrack_token_id(tokenizer), tokenizer.eos_token_id
-    with pytest.raises(ValueError, match=r"unknown backtrack semantics 'retry'; known: \['rewind'\]"):
-        decoding_semantics("retry", RewindableCache(model), 0)
+    with pytest.raises(ValueError, match=r"semantics: unknown value 'undo'; use one of retry, rewind"):
+        decoding_semantics("undo", RewindableCache(model), 0)
     forced = torch.full((3, 12), -1)
     forced[0, 3], forced[1, 5], forced[2, 8] = bt, bt, eos  # a backtrack in two rows, one row stops
     kw = dict(max_new_tokens=12, forced_actions=forced, eos_token_id=eos, backtrack_bias=float("-inf"))
     ref = generate(model, tokenizer, PROMPTS, **kw)
-    monkeypatch.setitem(SEMANTICS, "counting", _CountingRewind)
+    monkeypatch.setitem(DECODERS, "counting", _CountingRewind)
     config = BacktrackGenerationConfig(**{k: v for k, v in kw.items() if k != "forced_actions"})
     engine = DecodeEngine(model, tokenizer, config, backtrack_id=bt, head="softmax", pad=tokenizer.pad_token_id,
                           end=EpisodeEnd([eos], (), 12), forced_actions=forced, semantics="counting")

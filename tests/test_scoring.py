@@ -233,12 +233,12 @@ def test_streams_without_backtracks_take_the_causal_path_and_stay_exact(tokenize
                  generator=torch.Generator().manual_seed(5))
     packed = []
     original = scoring.pack_streams
-    scoring.pack_streams = lambda *a, **k: packed.append(1) or original(*a, **k)
+    scoring.pack_streams = lambda *a, **k: packed.append(k.get("semantics", "rewind")) or original(*a, **k)
     try:
         fast = score_rollout(model, ro)
     finally:
         scoring.pack_streams = original
-    assert not packed  # the causal path ran
+    assert packed == ["retry"]  # the causal path ran
     mask = ro.action_mask
     torch.testing.assert_close(fast.logprobs[mask], ro.logprobs[mask], atol=1e-5, rtol=0)
     streams = [p + ro.actions[b][mask[b]].tolist() for b, p in enumerate(ro.prompt_ids)]
