@@ -211,3 +211,57 @@ def test_engine_semantics_are_chosen_by_name(tokenizer, monkeypatch):
                                                                                                 ref.finished)
     assert ref.kinds.shape[1] == 12 and steps == 11  # the last step feeds nothing
     assert (engine.semantics.plain_steps, engine.semantics.rewinds) == (6, 5)  # steps 0-2, 4, 6, 7 fast; 3, 5, 8-10 follow
+
+
+def test_retry_feeds_every_action_and_never_crops(tokenizer, monkeypatch):
+    """retry: the same actions give the same visible texts as rewind, but every step is a plain cached decode of
+    the action itself (a backtrack too); nothing is rewound or compacted, and the context is prompt + actions."""
+    model = make_model("llama", tokenizer, seed=1)
+    bt, eos = backtrack_token_id(tokenizer), tokenizer.eos_token_id
+    g = torch.Generator().manual_seed(0)
+    forced = torch.where(torch.rand(3, 16, generator=g) < 0.3, bt, torch.randint(10, 60, (3, 16), generator=g))
+    forced[2, 9] = eos
+    kw = dict(max_new_tokens=16, forced_actions=forced, eos_token_id=eos, compact_min_holes=1)
+    rewind = generate(model, tokenizer, PROMPTS, **kw)
+    fed, rewinds = [], []
+    monkeypatch.setattr(RewindableCache, "rewind", lambda self, n: rewinds.append(n))
+    original = RewindableCache.step
+    monkeypatch.setattr(RewindableCache, "step", lambda self, t, w=None: fed.append(t.clone()) or original(self, t, w))
+    retry = generate(model, tokenizer, PROMPTS, semantics="retry", **kw)
+    assert retry.texts == rewind.texts and torch.equal(retry.kinds, rewind.kinds) and retry.semantics == "retry"
+    assert not rewinds and len(fed) == 15  # one plain step per action but the last
+    steps = torch.stack(fed, 1)  # [B, 15] what was fed: the actions, pad once a row is done
+    live = retry.action_mask[:, :15]
+    assert torch.equal(steps[live], retry.actions[:, :15][live]) and bool((steps[live] == bt).any())
+
+
+def test_retry_branches_from_an_action_stream(tokenizer):
+    """retry with a prefilled response: the prefix is the action stream so far (a backtrack in it), forked into 3
+    branches; each continuation's log-probs equal the scorer's on the whole stream."""
+    from halluc_rl.scoring import score_actions
+
+    model = make_model("llama", tokenizer, seed=2)
+    bt = backtrack_token_id(tokenizer)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    prefixes = [[11, 12, bt, 13], [21, bt, bt, 22, 23]]
+    out = generate(model, tokenizer, prompts, responses=prefixes, num_branches=3, semantics="retry", do_sample=True,
+                   max_new_tokens=8, return_logprobs=True, eos_token_id=[], loop_guard=None,
+                   generator=torch.Generator().manual_seed(1))
+    assert len(out.sequences) == 6 and out.sequences[0][:2] == [11, 13] and out.sequences[3][:2] == [22, 23]
+    assert len({tuple(s) for s in out.sequences[:3]}) > 1  # the branches differ
+    rows = [b // 3 for b in range(6)]
+    streams = torch.tensor([[*prefixes[r], *out.actions[b].tolist()] + [-1] * (5 - len(prefixes[r]))
+                            for b, r in enumerate(rows)])  # [6, 13]: -1 pads the shorter prefix's rows
+    config = BacktrackGenerationConfig(do_sample=True, loop_guard=None)
+    scores = score_actions(model, [prompts[r] for r in rows], streams, config, semantics="retry")
+    for b, r in enumerate(rows):
+        n = len(prefixes[r])
+        torch.testing.assert_close(scores.logprobs[b, n : n + 8], out.logprobs[b], atol=1e-5, rtol=0)
+
+
+def test_retry_refuses_a_context_longer_than_the_models_positions(tokenizer):
+    model = make_model("llama", tokenizer, seed=1)
+    model.config.max_position_embeddings = 24
+    with pytest.raises(ValueError, match=r"retry context of \d+ prompt tokens \+ 20 actions exceeds the model's 24"):
+        generate(model, tokenizer, PROMPTS, max_new_tokens=20, semantics="retry")
+    generate(model, tokenizer, PROMPTS, max_new_tokens=20)  # rewind keeps only the visible text: allowed

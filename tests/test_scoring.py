@@ -246,3 +246,65 @@ def test_streams_without_backtracks_take_the_causal_path_and_stay_exact(tokenize
     b = scoring.pack_streams(streams, [len(p) for p in ro.prompt_ids], backtrack_token_id(tokenizer),
                              num_actions=ro.actions.shape[1])
     assert torch.equal(a.predictors, b.predictors)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_retry_scorer_equals_the_rollouts_sampling_log_probs(tokenizer, arch):
+    """retry: the stream is one causal sequence with backtracks as inputs; sampled with temperature, bias, budget,
+    loop guard and the factorised head, under LoRA, the scores equal the rollout's log-probs to 1e-5."""
+    model = lora_policy(arch, tokenizer)
+    set_policy_backtrack(model, backtrack_token_id(tokenizer), semantics="retry")
+    g = torch.Generator().manual_seed(3)
+    options = dict(do_sample=True, temperature=0.7, backtrack_bias=2.5, backtrack_budget=5, loop_guard=1,
+                   max_new_tokens=28)
+    ro = rollout(model, tokenizer, PROBLEMS, RewardMixer([RuleGrader()]), generator=g, **options)
+    assert ro.generation.semantics == "retry"
+    scores = score_rollout(model, ro)
+    mask = ro.action_mask
+    torch.testing.assert_close(scores.logprobs[mask], ro.logprobs[mask], atol=1e-5, rtol=0)
+    ratio = (scores.logprobs - ro.logprobs)[mask].exp()
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)  # the first PPO ratio
+    assert int(ro.generation.num_deleted.sum()) >= 4
+    rewound = score_actions(model, ro.prompt_ids, ro.actions, ro.generation.config, semantics="rewind",
+                            override_semantics=True)
+    assert not torch.allclose(rewound.logprobs[mask], ro.logprobs[mask], atol=1e-3)  # the context differs
+    with pytest.raises(ValueError, match="trained in 'retry', not 'rewind'.*--override_semantics"):
+        score_actions(model, ro.prompt_ids, ro.actions, ro.generation.config, semantics="rewind")
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_retry_scorer_on_sliding_window_models(tokenizer, arch):
+    """retry on sliding-window models: the context only grows past the window (8); scores equal generation's."""
+    from tests.test_cache import WINDOW, sliding_model
+
+    model = sliding_model(arch, tokenizer, seed=1)
+    bt = backtrack_token_id(tokenizer)
+    g = torch.Generator().manual_seed(0)
+    forced = torch.where(torch.rand(2, 40, generator=g) < 0.2, bt, -1)
+    forced[:, :10] = -1
+    out = generate(model, tokenizer, [p.question for p in PROBLEMS[:2]], max_new_tokens=40, do_sample=True,
+                   forced_actions=forced, return_logprobs=True, eos_token_id=[], loop_guard=None, generator=g,
+                   semantics="retry")
+    assert min(len(s) for s in out.sequences) > WINDOW and int(out.num_deleted.sum()) > 4
+    scores = score_actions(model, out.prompt_ids, out.actions, out.config, semantics="retry")
+    torch.testing.assert_close(scores.logprobs, out.logprobs, atol=1e-5, rtol=0)
+
+
+def test_the_visited_memory_is_keyed_on_the_prefix_not_the_length(tokenizer):
+    """loop_guard=1: deleting b after 'a' bans b after 'a' only. Row 0 goes deeper (deletes a) and types c: the
+    response has the same length but another prefix, where b is allowed (a length-keyed ban would mask it). Row 1
+    comes back to 'a' through another branch, where b is banned again."""
+    model = lora_policy("llama", tokenizer, head="softmax")
+    bt = backtrack_token_id(tokenizer)
+    a, b, c, d = 7, 8, 9, 10
+    actions = torch.tensor([[a, b, bt, bt, c, b], [a, b, bt, d, bt, b]])
+    config = BacktrackGenerationConfig(do_sample=True, loop_guard=1)
+    context = decode_context(actions, bt, config)
+    bans = set(zip(*(t.tolist() for t in context.bans)))  # (row, step, token)
+    assert bans == {(0, 3, b), (0, 4, a), (1, 3, b), (1, 5, b), (1, 5, d)}  # not (0, 5, b): another prefix
+    prompts = [tokenizer("Question: 1\\nAnswer:")["input_ids"]] * 2
+    scores = score_actions(model, prompts, actions, config)
+    assert torch.isfinite(scores.logprobs[0, 5]) and scores.logprobs[1, 5] == float("-inf")
+    out = generate(model, tokenizer, prompts, config, forced_actions=actions, max_new_tokens=6, return_logprobs=True,
+                   eos_token_id=[])
+    torch.testing.assert_close(scores.logprobs, out.logprobs, atol=1e-5, rtol=0)
