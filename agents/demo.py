@@ -37,6 +37,7 @@ from halluc_rl.agents.stages import (
     sft_stage,
 )
 from halluc_rl.atomic import atomic_write_json, atomic_write_text
+from halluc_rl.backtrack import SEMANTICS
 from halluc_rl.config import (
     UsageError,
     check_choice,
@@ -98,6 +99,7 @@ def demo(args: DemoArgs) -> int:
                          "--kl_coef 0 (or keep use_lora true)")
     for kind in args.error_kinds or [""]:
         check_choice("error_kinds", kind, PLAUSIBLE_KINDS)
+    check_choice("semantics", args.semantics, SEMANTICS)
     check_stage_configs(args)
     check_output_dir(args.output_dir)
     if args.ablate:

@@ -3,9 +3,10 @@
 The pairs (``halluc_rl.pairs``) branch at the first error of the policy's own sampled answers: chosen backtracks
 over it, rejected goes on from it; counter-pairs at right states prefer continuing to backtracking. TRL's
 ``DPOTrainer`` trains on them with its loss types, logging and reference handling, except for one thing: every
-log-prob is of an action stream under the rewind semantics, computed by the shared scorer
-(``halluc_rl.scoring.score_actions``), so the chosen side's correction is conditioned on the visible text, never on
-the deleted tokens. TRL's concatenated causal forward would be wrong after a backspace.
+log-prob is of an action stream in the policy's semantics, computed by the shared scorer
+(``halluc_rl.scoring.score_actions``): in ``rewind`` the chosen side's correction is conditioned on the visible
+text, never on the deleted tokens (TRL's concatenated causal forward would be wrong after a backspace); in
+``retry`` it follows the error and its backtracks in context.
 
 The reference is TRL's: a LoRA policy started from a saved adapter trains that adapter against a frozen copy of it
 (the ``ref`` adapter: no second copy of the base weights); a policy started from a base model trains a new adapter
@@ -26,9 +27,18 @@ from trl import DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from halluc_rl.adapters import sync_reference_adapter
-from halluc_rl.args import LoraArgs, ModelArgs, PrecisionDefaults, RunArgs, SamplingArgs, TaskArgs
+from halluc_rl.args import (
+    LoraArgs,
+    ModelArgs,
+    PrecisionDefaults,
+    RunArgs,
+    SamplingArgs,
+    SemanticsArgs,
+    TaskArgs,
+)
 from halluc_rl.config import (
     UsageError,
+    adopt_semantics,
     check_choice,
     check_model_name,
     check_output_dir,
@@ -47,7 +57,7 @@ from halluc_rl.training import SafeTrainerMixin, run_training
 
 
 @dataclass
-class DPOScriptArgs(RunArgs, SamplingArgs, TaskArgs):
+class DPOScriptArgs(RunArgs, SamplingArgs, SemanticsArgs, TaskArgs):
     """Where the pairs come from and what they look like (the task, the sampling temperature and resume settings
     come from the shared blocks)."""
 
@@ -240,6 +250,7 @@ def build_trainer(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     set_seed(config.seed)
     model, tokenizer, _ = load_start_policy(model_args.model_name_or_path, lora, model_args.dtype,
                                             config.trust_remote_code, model_args.revision)
+    adopt_semantics(model, script)  # the policy's own semantics unless overridden (recorded, saved)
     problems = load_problems(script.task, "train", script.num_problems, script.data_files, seed=script.task_seed,
                              validation_size=script.validation_size)
     source = PairSource(script, model, tokenizer, problems, config.seed)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from halluc_rl.args import SamplingArgs, TaskArgs
+from halluc_rl.args import SamplingArgs, SemanticsArgs, TaskArgs
+from halluc_rl.backtrack import SEMANTICS
 from halluc_rl.config import (
     UsageError,
+    adopt_semantics,
     check_choice,
     check_device,
     check_model_name,
@@ -37,7 +39,7 @@ from halluc_rl.registry import is_known_name
 
 
 @dataclass
-class EvalArgs(SamplingArgs, TaskArgs):
+class EvalArgs(SamplingArgs, SemanticsArgs, TaskArgs):
     """What to evaluate, on which problems, how, and where the report goes (the task and the sampling temperature
     come from the shared blocks)."""
 
@@ -107,6 +109,8 @@ def validate(args: EvalArgs) -> None:
     check_positive(args, "num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget",
                    allow_zero=("num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget"))
     check_device(args.device)
+    if args.semantics is not None:
+        check_choice("semantics", args.semantics, SEMANTICS)
     check_output_dir(args.output_dir)
 
 
@@ -128,15 +132,17 @@ def evaluate(args: EvalArgs) -> int:
         model, tokenizer, _ = load_eval_policy(args.policy)
     except (OSError, ValueError) as err:  # no model in that folder, another base, non-finite weights
         raise UsageError(" ".join(str(err).split())) from err
+    semantics = adopt_semantics(model, args)  # one line if the policy was trained in another semantics
     model.to(_device(args.device))
-    print(f"evaluating {args.policy} as {name!r} on {len(problems)} {args.task} {args.split} problems")
+    print(f"evaluating {args.policy} as {name!r} in the {semantics} semantics on {len(problems)} {args.task} "
+          f"{args.split} problems")
     metrics = evaluate_policy(
         model, tokenizer, problems, num_samples=args.num_samples, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, loop_guard=args.loop_guard,
         sampled_loop_guard=args.sampled_loop_guard, seed=args.seed, stop_strings=tuple(args.stop_strings),
         backtrack_bias=args.backtrack_bias, backtrack_budget=args.backtrack_budget,
     )
-    results[name] = metrics
+    results[name] = {**metrics, "semantics_override": args.override_semantics and args.semantics is not None}
     safe_name = re.sub(r"[^\w.-]+", "_", name)
     save_config(out_dir / f"eval_config_{safe_name}.yaml", args)
     title = f"halluc-rl evaluation: {args.task} {args.split}"

@@ -22,10 +22,19 @@ import trl
 from trl import GRPOTrainer
 
 from halluc_rl.adapters import base_model_name, quiet_checkpointing_alias, sync_reference_adapter
-from halluc_rl.args import LoraArgs, ModelArgs, PrecisionDefaults, RewardArgs, RunArgs, TaskArgs
+from halluc_rl.args import (
+    LoraArgs,
+    ModelArgs,
+    PrecisionDefaults,
+    RewardArgs,
+    RunArgs,
+    SemanticsArgs,
+    TaskArgs,
+)
 from halluc_rl.backtrack import apply_actions
 from halluc_rl.config import (
     UsageError,
+    adopt_semantics,
     check_model_name,
     check_output_dir,
     check_positive,
@@ -47,7 +56,7 @@ from halluc_rl.training import SafeTrainerMixin, run_training
 
 
 @dataclass
-class GRPOScriptArgs(RunArgs, RewardArgs, TaskArgs):
+class GRPOScriptArgs(RunArgs, RewardArgs, SemanticsArgs, TaskArgs):
     """The backtrack decoding rules (the task, the rewards and resume settings come from the shared blocks; the
     sampling temperature is TRL's own ``temperature``)."""
 
@@ -247,6 +256,7 @@ def build_trainer(script: GRPOScriptArgs, model_args: ModelArgs, lora: LoraArgs,
     set_seed(config.seed)  # before the LoRA weights are drawn: the same config gives the same run
     model, tokenizer, _ = load_start_policy(model_args.model_name_or_path, lora, model_args.dtype,
                                             config.trust_remote_code, model_args.revision)
+    adopt_semantics(model, script)  # the policy's own semantics unless overridden (recorded, saved)
     problems = load_problems(script.task, "train", script.num_train_problems, script.data_files,
                              seed=script.task_seed, validation_size=script.validation_size)
     decoding = BacktrackGenerationConfig(backtrack_bias=script.backtrack_bias, backtrack_budget=script.backtrack_budget,

@@ -13,7 +13,7 @@ CleanRL's ``ppo.py`` for a policy that can press backspace, read top to bottom:
    values branched from the cached states at step ends and around every backtrack, no critic: a backtrack's
    advantage is V(after the deletion) - V(before) plus its cost) or ``group`` (RLOO's leave-one-out baseline).
 4. **The update**: clipped surrogate, clipped value loss, entropy bonus, whitened advantages, minibatch epochs,
-   gradient clipping. Log-probs come from ``halluc_rl.scoring.score_actions`` under the rewind semantics.
+   gradient clipping. Log-probs come from ``halluc_rl.scoring.score_actions`` in the policy's semantics.
 
 Several processes (``accelerate launch --num_processes 2``) split the problems; gradients are averaged and every
 global statistic (whitening, the token count of a minibatch) is reduced (``halluc_rl/distributed.py``), so the
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from halluc_rl import distributed, losses
 from halluc_rl.adapters import check_same_base, reference_mode
-from halluc_rl.args import LoraArgs, ModelArgs, RewardArgs, RunArgs, SamplingArgs, TaskArgs
+from halluc_rl.args import LoraArgs, ModelArgs, RewardArgs, RunArgs, SamplingArgs, SemanticsArgs, TaskArgs
 from halluc_rl.atomic import atomic_write_json
 from halluc_rl.checkpoints import (
     load_checkpoint,
@@ -55,6 +55,7 @@ from halluc_rl.checkpoints import (
 from halluc_rl.config import (
     NonFiniteError,
     UsageError,
+    adopt_semantics,
     check_choice,
     check_model_name,
     check_output_dir,
@@ -81,7 +82,7 @@ from halluc_rl.values import mc_states, vine_advantages  # noqa: F401  (mc_state
 
 
 @dataclass
-class PPOArgs(RunArgs, RewardArgs, SamplingArgs, TaskArgs):
+class PPOArgs(RunArgs, RewardArgs, SamplingArgs, SemanticsArgs, TaskArgs):
     """What PPO trains on, its advantage estimator and its update (the task, the sampling temperature, the rewards
     and resume settings come from the shared blocks)."""
 
@@ -221,6 +222,7 @@ def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerato
         model, tok, bt = load_start_policy(model_args.model_name_or_path, lora, model_args.dtype, reference=True)
     except OSError as err:
         raise UsageError(" ".join(str(err).split())) from err
+    adopt_semantics(model, args)  # the policy's own semantics unless overridden (recorded, saved)
     if not hasattr(model, "peft_config") and args.kl_coef > 0:
         raise UsageError("kl_coef: a fully fine-tuned policy has no adapter to disable for its reference; set "
                          "use_lora: true or kl_coef: 0")

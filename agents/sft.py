@@ -26,6 +26,7 @@ from halluc_rl.args import (
 from halluc_rl.backtrack import SEMANTICS
 from halluc_rl.config import (
     UsageError,
+    adopt_semantics,
     check_choice,
     check_model_name,
     check_output_dir,
@@ -40,7 +41,7 @@ from halluc_rl.data.errors import PLAUSIBLE_KINDS, PlausibleErrors, RandomTokenE
 from halluc_rl.data.tasks import load_problems
 from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
 from halluc_rl.modeling import load_model_and_tokenizer
-from halluc_rl.policy import policy_backtrack, policy_semantics, set_policy_backtrack
+from halluc_rl.policy import policy_backtrack, set_policy_backtrack
 from halluc_rl.training import SafeTrainerMixin, run_training
 
 
@@ -141,8 +142,8 @@ def build_trainer(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     model, tokenizer, bt = load_model_and_tokenizer(
         model_args.model_name_or_path, dtype=model_args.dtype, trust_remote_code=config.trust_remote_code,
         revision=model_args.revision)
-    semantics = policy_semantics(model, script.semantics, script.override_semantics)
-    set_policy_backtrack(model, bt, script.backtrack_head, semantics)  # on the config (saved) from here on
+    set_policy_backtrack(model, bt, script.backtrack_head)  # the head lives on the config from here on
+    semantics = adopt_semantics(model, script)  # so does the semantics: the collator lays examples out in it
     problems = load_problems(script.task, "train", script.num_train_problems, script.data_files, seed=script.task_seed,
                              validation_size=script.validation_size)
     source = make_error_source(script, model, config.seed)

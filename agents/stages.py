@@ -59,6 +59,9 @@ class DemoArgs:
         "help": "The plausible errors typed in SFT (digit, operator, step, check; check needs arithmetic:check=1 "
                 "or 2)."})
     backtrack_head: str = field(default="factorized", metadata={"help": "factorized or softmax."})
+    semantics: str = field(default="rewind", metadata={
+        "help": "rewind (a backspace forgets what it deleted) or retry (it stays in the context): the SFT stage "
+                "trains the policy in it, and every later stage and evaluation runs it there."})
     dpo_steps: int = field(default=60, metadata={"help": "DPO optimiser steps (0: skip the stage)."})
     dpo_form: str = field(default="single", metadata={"help": "single or continuation pairs."})
     dpo_problems: int = field(default=256, metadata={"help": "Problems the policy answers for the DPO pairs."})
@@ -123,7 +126,7 @@ def sft_stage(args: DemoArgs, out: Path, error_source: str, head: str) -> Path:
         output_dir=str(out), task=args.task, num_train_problems=args.num_train_problems, task_seed=args.seed,
         error_source=error_source, error_kinds=list(args.error_kinds), error_rate=args.error_rate,
         backtrack_head=head, num_train_epochs=args.sft_epochs, learning_rate=args.sft_learning_rate,
-        seed=args.seed, use_lora=args.use_lora))
+        seed=args.seed, use_lora=args.use_lora, semantics=args.semantics))
     if not finished_run(out, configs):  # a rerun skips a finished stage
         sft.train(*configs)
     return out

@@ -44,6 +44,7 @@ from halluc_rl.args import (  # noqa: F401  (the blocks were defined here first:
 from halluc_rl.atomic import atomic_write_text
 from halluc_rl.data.tasks import load_problems, parse_task
 from halluc_rl.modeling import check_saved_model
+from halluc_rl.policy import recorded_semantics, use_semantics
 from halluc_rl.registry import KNOWN_MODELS, is_known_name, resolve_model_path
 
 
@@ -353,6 +354,21 @@ def check_positive(obj: Any, *names: str, allow_zero: Iterable[str] = ()) -> Non
         if value < 0 or (value == 0 and name not in zero_ok):
             needs = ">= 0" if name in zero_ok else "> 0"
             raise UsageError(f"{name}: must be {needs}, got {value}")
+
+
+def adopt_semantics(model, args) -> str:
+    """Run ``model`` in ``args.semantics`` (:class:`~halluc_rl.args.SemanticsArgs`; None: the policy's own) and
+    record it on its config (:func:`halluc_rl.policy.use_semantics`). A semantics the policy was not trained in
+    is a one-line :class:`UsageError` unless ``args.override_semantics``."""
+    recorded = recorded_semantics(getattr(model, "module", model))
+    try:
+        semantics = use_semantics(model, args.semantics, args.override_semantics)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if recorded is not None and semantics != recorded:
+        print(f"note: running a policy trained in the {recorded} semantics in {semantics} (--override_semantics); "
+              f"it is saved as a {semantics} policy")
+    return semantics
 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:

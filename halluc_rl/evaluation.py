@@ -28,7 +28,7 @@ from halluc_rl.backtrack import ActionKind, BacktrackState
 from halluc_rl.data.grading import reward
 from halluc_rl.data.tasks import Problem, encode_problem
 from halluc_rl.generation import BacktrackGenerationOutput, generate
-from halluc_rl.policy import policy_backtrack
+from halluc_rl.policy import policy_backtrack, policy_semantics
 from halluc_rl.reporting import (  # noqa: F401  (re-exported: the report's names were defined here first)
     ACCURACY_KEYS,
     REPORT_COLUMNS,
@@ -231,7 +231,8 @@ def evaluate_policy(
     * ``tokens_per_solved`` - greedy actions spent in total (backtracks included) / problems solved greedily;
       ``mean_actions`` - greedy actions per problem; ``truncated_rate`` - share of greedy episodes that ran out
       of ``max_new_tokens`` before EOS or a stop string;
-    * ``num_problems``, ``num_samples``.
+    * ``num_problems``, ``num_samples``, and ``semantics``: what a backspace left in the policy's context in these
+      runs (the one recorded on ``model.config``, :func:`halluc_rl.policy.policy_semantics`).
 
     ``num_samples=0`` skips the sampled runs (their keys are None). ``loop_guard`` (greedy runs) and
     ``sampled_loop_guard`` (sampled runs; off by default) ban a token at a position after that many deletions there;
@@ -256,7 +257,7 @@ def evaluate_policy(
                         batch_size=batch_size, backtrack_id=bt, max_new_tokens=max_new_tokens,
                         stop_strings=tuple(stop_strings), backtrack_budget=backtrack_budget)
     nll = reference_nll(model, prompts, references, batch_size=batch_size, backtrack_id=bt)
-    return _summarise(*runs, reference_nll=nll, num_samples=num_samples)
+    return {**_summarise(*runs, reference_nll=nll, num_samples=num_samples), "semantics": policy_semantics(model)}
 
 
 def _decode_runs(model, tokenizer, prompts: list[list[int]], references: list[list[int]], golds: list[str], *,

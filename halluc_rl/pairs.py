@@ -16,8 +16,9 @@
    ``weighting="value_drop"`` resamples the error pairs in proportion to the value drop at their branch point, a
    token-level weighting that leaves the DPO loss as TRL computes it.
 
-Every side is an action stream, scored by the shared scorer under the rewind semantics (the chosen side's
-correction never attends to the deleted tokens).
+Every side is an action stream, scored by the shared scorer in the policy's semantics: in ``rewind`` the chosen
+side's correction never attends to the deleted tokens; in ``retry`` it follows the error in context, and a
+Monte-Carlo continuation is sampled from that context too.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from halluc_rl.data.grading import reward as grade
 from halluc_rl.data.tasks import Problem, encode_problem, format_solution
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.labels import line_break_ids, prm_step_scores
-from halluc_rl.policy import policy_backtrack
+from halluc_rl.policy import policy_backtrack, policy_semantics
 from halluc_rl.rewards import OracleProcessReward
 from halluc_rl.rollout import rollout
 from halluc_rl.values import mc_values
@@ -226,9 +227,12 @@ def _right_continuation(error: ErrorPoint, tokenizer, bt: int) -> list[int] | No
 
 def _sampled_continuations(model, tokenizer, errors: list[ErrorPoint], bt: int, k: int, config, generator):
     """A successful Monte-Carlo branch from each error's state once the error is deleted, as actions from that
-    state (None where no branch succeeded)."""
-    kept = [apply_actions(e.actions[: e.end + 1] + [bt] * e.length, bt).visible_ids for e in errors]
-    est = mc_values(model, tokenizer, [e.problem for e in errors], kept, k, prompts=[e.prompt_ids for e in errors],
+    state (None where no branch succeeded). In ``retry`` the branch starts from the whole stream, the error and
+    its backtracks in context."""
+    deleted = [e.actions[: e.end + 1] + [bt] * e.length for e in errors]
+    kept = [apply_actions(stream, bt).visible_ids for stream in deleted]
+    starts = deleted if policy_semantics(model) == "retry" else kept
+    est = mc_values(model, tokenizer, [e.problem for e in errors], starts, k, prompts=[e.prompt_ids for e in errors],
                     generator=generator, max_new_tokens=config.max_new_tokens, loop_guard=None,
                     temperature=config.temperature)
     out: list[list[int] | None] = []

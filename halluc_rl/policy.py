@@ -61,6 +61,15 @@ def policy_backtrack(model, backtrack_id: int | None = None) -> tuple[int, str]:
     return int(bt), getattr(config, "backtrack_head", None) or "softmax"
 
 
+def use_semantics(model, semantics: str | None = None, override: bool = False) -> str:
+    """Resolve the semantics to run a policy in (:func:`policy_semantics`) and record it on ``model.config``, so
+    that everything downstream (generation, the scorer, a saved copy) runs and records it. Returns it."""
+    semantics = policy_semantics(model, semantics, override)
+    config = getattr(model, "module", model).config
+    config.backtrack_semantics = semantics
+    return semantics
+
+
 def write_policy_config(model, path: str | Path) -> Path:
     """Write the policy's model config, backtrack settings included, into ``path`` (``config.json``).
 

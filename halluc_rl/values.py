@@ -77,8 +77,11 @@ def mc_values(
 
 def mc_states(ro, newline_ids: set[int], bt: int) -> tuple[torch.Tensor, list[tuple[int, int, list[int]]]]:
     """Where VinePPO estimates values in a rollout ``ro``: the states before the first action, after each
-    line, and before and after every backtrack. Returns the boundary mask [B, S] and (row, action index,
-    visible prefix) per state."""
+    line, and before and after every backtrack. Returns the boundary mask [B, S] and (row, action index, state)
+    per state. A state is what generation goes on from (:func:`~halluc_rl.generation.generate`'s ``responses``):
+    the visible prefix in ``rewind``, the action stream so far in ``retry``, where the deleted tokens stay in the
+    context."""
+    retry = ro.generation.semantics == "retry"
     boundaries = torch.zeros_like(ro.action_mask)  # [B, S]
     states = []
     for b in range(ro.actions.shape[0]):
@@ -88,7 +91,7 @@ def mc_states(ro, newline_ids: set[int], bt: int) -> tuple[torch.Tensor, list[tu
             after = t > 0 and (actions[t - 1] == bt or actions[t - 1] in newline_ids)
             if t == 0 or a == bt or after:
                 boundaries[b, t] = True
-                states.append((b, t, state.visible_ids))
+                states.append((b, t, actions[:t] if retry else state.visible_ids))
             state.push(a)
     return boundaries, states
 

@@ -161,7 +161,8 @@ def test_stage_configs_come_from_configs_demo_with_the_demo_options_on_top(tmp_p
         ("ppo", tmp_path / "ppo", tmp_path / "sft", {"backtrack": False, "updates": 5}))  # an ablation row's value
     assert script == sft.SFTScriptArgs(task="arithmetic", num_train_problems=1500, task_seed=3,
                                        error_source="plausible", error_kinds=list(PLAUSIBLE_KINDS), error_rate=0.25,
-                                       curriculum_caps=[1, 2], curriculum_boundaries=[1], backtrack_head="softmax")
+                                       curriculum_caps=[1, 2], curriculum_boundaries=[1], backtrack_head="softmax",
+                                       semantics="rewind")
     assert model_args.model_name_or_path == "tiny" and lora.use_lora
     expected = sft.SFTConfig(output_dir=str(tmp_path / "sft"), num_train_epochs=1.5, per_device_train_batch_size=32,
                              learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=5, logging_steps=10,

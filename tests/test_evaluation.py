@@ -111,7 +111,7 @@ EVAL_KEYS = {
     "backtrack_rate", "backtrack_precision", "false_backtrack_rate", "failed_backtracks", "num_deletions",
     "sampled_backtrack_rate", "sampled_backtrack_precision", "sampled_false_backtrack_rate",
     "sampled_failed_backtracks", "sampled_num_deletions", "tokens_per_solved", "mean_actions", "truncated_rate",
-    "num_problems", "num_samples", "reference_nll",
+    "num_problems", "num_samples", "reference_nll", "semantics",
 }
 
 
@@ -221,6 +221,7 @@ def test_evaluate_policy_counts_on_a_hand_made_trace(tokenizer):
     # reference), delete it (precise), "8" (7 banned too), delete it (precise): per episode 3 of 6 actions are
     # backtracks, 1 correct append, 1 false and 2 precise deletions.
     # sampled (no guard): " ", delete, three times over: 3 correct appends, 3 false deletions.
+    assert res.pop("semantics") == "rewind"
     assert res == {
         "accuracy_greedy": 0.0, "accuracy_sampled": 0.0, "accuracy_greedy_no_backtrack": 0.0,
         "accuracy_sampled_no_backtrack": 0.0,
@@ -320,7 +321,8 @@ def test_eval_cli_end_to_end(tmp_path, tokenizer, capsys):
     results = load_results(out)
     assert list(results) == ["sft_run", "second"]  # the default name is the policy directory's
     assert results["sft_run"]["num_problems"] == 4 and results["second"]["num_problems"] == 3  # CLI beats YAML
-    assert set(results["sft_run"]) == EVAL_KEYS
+    assert set(results["sft_run"]) == EVAL_KEYS | {"semantics_override"}
+    assert results["sft_run"]["semantics"] == "rewind" and results["sft_run"]["semantics_override"] is False
     md = (out / "results.md").read_text()
     assert "| sft_run |" in md and "| second |" in md
     assert (out / "results.png").read_bytes()[:8] == PNG_MAGIC

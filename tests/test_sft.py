@@ -33,7 +33,7 @@ def configs(base_dir, out, *extra):
 @pytest.mark.parametrize("layout", ["rewind", "retry"])
 def test_lora_sft_trains_adapter_and_backtrack_rows_only(base_dir, tmp_path, tokenizer, layout):
     script, model_args, lora, config = configs(base_dir, tmp_path / "run", "--max_steps", "3",
-                                               "--save_strategy", "no", "--layout", layout)
+                                               "--save_strategy", "no", "--semantics", layout)
     trainer = sft.build_trainer(script, model_args, lora, config)
     model = trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -88,7 +88,8 @@ def test_sft_saves_a_policy_that_reloads_and_generates_with_backtracks(base_dir,
                    forced_actions=forced, eos_token_id=[])
     assert out.sequences[0][0] == 8 and int(out.num_deleted[0]) == 1
     resolved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert resolved["model_name_or_path"] == str(base_dir) and resolved["layout"] == "rewind"
+    assert resolved["model_name_or_path"] == str(base_dir) and resolved["semantics"] is None  # the policy's own
+    assert model.config.backtrack_semantics == "rewind"  # recorded with the saved policy
 
 
 def test_resume_from_checkpoint_gives_the_same_run(base_dir, tmp_path):
