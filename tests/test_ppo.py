@@ -20,6 +20,7 @@ from halluc_rl.config import parse_cli
 from halluc_rl.data.tasks import ArithmeticTask
 from halluc_rl.rewards import CallableReward, OracleProcessReward, RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout
+from halluc_rl.values import mc_values
 from tests.conftest import FULL, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,6 +86,16 @@ def test_mc_states_sit_at_line_ends_and_around_backtracks(tokenizer):
     # before 7 (start), before 8 (after a line), before <BT>, before 9 (after <BT>)
     assert boundaries[0].tolist() == [True, False, True, True, True, False]
     assert [(t, s) for _, t, s in states] == [(0, []), (2, [7, newline]), (3, [7, newline, 8]), (4, [7, newline])]
+    # in retry a state is the action stream so far (the deleted 8 and its backtrack stay in the context), and the
+    # Monte-Carlo branches go on from it
+    retry = rollout(model, tokenizer, ArithmeticTask().problems("train", 1), forced_actions=forced, max_new_tokens=6,
+                    eos_token_id=[], semantics="retry")
+    _, states = ppo.mc_states(retry, {newline}, bt)
+    assert [(t, s) for _, t, s in states] == [(0, []), (2, [7, newline]), (3, [7, newline, 8]),
+                                              (4, [7, newline, 8, bt])]
+    est = mc_values(model, tokenizer, retry.problems, [states[-1][2]], 2, max_new_tokens=3, eos_token_id=[],
+                    semantics="retry", generator=torch.Generator().manual_seed(0))
+    assert [s[:2] for s in est.sequences[0]] == [[7, newline]] * 2  # the visible text the branches go on from
 
 
 def test_a_rollout_carries_its_process_rewards_apart_whatever_their_names(tokenizer):

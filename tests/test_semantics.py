@@ -1,17 +1,19 @@
 """Both backtrack semantics end to end, the way a user runs them: SFT -> DPO -> PPO -> eval, per semantics."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from halluc_rl.agents import dpo, evaluate, ppo, sft
+from halluc_rl.agents import dpo, evaluate, grpo, ppo, sft
 from halluc_rl.modeling import load_policy
 from halluc_rl.policy import saved_backtrack_settings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMMON = ["--report_to", "none", "--seed", "0"]
+GRPO_CONFIG = Path(__file__).parent.parent / "configs" / "grpo_tiny.yaml"
 TRL = [*COMMON, "--use_cpu", "true", "--disable_tqdm", "true", "--activation_checkpointing", "false"]
 
 
@@ -21,8 +23,8 @@ def adapter(path):
 
 @pytest.mark.parametrize("semantics", ["rewind", "retry"])
 def test_sft_dpo_ppo_in_one_semantics(base_dir, tmp_path, capsys, semantics):
-    """SFT records the semantics; DPO and PPO continue in it (the adapter moves, the base does not); every saved
-    policy reloads with it; eval runs in it, refuses the other in one line, and reports an explicit override."""
+    """SFT records the semantics; DPO, PPO and GRPO continue in it (DPO and PPO move the adapter, the base does
+    not; one GRPO step on four all-wrong groups has no advantage to follow); every saved policy reloads with it; eval runs in it, refuses the other in one line, and reports an explicit override."""
     sft_out, dpo_out, ppo_out = tmp_path / "sft", tmp_path / "dpo", tmp_path / "ppo"
     assert sft.main(["--model_name_or_path", str(base_dir), "--output_dir", str(sft_out), "--max_steps", "2",
                      "--num_train_problems", "8", "--per_device_train_batch_size", "4", "--save_strategy", "no",
@@ -34,12 +36,17 @@ def test_sft_dpo_ppo_in_one_semantics(base_dir, tmp_path, capsys, semantics):
     assert ppo.main(["--model_name_or_path", str(dpo_out), "--output_dir", str(ppo_out), "--num_problems", "16",
                      "--problems_per_update", "4", "--group_size", "2", "--max_new_tokens", "12", "--updates", "1",
                      "--learning_rate", "0.01", *COMMON]) == 0
-    for out in (sft_out, dpo_out, ppo_out):
+    grpo_out = tmp_path / "grpo"
+    assert grpo.main(["--config", str(GRPO_CONFIG), "--model_name_or_path", str(dpo_out), "--output_dir",
+                      str(grpo_out), "--num_train_problems", "8", "--per_device_train_batch_size", "4",
+                      "--num_generations", "4", "--max_completion_length", "12", "--max_steps", "1",
+                      "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]) == 0
+    for out in (sft_out, dpo_out, ppo_out, grpo_out):
         assert saved_backtrack_settings(out)["backtrack_semantics"] == semantics
         assert load_policy(out)[0].config.backtrack_semantics == semantics
     for before, after in ((sft_out, dpo_out), (dpo_out, ppo_out)):  # each stage moved the adapter
         a, b = adapter(before), adapter(after)
-        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), after
     base = load_file(base_dir / "model.safetensors")
     policy = load_policy(ppo_out)[0].get_base_model()
     weights = {k.replace(".base_layer", ""): v for k, v in policy.state_dict().items()}
