@@ -50,6 +50,9 @@ class EvalArgs(SamplingArgs, SemanticsArgs, TaskArgs):
     num_problems: int = field(default=200, metadata={
         "help": "Problems to evaluate, from the start of the split (0: all; GSM8K only)."})
     num_samples: int = field(default=4, metadata={"help": "Samples per problem for sampled accuracy (0: skip)."})
+    majority: int = field(default=0, metadata={
+        "help": "maj@K: also sample K answers per problem and grade their majority answer (self-consistency), "
+                "with the actions they spent per problem (0: skip)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Actions per response, backtracks included."})
     batch_size: int = field(default=64, metadata={"help": "Sequences generated together."})
     loop_guard: int = field(default=1, metadata={
@@ -107,7 +110,8 @@ def validate(args: EvalArgs) -> None:
     check_choice("split", args.split, SPLITS)
     check_positive(args, "max_new_tokens", "batch_size", "temperature")
     check_positive(args, "num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget",
-                   allow_zero=("num_problems", "num_samples", "loop_guard", "sampled_loop_guard", "backtrack_budget"))
+                   "majority", allow_zero=("num_problems", "num_samples", "loop_guard", "sampled_loop_guard",
+                                           "backtrack_budget", "majority"))
     check_device(args.device)
     if args.semantics is not None:
         check_choice("semantics", args.semantics, SEMANTICS)
@@ -140,7 +144,7 @@ def evaluate(args: EvalArgs) -> int:
         model, tokenizer, problems, num_samples=args.num_samples, temperature=args.temperature,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, loop_guard=args.loop_guard,
         sampled_loop_guard=args.sampled_loop_guard, seed=args.seed, stop_strings=tuple(args.stop_strings),
-        backtrack_bias=args.backtrack_bias, backtrack_budget=args.backtrack_budget,
+        backtrack_bias=args.backtrack_bias, backtrack_budget=args.backtrack_budget, majority=args.majority,
     )
     results[name] = {**metrics, "semantics_override": args.override_semantics and args.semantics is not None}
     safe_name = re.sub(r"[^\w.-]+", "_", name)

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from halluc_rl.backtrack import ActionKind, BacktrackState
-from halluc_rl.data.grading import reward
+from halluc_rl.data.grading import majority_reward, reward
 from halluc_rl.data.tasks import Problem, encode_problem
 from halluc_rl.generation import BacktrackGenerationOutput, generate
 from halluc_rl.policy import policy_backtrack, policy_semantics
@@ -215,6 +215,7 @@ def evaluate_policy(
     progress: bool = True,
     backtrack_bias: float = 0.0,
     backtrack_budget: int | None = None,
+    majority: int = 0,
 ) -> dict[str, Any]:
     """Score a policy on ``problems``: greedy and sampled, each with backtracking on and off.
 
@@ -231,6 +232,9 @@ def evaluate_policy(
     * ``tokens_per_solved`` - greedy actions spent in total (backtracks included) / problems solved greedily;
       ``mean_actions`` - greedy actions per problem; ``truncated_rate`` - share of greedy episodes that ran out
       of ``max_new_tokens`` before EOS or a stop string;
+    * ``accuracy_majority`` (maj@k: the share of problems whose ``majority`` sampled answers, backtracking on,
+      vote for the right number; self-consistency, Wang et al. 2023) and ``majority_actions_per_problem`` (the
+      actions those k samples spent per problem, to compare arms at equal tokens); None when ``majority`` is 0;
     * ``num_problems``, ``num_samples``, and ``semantics``: what a backspace left in the policy's context in these
       runs (the one recorded on ``model.config``, :func:`halluc_rl.policy.policy_semantics`).
 
@@ -257,7 +261,33 @@ def evaluate_policy(
                         batch_size=batch_size, backtrack_id=bt, max_new_tokens=max_new_tokens,
                         stop_strings=tuple(stop_strings), backtrack_budget=backtrack_budget)
     nll = reference_nll(model, prompts, references, batch_size=batch_size, backtrack_id=bt)
-    return {**_summarise(*runs, reference_nll=nll, num_samples=num_samples), "semantics": policy_semantics(model)}
+    votes = majority_vote(model, tokenizer, prompts, golds, majority, temperature=temperature, seed=seed,
+                          batch_size=batch_size, backtrack_id=bt, max_new_tokens=max_new_tokens,
+                          stop_strings=tuple(stop_strings), backtrack_bias=backtrack_bias,
+                          backtrack_budget=backtrack_budget, loop_guard=sampled_loop_guard or None)
+    return {**_summarise(*runs, reference_nll=nll, num_samples=num_samples), **votes,
+            "semantics": policy_semantics(model)}
+
+
+def majority_vote(model, tokenizer, prompts: list[list[int]], golds: list[str], k: int, *, temperature: float,
+                  seed: int, batch_size: int, **options) -> dict[str, float | int | None]:
+    """maj@k: ``k`` sampled answers per problem (one generator seeded with ``seed``), graded by their majority
+    answer (:func:`halluc_rl.data.grading.majority_reward`). Returns ``accuracy_majority``, ``majority_k`` and
+    ``majority_actions_per_problem`` (None for ``k`` 0)."""
+    if k <= 0:
+        return {"accuracy_majority": None, "majority_k": 0, "majority_actions_per_problem": None}
+    generator = _generator(next(model.parameters()).device, seed + 1)  # another stream than the sampled runs'
+    rows = [i for i in range(len(prompts)) for _ in range(k)]  # each problem k times, side by side
+    texts, actions = [], 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        out = generate(model, tokenizer, [prompts[i] for i in batch], do_sample=True, temperature=temperature,
+                       generator=generator, **options)
+        texts += out.texts
+        actions += int(out.action_mask.sum())
+    correct = sum(majority_reward(texts[i * k : (i + 1) * k], gold) for i, gold in enumerate(golds))
+    return {"accuracy_majority": correct / len(golds), "majority_k": k,
+            "majority_actions_per_problem": actions / len(golds)}
 
 
 def _decode_runs(model, tokenizer, prompts: list[list[int]], references: list[list[int]], golds: list[str], *,

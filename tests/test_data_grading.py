@@ -85,3 +85,14 @@ def test_every_gsm8k_gold_answer_grades_correct_against_itself(gsm8k_dir, split)
         assert evaluate(answer, answer), answer
         assert evaluate(answer, tail), answer
         assert not evaluate(answer, str(value + 1)), answer
+
+
+def test_majority_vote_counts_numbers_not_texts():
+    from halluc_rl.data.grading import majority_answer, majority_reward
+
+    texts = ["5 + 2 = 7\n#### 7", "#### 8", "so 7.00 apples", "#### 8", "no number here", "#### 7"]
+    assert majority_answer(texts) == 7.0  # 7 three times (7, 7.00, 7), 8 twice; the wordless text does not vote
+    assert majority_answer(["#### 8", "#### 7"]) == 8.0  # a tie goes to the answer reached first
+    assert majority_answer(["none", "nothing"]) is None
+    assert majority_reward(texts, "7") == 1.0 and majority_reward(texts, "8") == 0.0
+    assert majority_reward(["none"], "1,000") == 0.0

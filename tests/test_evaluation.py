@@ -111,7 +111,8 @@ EVAL_KEYS = {
     "backtrack_rate", "backtrack_precision", "false_backtrack_rate", "failed_backtracks", "num_deletions",
     "sampled_backtrack_rate", "sampled_backtrack_precision", "sampled_false_backtrack_rate",
     "sampled_failed_backtracks", "sampled_num_deletions", "tokens_per_solved", "mean_actions", "truncated_rate",
-    "num_problems", "num_samples", "reference_nll", "semantics",
+    "num_problems", "num_samples", "reference_nll", "semantics", "accuracy_majority", "majority_k",
+    "majority_actions_per_problem",
 }
 
 
@@ -222,6 +223,8 @@ def test_evaluate_policy_counts_on_a_hand_made_trace(tokenizer):
     # backtracks, 1 correct append, 1 false and 2 precise deletions.
     # sampled (no guard): " ", delete, three times over: 3 correct appends, 3 false deletions.
     assert res.pop("semantics") == "rewind"
+    assert {k: res.pop(k) for k in ("accuracy_majority", "majority_k", "majority_actions_per_problem")} == {
+        "accuracy_majority": None, "majority_k": 0, "majority_actions_per_problem": None}
     assert res == {
         "accuracy_greedy": 0.0, "accuracy_sampled": 0.0, "accuracy_greedy_no_backtrack": 0.0,
         "accuracy_sampled_no_backtrack": 0.0,
@@ -379,3 +382,28 @@ def test_eval_cli_gsm8k(tmp_path, tokenizer, gsm8k_dir):
     assert rc == 0
     row = load_results(tmp_path / "eval")["gsm8k_row"]
     assert row["num_problems"] == 2 and row["mean_actions"] <= 4
+
+
+def test_majority_at_k_grades_the_vote_of_k_samples(model, tokenizer):
+    """maj@k samples k answers per problem on its own stream and grades their vote; the actions it reports are
+    the ones those samples spent."""
+    from halluc_rl.data.grading import majority_reward
+    from halluc_rl.evaluation import majority_vote
+    from halluc_rl.generation import generate
+
+    problems = ArithmeticTask().problems("test", 3)
+    prompts = [encode_problem(p, tokenizer)[0] for p in problems]
+    golds = [p.answer for p in problems]
+    res = majority_vote(model, tokenizer, prompts, golds, 4, temperature=1.0, seed=0, batch_size=5,
+                        max_new_tokens=10)
+    g = torch.Generator().manual_seed(1)
+    texts, actions = [], 0
+    rows = [i for i in range(3) for _ in range(4)]
+    for start in range(0, 12, 5):
+        out = generate(model, tokenizer, [prompts[i] for i in rows[start:start + 5]], do_sample=True, generator=g,
+                       max_new_tokens=10)
+        texts += out.texts
+        actions += int(out.action_mask.sum())
+    expected = sum(majority_reward(texts[4 * i: 4 * i + 4], golds[i]) for i in range(3)) / 3
+    assert res == {"accuracy_majority": expected, "majority_k": 4, "majority_actions_per_problem": actions / 3}
+    assert actions > 0

@@ -4,12 +4,14 @@ Three separate steps (as in nanochat), so each can be tested and reused on its o
 
 * :func:`extract_answer` finds the answer text: ``#### N`` first, then ``The answer is N``, else the last number;
 * :func:`normalize_number` turns ``$1,000.`` or ``72.00 apples`` into a float;
-* :func:`evaluate` / :func:`reward` compare a prediction with a gold answer (a full GSM8K solution or a bare number).
+* :func:`evaluate` / :func:`reward` compare a prediction with a gold answer (a full GSM8K solution or a bare number);
+  :func:`majority_reward` grades the majority vote of several predictions (maj@k).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 _UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 NUMBER = r"(?:(?<![\w.])-)?" + _UNSIGNED
@@ -73,3 +75,23 @@ def evaluate(prediction_text: str, gold: str) -> bool:
 def reward(prediction_text: str, gold: str) -> float:
     """1.0 when :func:`evaluate` says the prediction is correct, else 0.0 (the outcome reward)."""
     return 1.0 if evaluate(prediction_text, gold) else 0.0
+
+
+def majority_answer(texts: Sequence[str]) -> float | None:
+    """The answer most of ``texts`` give, as a number (self-consistency's vote, Wang et al. 2023): texts without a
+    number do not vote; a tie goes to the answer reached first. None when no text holds a number."""
+    votes: dict[float, int] = {}
+    for text in texts:
+        value = normalize_number(extract_answer(text))
+        if value is not None:
+            votes[value] = votes.get(value, 0) + 1
+    return max(votes, key=votes.__getitem__) if votes else None  # max keeps the first of equal counts
+
+
+def majority_reward(texts: Sequence[str], gold: str) -> float:
+    """1.0 when the :func:`majority_answer` of ``texts`` equals ``gold`` as a number (maj@k), else 0.0."""
+    gold_value = normalize_number(extract_answer(gold))
+    if gold_value is None:
+        raise ValueError(f"the gold answer {gold!r} holds no number")
+    voted = majority_answer(texts)
+    return 1.0 if voted is not None and _same_number(voted, gold_value) else 0.0
