@@ -3,7 +3,9 @@
 Every action costs one batched one-token forward pass: an appended token is fed; a backtrack rewinds the row's
 cache by two tokens (the deleted one and the new last one) and feeds the new last token again, so its logits are
 exact without re-encoding the prefix. A row whose response becomes empty reuses the logits saved after the prompt.
-With no backtrack fired the loop is a plain cached decode and greedy output equals ``model.generate``.
+With no backtrack fired the loop is a plain cached decode and greedy output equals ``model.generate``. That is the
+``rewind`` semantics; in ``retry`` (:data:`halluc_rl.backtrack.SEMANTICS`) a backtrack is fed like any token, so
+every step is a plain cached decode and the deleted tokens stay in the context.
 
 :func:`generate` checks its inputs and runs a :class:`~halluc_rl.engine.DecodeEngine` (the loop); the options,
 the decoding rules and the output records live in :mod:`halluc_rl.decoding` and are importable from here too.
