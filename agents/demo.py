@@ -32,7 +32,9 @@ from halluc_rl.agents.stages import (
     DemoArgs,
     check_stage_configs,
     dpo_stage,
+    equal_token_votes,
     evaluate_stage,
+    majority_stage,
     ppo_stage,
     sft_stage,
 )
@@ -49,7 +51,14 @@ from halluc_rl.config import (
     save_config,
 )
 from halluc_rl.data.errors import PLAUSIBLE_KINDS
-from halluc_rl.reporting import demo_summary, plot_rl, print_table, run_environment, write_report
+from halluc_rl.reporting import (
+    demo_summary,
+    plot_rl,
+    print_table,
+    run_environment,
+    summary_figures,
+    write_report,
+)
 
 STAGES: tuple[str, ...] = ("base", "plain_sft", "backtrack_sft", "dpo", "ppo", "control_ppo")
 KEYS: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_greedy_no_backtrack",
@@ -108,14 +117,21 @@ def demo(args: DemoArgs) -> int:
     save_config(out / "demo_config.yaml", args)
     torch.manual_seed(args.seed)
     results = run_pipeline(args, out)
+    majority = None
+    if args.num_samples:  # the control's majority vote at the backtracking arm's tokens (self-consistency)
+        k = equal_token_votes(results["ppo"], results["control_ppo"])
+        print(f"\n=== control_ppo: majority of {k} sampled answers (equal tokens) ===", flush=True)
+        majority = majority_stage(args, out / "control_ppo", out / "control_ppo", k)
+    summary = summary_figures(results, task=args.task, semantics=args.semantics, majority=majority)
     title = "halluc-rl demo: the embedded tiny model on held-out arithmetic"
-    paths = write_report(results, out, title=title)
+    paths = write_report(results, out, title=title, summary=summary)
     plot_rl(out, out / "rl.png")
     print_table(results, title="halluc-rl demo")
     env = run_environment()
     atomic_write_json(out / "environment.json", env)
-    print("\n" + demo_summary(results, env))
-    atomic_write_text(out / "summary.txt", demo_summary(results, env) + "\n")
+    text = demo_summary(results, env, majority)
+    print("\n" + text)
+    atomic_write_text(out / "summary.txt", text + "\n")
     print(f"report: {', '.join(str(p) for p in paths.values())}, {out / 'rl.png'}")
     return 0
 

@@ -13,6 +13,7 @@ Imports run one way: ``demo`` -> ``ablation`` -> ``stages`` and ``demo`` -> ``st
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ from halluc_rl.atomic import atomic_write_json
 from halluc_rl.checkpoints import finished_run
 from halluc_rl.config import UsageError, check_types, read_config_mapping
 from halluc_rl.data.errors import PLAUSIBLE_KINDS
+from halluc_rl.data.problems import encode_problem
 from halluc_rl.data.tasks import load_problems
-from halluc_rl.evaluation import evaluate_policy
+from halluc_rl.evaluation import evaluate_policy, majority_vote
 from halluc_rl.modeling import load_policy
 
 SHIPPED_STAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -186,3 +188,30 @@ def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
     atomic_write_json(cache, {"settings": settings, "metrics": metrics})
     return metrics
 
+
+
+def equal_token_votes(arm: dict, control: dict) -> int:
+    """The k of the control's majority vote at equal tokens: its k sampled answers per problem spend at least the
+    actions the backtracking arm's one sampled answer does (self-consistency at equal compute)."""
+    spent, each = arm.get("sampled_mean_actions"), control.get("sampled_mean_actions")
+    return 1 if not spent or not each else max(1, math.ceil(spent / each))
+
+
+def majority_stage(args: DemoArgs, policy: str | Path, folder: Path, k: int) -> dict:
+    """maj@k of ``policy`` with its backtrack masked (the control is judged without the action), on the
+    evaluation problems, cached beside it (``majority.json``) for the same settings."""
+    settings = {"problems": args.num_eval_problems, "k": int(k), "seed": args.seed, "task": args.task,
+                "max_new_tokens": args.max_new_tokens or 128}
+    cache = folder / "majority.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("settings") == settings:
+            return saved["metrics"]
+    model, tokenizer, _ = load_policy(policy)
+    problems = load_problems(args.task, "test", args.num_eval_problems, seed=args.seed)
+    prompts = [encode_problem(p, tokenizer)[0] for p in problems]
+    metrics = majority_vote(model, tokenizer, prompts, [p.answer for p in problems], int(k), temperature=1.0,
+                            seed=args.seed, batch_size=64, max_new_tokens=settings["max_new_tokens"],
+                            backtrack_bias=float("-inf"))
+    atomic_write_json(cache, {"settings": settings, "metrics": metrics})
+    return metrics

@@ -230,7 +230,8 @@ def evaluate_policy(
     * ``reference_nll`` - the mean negative log-likelihood per token of the reference solutions (EOS included),
       teacher-forced through the action-stream scorer with the policy's head (how sure the policy is of clean text);
     * ``tokens_per_solved`` - greedy actions spent in total (backtracks included) / problems solved greedily;
-      ``mean_actions`` - greedy actions per problem; ``truncated_rate`` - share of greedy episodes that ran out
+      ``mean_actions`` - greedy actions per problem (``sampled_mean_actions``: per sampled answer);
+      ``truncated_rate`` - share of greedy episodes that ran out
       of ``max_new_tokens`` before EOS or a stop string;
     * ``accuracy_majority`` (maj@k: the share of problems whose ``majority`` sampled answers, backtracking on,
       vote for the right number; self-consistency, Wang et al. 2023) and ``majority_actions_per_problem`` (the
@@ -335,6 +336,7 @@ def _summarise(greedy: _RunTotals, greedy_nb: _RunTotals, sampled: _RunTotals | 
     results["reference_nll"] = reference_nll
     results["tokens_per_solved"] = greedy.actions / greedy.correct if greedy.correct else None
     results["mean_actions"] = greedy.actions / n
+    results["sampled_mean_actions"] = sampled.actions / sampled.episodes if sampled else None
     results["truncated_rate"] = greedy.truncated / n
     results["num_problems"] = n
     results["num_samples"] = num_samples

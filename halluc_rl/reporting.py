@@ -154,11 +154,11 @@ def plot_accuracy(results: Mapping[str, Mapping[str, Any]], path: str | Path | i
 
 
 def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path,
-                 title: str = "halluc-rl evaluation") -> dict[str, Path]:
+                 title: str = "halluc-rl evaluation", summary: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write ``results`` (stage name -> metrics dict, any number of stages) to ``out_dir``.
 
-    Files: ``results.json`` (``{"title", "created", "results"}`` with ``results`` as given; read it back with
-    :func:`load_results`), ``results.md`` (title and the :func:`format_table` table) and ``results.png``
+    Files: ``results.json`` (``{"title", "created", "results"}`` with ``results`` as given, and ``summary`` when
+    given, e.g. the demo's :func:`summary_figures`; read the results back with :func:`load_results`), ``results.md`` (title and the :func:`format_table` table) and ``results.png``
     (:func:`plot_accuracy`). Returns their paths under the keys ``json``, ``markdown`` and ``plot``.
     """
     if not results:
@@ -168,6 +168,8 @@ def write_report(results: Mapping[str, Mapping[str, Any]], out_dir: str | Path,
     paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "results.png"}
     payload = {"title": title, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "results": {str(k): {m: finite(v) for m, v in metrics.items()} for k, metrics in results.items()}}
+    if summary is not None:
+        payload["summary"] = {k: finite(v) for k, v in summary.items()}
     atomic_write_text(paths["json"], json.dumps(payload, indent=2, default=json_default, allow_nan=False) + "\n")
     atomic_write_text(paths["markdown"], f"# {title}\n\n{format_table(results)}")
     buffer = io.BytesIO()
@@ -266,7 +268,32 @@ def reproducibility_line(env: Mapping[str, Any]) -> str:
             "thread count or device rounds differently (OMP_NUM_THREADS=1 matches the ablation's seeds)")
 
 
-def demo_summary(results: Mapping[str, Mapping[str, Any]], env: Mapping[str, Any] | None = None) -> str:
+def summary_figures(results: Mapping[str, Mapping[str, Any]], *, task: str, semantics: str,
+                    backtrack_stage: str = "ppo", control_stage: str = "control_ppo",
+                    majority: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What backtracking bought, as figures (``results.json``'s ``summary``): the backtracking stage against the
+    control stage (trained, and judged, without the action: its no-backtrack accuracies), and against the control's
+    majority vote at equal tokens (``majority``: :func:`halluc_rl.evaluation.majority_vote` of the control, None
+    when not run). Gains are the backtracking stage's accuracy minus the control's; the backtrack precision and
+    false-backtrack rate are the backtracking stage's, sampled."""
+    full, control = results[backtrack_stage], results[control_stage]
+
+    def gain(a, b):
+        return None if a is None or b is None else a - b
+
+    return {
+        "task": task, "semantics": semantics, "backtrack_stage": backtrack_stage, "control_stage": control_stage,
+        "greedy_gain": gain(full["accuracy_greedy"], control["accuracy_greedy_no_backtrack"]),
+        "sampled_gain": gain(full["accuracy_sampled"], control["accuracy_sampled_no_backtrack"]),
+        "majority_gain": gain(full["accuracy_sampled"], (majority or {}).get("accuracy_majority")),
+        "majority_k": (majority or {}).get("majority_k"),
+        "backtrack_precision": full.get("sampled_backtrack_precision"),
+        "false_backtrack_rate": full.get("sampled_false_backtrack_rate"),
+    }
+
+
+def demo_summary(results: Mapping[str, Mapping[str, Any]], env: Mapping[str, Any] | None = None,
+                 majority: Mapping[str, Any] | None = None) -> str:
     """What backtracking bought: the full pipeline against plain SFT and against the no-backtrack control, and
     (given the run's :func:`run_environment`) when a rerun reproduces it exactly."""
     def num(value) -> str:
@@ -281,6 +308,10 @@ def demo_summary(results: Mapping[str, Mapping[str, Any]], env: Mapping[str, Any
             lines.append(f"  {mode:<7} {num(full[key])} (full pipeline) vs {num(plain[key])} (plain SFT, "
                          f"{full[key] - plain[key]:+.3f}) vs {num(ctrl)} (the same RL without backtracking, "
                          f"{full[key] - ctrl:+.3f})")
+        if majority and majority.get("accuracy_majority") is not None:
+            lines.append(f"  equal tokens: sampled {num(full['accuracy_sampled'])} vs {num(majority['accuracy_majority'])}"
+                         f" (majority of {majority['majority_k']} answers of the control, "
+                         f"{full['accuracy_sampled'] - majority['accuracy_majority']:+.3f})")
         lines.append(f"  sampled backtracks: rate {num(full['sampled_backtrack_rate'])}, precision "
                      f"{num(full['sampled_backtrack_precision'])}, false-backtrack rate "
                      f"{num(full['sampled_false_backtrack_rate'])}")

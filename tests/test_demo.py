@@ -33,6 +33,17 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatch):
         for key, value in stage.items():  # accuracies and rates are shares
             if (key.startswith("accuracy") or key.endswith(("_rate", "precision"))) and value is not None:
                 assert 0.0 <= value <= 1.0, (key, value)
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert summary["task"] == "arithmetic" and summary["semantics"] == "rewind"
+    assert (summary["backtrack_stage"], summary["control_stage"]) == ("ppo", "control_ppo")
+    ppo_row, control = report["ppo"], report["control_ppo"]
+    assert summary["greedy_gain"] == ppo_row["accuracy_greedy"] - control["accuracy_greedy_no_backtrack"]
+    assert summary["sampled_gain"] == ppo_row["accuracy_sampled"] - control["accuracy_sampled_no_backtrack"]
+    majority = json.loads((out / "control_ppo" / "majority.json").read_text())["metrics"]
+    assert summary["majority_k"] == majority["majority_k"] >= 1
+    assert summary["majority_gain"] == ppo_row["accuracy_sampled"] - majority["accuracy_majority"]
+    assert majority["majority_k"] * control["sampled_mean_actions"] >= ppo_row["sampled_mean_actions"]  # equal tokens
+    assert summary["backtrack_precision"] == ppo_row["sampled_backtrack_precision"]
     assert (out / "results.md").read_text().count("|") > 20
     for plot in ("results.png", "rl.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

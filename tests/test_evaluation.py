@@ -111,7 +111,7 @@ EVAL_KEYS = {
     "backtrack_rate", "backtrack_precision", "false_backtrack_rate", "failed_backtracks", "num_deletions",
     "sampled_backtrack_rate", "sampled_backtrack_precision", "sampled_false_backtrack_rate",
     "sampled_failed_backtracks", "sampled_num_deletions", "tokens_per_solved", "mean_actions", "truncated_rate",
-    "num_problems", "num_samples", "reference_nll", "semantics", "accuracy_majority", "majority_k",
+    "num_problems", "num_samples", "reference_nll", "semantics", "accuracy_majority", "majority_k", "sampled_mean_actions",
     "majority_actions_per_problem",
 }
 
