@@ -97,10 +97,8 @@ def check_solution(question: str | DepsQuestion, text: str, ended: bool = False)
     start, done = offset, False
     for k, line in enumerate(lines):
         finished = k < len(lines) - 1 or ended
-        if done:  # the answer line was complete: nothing may follow it
-            if line or k < len(lines) - 1:
-                return DepsVerdict(False, k, start - 1, "malformed")
-            break
+        if done:  # a line break after the answer line: nothing may follow it
+            return DepsVerdict(False, k, start - 1, "malformed")
         wrong = _check_line(parsed, needed, values, line, finished)
         if wrong is not None:
             return DepsVerdict(False, k, start + wrong[0], wrong[1])
@@ -109,6 +107,8 @@ def check_solution(question: str | DepsQuestion, text: str, ended: bool = False)
         elif finished:
             values[line[0]] = parsed.value(parsed.definitions[line[0]], values)
         start += len(line) + 1
+    if ended and not done:  # every line right, but the answer line never came
+        return DepsVerdict(False, len(lines), len(text), "incomplete")
     return DepsVerdict(True)
 
 

@@ -5,8 +5,9 @@
 * ``unneeded`` - at the start of a line, the name of a variable the answer does not need;
 * ``slip`` - a wrong digit in a value (a substituted input, a result or the final answer).
 
-An error is ``randint(*error_length)`` tokens long: the name alone at the default ``(1, 1)``, or the name and the
-first tokens of that variable's line (a value slip: the wrong digit and the reference tokens after it). The
+An error is ``randint(*error_length)`` tokens long, counted from the token that holds the name (a leading space the
+tokenizer keeps apart comes with it): the name alone at the default ``(1, 1)``, or the name and the first tokens of
+that variable's line (a value slip: the wrong digit and the reference tokens after it). The
 examples are built like every other source's (:func:`~halluc_rl.data.examples.assemble_example`), so the rewind and
 the retry layouts of :class:`~halluc_rl.data.collator.MaskedErrorCollator` train on the same spans. The question is
 read back from the prompt's text, so the source needs nothing but (prompt, response) token pairs.
@@ -113,7 +114,9 @@ class DepsErrors(ErrorSource):
             return [int(option), *response[p + 1 : p + length]]
         piece = tokenizer.decode([response[p]], skip_special_tokens=True)
         space = piece[: len(piece) - len(piece.lstrip())]
-        return tokenizer(space + str(option), add_special_tokens=False)["input_ids"][:length]
+        ids = tokenizer(space + str(option), add_special_tokens=False)["input_ids"]
+        named = next(k for k in range(len(ids)) if tokenizer.decode(ids[: k + 1]).strip())  # the token of the name
+        return ids[: named + length]
 
     def plan(self, question: DepsQuestion, response: list[int], tokenizer, rng: random.Random, n: int
              ) -> list[ErrorPlan]:
