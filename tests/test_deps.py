@@ -14,7 +14,7 @@ import halluc_rl  # noqa: F401  (registers the envs)
 from halluc_rl.agents import pretrain, sft
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.deps import DepsTask, parse_question
-from halluc_rl.data.deps_check import check_solution, first_wrong_token
+from halluc_rl.data.deps_check import check_solution, error_table, first_wrong_token
 from halluc_rl.data.deps_errors import DepsErrors
 from halluc_rl.data.errors import build_examples
 from halluc_rl.data.problems import Problem, encode_problem, format_prompt, format_solution
@@ -288,3 +288,11 @@ def test_pretraining_on_deps_runs_on_cpu_and_a_retry_run_saves_its_semantics(tmp
     config = json.loads((tmp_path / "retry" / "config.json").read_text())
     assert config["backtrack_semantics"] == "retry" and config["backtrack_token_id"] == 4
     assert pretrain.main([*args, "--output_dir", str(tmp_path / "bad"), "--train_errors", "true"]) == 2
+
+
+def test_the_error_table_counts_first_mistakes_by_kind():
+    texts = [" " + REORDERED, " a = 3\nc", " e = 4\nd = b - e", " " + REFERENCE[:-1] + "9"]
+    table = error_table([QUESTION] * 4, texts, ["8"] * 4)
+    assert table["strict"] == 0.25 and table["answer"] == 0.25
+    assert table["kinds"]["premature"] == table["kinds"]["unneeded"] == table["kinds"]["slip"] == 1
+    assert table["order_share"] == 2 / 3

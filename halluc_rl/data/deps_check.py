@@ -132,3 +132,23 @@ def first_wrong_token(tokenizer, question: str, response_ids: Sequence[int]) -> 
         if ended:
             return None
     return None
+
+
+def error_table(questions: Sequence[str], texts: Sequence[str], answers: Sequence[str],
+                ended: Sequence[bool] | None = None) -> dict:
+    """Strict accuracy (the checker accepts the whole answer), answer accuracy (the ``#### N`` line holds the gold
+    ``answers[i]``), and the kind of the first mistake of each strictly wrong answer (``kinds``: counts, every kind
+    of :data:`ERROR_KINDS` present; ``order_share``: the share of wrong answers whose first mistake is one of
+    :data:`ORDER_KINDS`)."""
+    ended = [True] * len(texts) if ended is None else list(ended)
+    kinds = dict.fromkeys(ERROR_KINDS, 0)
+    strict = right = 0
+    for question, text, answer, done in zip(questions, texts, answers, ended):
+        verdict = check_solution(question, text, done)
+        strict += verdict.on_track
+        right += text.strip().rpartition("#### ")[2].strip() == answer
+        if not verdict.on_track:
+            kinds[verdict.kind] += 1
+    wrong = len(texts) - strict
+    return {"n": len(texts), "strict": strict / max(1, len(texts)), "answer": right / max(1, len(texts)),
+            "kinds": kinds, "order_share": sum(kinds[k] for k in ORDER_KINDS) / wrong if wrong else None}
