@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import gymnasium as gym
@@ -82,6 +83,8 @@ def test_generator_is_deterministic_and_its_splits_are_disjoint():
     splits = {s: {p.question for p in task.problems(s, 300)} for s in ("train", "validation", "test")}
     assert not (splits["train"] & splits["validation"]) and not (splits["train"] & splits["test"])
     assert not (splits["validation"] & splits["test"])
+    buckets = {s: {int(hashlib.md5(q.encode()).hexdigest(), 16) % 10 for q in splits[s]} for s in splits}
+    assert buckets == {"train": set(range(8)), "validation": {8}, "test": {9}}  # a question's split is its hash's
     assert load_problems("deps:vars=5", "test", 3, seed=3) == DepsTask(vars=5, seed=3).problems("test", 3)
 
 
@@ -189,6 +192,7 @@ def test_the_spans_of_each_error_kind_give_exact_tensors_in_both_layouts(deps_to
     before, typed = deps_tok.decode(C, skip_special_tokens=True), deps_tok.decode(E, skip_special_tokens=True)
     verdict = check_solution(problem.question, before + typed)
     assert verdict.kind == kind and verdict.char == len(before) + len(typed) - len(typed.lstrip())  # its own token
+    assert len(typed.strip()) == 1 and typed.strip().isalpha() == (kind != "slip")  # one name or digit: length 1
     retry = MaskedErrorCollator(pad_token_id=0, layout="retry")([example.to_features()])
     assert retry["input_ids"].tolist() == [ids]
     assert retry["labels"].tolist() == [[X] * len(P) + C + [X] * len(E) + [bt] * len(E) + R]
@@ -201,24 +205,32 @@ def test_the_spans_of_each_error_kind_give_exact_tensors_in_both_layouts(deps_to
     assert rewind["position_ids"].tolist() == [list(range(n + len(E))) + list(range(n, n + len(R)))]
 
 
-def test_a_premature_error_names_a_needed_variable_that_is_not_ready(deps_tok):
-    for index in range(20):
-        problem, example = _example(deps_tok, "premature", index, length=(1, 4))
-        if example.num_errors:
-            _, s, e = [span for span in example.spans if span[0] == "error"][0]
-            name = deps_tok.decode(example.input_ids[s:e]).strip()[0]  # the name, whatever the tokens
-            question = parse_question(problem.question)
-            assert name in question.needed() and name != problem.solution.split("\n")[0][0]
+@pytest.mark.parametrize("kind", ["premature", "unneeded", "slip"])
+def test_every_error_is_of_its_kind_by_the_checker(deps_tok, kind):
+    found = 0
+    for index in range(30):
+        problem, example = _example(deps_tok, kind, index, length=(1, 4))
+        for _, s, e in [span for span in example.spans if span[0] == "error"]:
+            text = deps_tok.decode(example.input_ids[example.prompt_length : e], skip_special_tokens=True)
+            shown = deps_tok.decode(example.input_ids[example.prompt_length : s], skip_special_tokens=True)
+            verdict = check_solution(problem.question, text)
+            assert verdict.kind == kind and verdict.char >= len(shown), (problem.question, text)
+            found += 1
+            if kind == "premature":
+                name = text[verdict.char]
+                assert name in parse_question(problem.question).needed()
+    assert found >= 25
 
 
-def test_an_unknown_error_kind_lists_the_task_kinds(capsys):
+def test_an_unknown_error_kind_lists_the_task_kinds(capsys, tmp_path):
     with pytest.raises(ValueError, match="use one of premature, unneeded, slip"):
         DepsErrors(["digit"])
-    assert sft.main(["--task", "deps", "--error_kinds", "typo", "--use_cpu", "true"]) == 2
+    assert sft.main(["--task", "deps", "--error_kinds", "typo", "--use_cpu", "true", "--output_dir",
+                     str(tmp_path / "sft")]) == 2
     err = capsys.readouterr().err
     assert "error_kinds: unknown value 'typo' for the deps task; use one of premature, unneeded, slip" in err
     assert err.count("\n") == 1
-    assert pretrain.main(["--task", "deps", "--error_kinds", "digit", "--output_dir", "/tmp/never"]) == 2
+    assert pretrain.main(["--task", "deps", "--error_kinds", "digit", "--output_dir", str(tmp_path / "pt")]) == 2
     assert "use one of premature, unneeded, slip" in capsys.readouterr().err
 
 
@@ -267,8 +279,8 @@ def test_knobs_that_cannot_make_a_problem_are_one_line_naming_them(spec, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-def test_bad_knobs_are_one_line_on_the_command_line(capsys):
-    assert pretrain.main(["--task", "deps:steps=9,vars=4", "--output_dir", "/tmp/never"]) == 2
+def test_bad_knobs_are_one_line_on_the_command_line(capsys, tmp_path):
+    assert pretrain.main(["--task", "deps:steps=9,vars=4", "--output_dir", str(tmp_path / "pt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "task: need steps <= vars" in err and "steps=9, vars=4" in err
 
