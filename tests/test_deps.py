@@ -308,3 +308,15 @@ def test_the_error_table_counts_first_mistakes_by_kind():
     assert table["strict"] == 0.25 and table["answer"] == 0.25
     assert table["kinds"]["premature"] == table["kinds"]["unneeded"] == table["kinds"]["slip"] == 1
     assert table["order_share"] == 2 / 3
+
+
+@pytest.mark.parametrize("layout", ["rewind", "retry"])
+def test_sft_trains_on_deps_errors_in_both_layouts(base_dir, tmp_path, layout):
+    out = tmp_path / "sft"
+    args = ["--model_name_or_path", str(base_dir), "--output_dir", str(out), "--task", "deps", "--num_train_problems",
+            "8", "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu", "true", "--bf16", "false",
+            "--activation_checkpointing", "false", "--disable_tqdm", "true", "--error_rate", "1.0", "--error_kinds",
+            "premature", "--max_steps", "1", "--save_strategy", "no", "--layout", layout]
+    assert sft.main(args) == 0
+    script = sft.SFTScriptArgs(task="deps", error_kinds=["premature"])
+    assert isinstance(sft.make_error_source(script, None, 0), DepsErrors)
