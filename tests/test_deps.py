@@ -29,7 +29,7 @@ from halluc_rl.tiny import build_tiny_model, train_tokenizer
 pytestmark = pytest.mark.usefixtures("one_thread")
 X = -100
 
-QUESTION = "e = 4; b = a + 4; a = 3; d = b - e; c = b * e; Find c mod 10."
+QUESTION = "Find c mod 10 from:\ne = 4;\nb = a + 4;\na = 3;\nd = b - e;\nc = b * e;"
 REFERENCE = "e = 4\na = 3\nb = a + 4 = 3 + 4 = 7\nc = b * e = 7 * 4 = 8\n#### 8"
 REORDERED = "a = 3\nb = a + 4 = 3 + 4 = 7\ne = 4\nc = b * e = 7 * 4 = 8\n#### 8"
 
@@ -46,9 +46,9 @@ def deps_tok():
 
 def solve(question: str) -> tuple[dict[str, str], str, int, dict[str, int]]:
     """An independent solver: (definitions, target, modulus, the value of every variable), by recursion."""
-    body, _, ask = question.rpartition(" Find ")
-    target, _, mod = ask.rstrip(".").partition(" mod ")
-    definitions = dict(d.split(" = ", 1) for d in body.rstrip(";").split("; "))
+    ask, *lines = question.split("\n")
+    target, _, mod = ask.removeprefix("Find ").removesuffix(" from:").partition(" mod ")
+    definitions = dict(line.rstrip(";").split(" = ", 1) for line in lines)
     values: dict[str, int] = {}
 
     def value(name: str) -> int:
@@ -239,7 +239,7 @@ def test_an_unknown_error_kind_lists_the_task_kinds(capsys, tmp_path):
 def test_the_deps_env_needs_no_arguments_and_keeps_the_contract(deps_tok):
     env = gym.make("Backtrack-Deps-v0")
     obs, info = env.reset(seed=0)
-    assert obs["prompt_length"] > 0 and " Find " in env.unwrapped.problems[0].question
+    assert obs["prompt_length"] > 0 and "Find " in env.unwrapped.problems[0].question
     small = gym.make("Backtrack-Deps-v0", tokenizer=deps_tok, num_problems=30, max_new_tokens=24)
     check_env(small.unwrapped, skip_render_check=True)
     runs = []

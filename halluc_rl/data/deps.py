@@ -1,10 +1,15 @@
 """The ``deps`` task (after Physics of LMs 2.2's iGSM): compute one variable from shuffled definitions.
 
 A question defines single-letter variables, each from a constant or from one or two other variables by one small
-operation (``+``, ``-``, ``*``, all mod ``mod``), in shuffled order, with distractors the answer does not need, and
-asks for one variable::
+operation (``+``, ``-``, ``*``, all mod ``mod``), one per line in shuffled order, with distractors the answer does
+not need; it first says which variable it asks for::
 
-    e = 4; b = a + 4; a = 3; d = b - e; c = b * e; Find c mod 10.
+    Find c mod 10 from:
+    e = 4;
+    b = a + 4;
+    a = 3;
+    d = b - e;
+    c = b * e;
 
 The reference solution computes only the needed variables, one per line, each after its inputs, then the answer::
 
@@ -15,7 +20,10 @@ The reference solution computes only the needed variables, one per line, each af
     #### 8
 
 A line copies its definition (text from the question, up to its ``;``), substitutes the values already computed and
-writes the result, so copying is local and the hard part is *which* variable to write next. Any order in which each
+writes the result, so copying is local and the hard part is *which* variable to write next. A definition starts a
+line in the question as a solution line does, so (with a BPE tokenizer, where a name after a space is another token)
+the token of a name at a line start occurs in the question only where that name is defined: one lookup, never
+confused with the name used as an input. Any order in which each
 line comes after its inputs is right; the reference takes, among the ready needed variables, the one defined first in
 the question. The checker (:func:`check_solution`) reads only the question, never the generator.
 """
@@ -101,7 +109,7 @@ class DepsTask:
             rng.shuffle(row)
         definitions = [f"{names[j]} = {self._definition(rng, inputs[j])}" for j in range(total)]
         rng.shuffle(definitions)
-        question = " ".join(f"{d};" for d in definitions) + f" Find {names[needed - 1]} mod {self.mod}."
+        question = f"Find {names[needed - 1]} mod {self.mod} from:" + "".join(f"\n{d};" for d in definitions)
         solution = reference_solution(question)
         return Problem(question, solution, solution.rsplit("#### ", 1)[1])
 
@@ -136,7 +144,7 @@ class DepsTask:
 # ----------------------------------------------------------------------------------------------------------------
 
 _DEFINITION = re.compile(r"([a-z]) = (\d|[a-z])(?: ([-+*]) (\d|[a-z]))?")
-_QUESTION = re.compile(r"((?:[a-z] = [^;]+; )+)Find ([a-z]) mod (\d+)\.")
+_QUESTION = re.compile(r"Find ([a-z]) mod (\d+) from:((?:\n[a-z] = [^;\n]+;)+)")
 
 
 @dataclass(frozen=True)
@@ -188,13 +196,13 @@ def parse_question(question: str) -> DepsQuestion | None:
     if not match:
         return None
     definitions: dict[str, str] = {}
-    for text in match.group(1).split("; ")[:-1]:
+    for text in match.group(3).strip("\n;").split(";\n"):
         definition = _DEFINITION.fullmatch(text)
         if not definition or definition.group(1) in definitions or (definition.group(3) is None
                                                                     and definition.group(2).isalpha()):
             return None
         definitions[definition.group(1)] = text.partition(" = ")[2]
-    parsed = DepsQuestion(definitions, tuple(definitions), match.group(2), int(match.group(3)))
+    parsed = DepsQuestion(definitions, tuple(definitions), match.group(1), int(match.group(2)))
     if parsed.target not in definitions or not 2 <= parsed.mod <= 10:
         return None
     if any(i not in definitions for name in definitions for i in parsed.inputs(name)):

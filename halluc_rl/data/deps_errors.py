@@ -25,7 +25,7 @@ from halluc_rl.data.examples import ErrorPlan
 from halluc_rl.data.vocabulary import special_ids, until_special, vocabulary_classes
 
 DEPS_ERROR_KINDS: tuple[str, ...] = ("premature", "unneeded", "slip")
-_IN_PROMPT = re.compile(r"(?:[a-z] = [^;\n]+; )+Find [a-z] mod \d+\.")
+_IN_PROMPT = re.compile(r"Find [a-z] mod \d+ from:(?:\n[a-z] = [^;\n]+;)+")
 
 
 def check_deps_error_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
