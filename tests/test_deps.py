@@ -96,7 +96,8 @@ def test_every_reference_solution_is_valid_by_an_independent_solver(knobs):
         definitions, target, mod, values = solve(problem.question)
         needed = needed_by(definitions, target)
         assert task.min_vars <= len(definitions) <= task.vars and task.min_steps <= len(needed) <= task.steps
-        *lines, final = problem.solution.split("\n")
+        assert problem.solution.startswith("\n")  # the first line starts after a line break, as in the question
+        *lines, final = problem.solution[1:].split("\n")
         done: set[str] = set()
         for line in lines:
             name, rhs, *rest = line.split(" = ")

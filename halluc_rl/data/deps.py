@@ -11,7 +11,8 @@ not need; it first says which variable it asks for::
     d = b - e;
     c = b * e;
 
-The reference solution computes only the needed variables, one per line, each after its inputs, then the answer::
+The reference solution computes only the needed variables, one per line (the first after a line break too), each
+after its inputs, then the answer::
 
     a = 3
     b = a + 4 = 3 + 4 = 7
@@ -223,7 +224,8 @@ def _topological(question: DepsQuestion, names: frozenset[str]) -> list[str] | N
 
 
 def reference_solution(question: str) -> str:
-    """The reference solution of a ``deps`` question: the needed variables in :func:`_topological` order."""
+    """The reference solution of a ``deps`` question: the needed variables in :func:`_topological` order, every line
+    (the first too) after a line break, so a name starts a line in the answer as in the question: the same token."""
     parsed = parse_question(question)
     if parsed is None:
         raise ValueError(f"not a deps question: {question!r}")
@@ -232,4 +234,4 @@ def reference_solution(question: str) -> str:
     for name in _topological(parsed, parsed.needed()) or []:
         lines.append(parsed.line(name, values))
         values[name] = parsed.value(parsed.definitions[name], values)
-    return "\n".join([*lines, f"#### {values[parsed.target]}"])
+    return "".join(f"\n{line}" for line in [*lines, f"#### {values[parsed.target]}"])
