@@ -132,6 +132,12 @@ class DepsTask:
         """``n`` train problems at random indices (the task's own seeded stream; each call draws new ones)."""
         return [self.problem("train", self._sample_rng.randrange(2**32)) for _ in range(n)]
 
+    def __getitem__(self, index: int) -> Problem:
+        """Train problem ``index`` (the task is an endless sequence)."""
+        if index < 0:
+            raise IndexError("the task is endless: negative indices have no meaning")
+        return self.problem("train", index)
+
     def __iter__(self) -> Iterator[Problem]:
         """Train problems 0, 1, 2, ... without end."""
         index = 0

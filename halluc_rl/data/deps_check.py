@@ -17,7 +17,8 @@ ERROR_KINDS: tuple[str, ...] = ("premature", "unneeded", "repeat", "copy", "slip
 """``premature``: a needed variable whose inputs are not all computed yet (wrong from the character naming it);
 ``unneeded``: a variable the answer does not need; ``repeat``: a variable computed already; ``copy``: the
 right-hand side is not the variable's definition (a lookup mistake); ``slip``: a wrong value (a substituted input,
-a result or the final answer); ``incomplete``: ``####`` or the end before the target is computed; ``malformed``:
+a result or the final answer); ``incomplete``: ``####`` or the end before the target is computed, or a variable's
+line that stops before its result; ``malformed``:
 anything else (not a variable, broken separators, text after the answer)."""
 ORDER_KINDS: frozenset[str] = frozenset({"premature", "unneeded", "repeat"})
 """The kinds that are mistakes of *which* step comes next, not of how a step is written."""
@@ -77,7 +78,7 @@ def _check_line(question: DepsQuestion, needed: frozenset[str], values: dict[str
         return 0, _kind(question, needed, values, line, None, 0)
     c = next((k for k, (a, b) in enumerate(zip(line, expected)) if a != b), min(len(line), len(expected)))
     if c == len(line) and finished:  # the line stopped before its end
-        return c, "incomplete" if not expected.startswith("#") and "=" not in line[c:] else "malformed"
+        return c, "malformed" if expected.startswith("#") else "incomplete"
     return c, _kind(question, needed, values, line, expected, c)
 
 
