@@ -240,7 +240,7 @@ def train_loop(args: PretrainArgs, model, tokenizer, encoded, val, batch, max_ne
     """AdamW with warm-up then cosine decay, evaluated every ``eval_every`` steps; stops at ``target_accuracy``
     (strict accuracy with ``strict``). Returns the evaluation history."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps) * 0.5 * (
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / args.max_train_steps))))
     gen = random.Random(args.seed)
     history: list[dict] = []
