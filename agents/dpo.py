@@ -47,7 +47,7 @@ from halluc_rl.config import (
     cli,
     parse_cli,
 )
-from halluc_rl.data.tasks import load_problems, task_name
+from halluc_rl.data.tasks import ORACLE_TASKS, load_problems, task_name
 from halluc_rl.generation import BacktrackGenerationConfig
 from halluc_rl.modeling import load_start_policy
 from halluc_rl.pairs import build_pairs, find_errors
@@ -229,9 +229,12 @@ def validate(script: DPOScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     check_choice("form", script.form, ("single", "continuation"))
     check_choice("continuation", script.continuation, ("reference", "sampled"))
     check_choice("weighting", script.weighting, ("none", "value_drop"))
-    if task_name(script.task) != "arithmetic" and (script.locate == "oracle" or script.continuation == "reference"):
+    if task_name(script.task) not in ORACLE_TASKS and (script.locate == "oracle" or script.continuation == "reference"):
         raise UsageError("locate: oracle and continuation: reference need the offline task's unique solutions; use "
                          "locate: mc or prm and continuation: sampled on gsm8k")
+    if task_name(script.task) == "deps" and script.form == "continuation" and script.continuation == "reference":
+        raise UsageError("continuation: reference needs the arithmetic task's unique solutions (on deps the right "
+                         "prefix may take another order than the reference); use continuation: sampled")
     check_positive(script, "num_problems", "num_samples", "temperature", "max_new_tokens", "mc_branches",
                    "min_pairs")
     check_positive(script, "counter_ratio", "rebuild_every", "min_drop", allow_zero=("counter_ratio",

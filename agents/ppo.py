@@ -67,7 +67,7 @@ from halluc_rl.config import (
 )
 from halluc_rl.data.tasks import Problem, encode_problem, load_problems
 from halluc_rl.distributed import seed_of
-from halluc_rl.evaluation import backtrack_counts, ratio
+from halluc_rl.evaluation import backtrack_counts, oracle_judges, ratio
 from halluc_rl.generation import BacktrackGenerationConfig, row_generators
 from halluc_rl.labels import line_break_ids
 from halluc_rl.mixers import build_rewards
@@ -363,7 +363,7 @@ def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[flo
             began: float) -> dict:
     """The update's history row (rollout sums over processes, loss means), also sent to tensorboard."""
     c = backtrack_counts(ro.generation, [run.references.setdefault(id(p), encode_problem(p, run.tok)[1])
-                                         for p in ro.problems])
+                                         for p in ro.problems], oracle_judges(run.tok, ro.problems))
     local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
                                 c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
                                 c.num_false_deletions, c.num_correct_appends, float(kl.sum()),

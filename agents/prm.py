@@ -39,7 +39,7 @@ from halluc_rl.config import (
     cli,
     parse_cli,
 )
-from halluc_rl.data.tasks import load_problems, task_name
+from halluc_rl.data.tasks import ORACLE_TASKS, load_problems, task_name
 from halluc_rl.labels import (
     LabelSettings,
     StepLabelCollator,
@@ -237,8 +237,8 @@ def validate(script: PRMScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     check_output_dir(config.output_dir)
     if script.label_type == "mc" and script.mc_k == 0:
         raise UsageError("mc_k: Monte-Carlo labels need mc_k > 0 continuations per step (or label_type: oracle)")
-    if script.label_type == "oracle" and task_name(script.task) != "arithmetic":
-        raise UsageError(f"label_type: oracle labels need the arithmetic task (unique solutions), not {script.task}")
+    if script.label_type == "oracle" and task_name(script.task) not in ORACLE_TASKS:
+        raise UsageError(f"label_type: oracle labels need the arithmetic or deps task, not {script.task}")
     check_model_name(model_args.model_name_or_path)
 
 
@@ -249,7 +249,7 @@ def build_trainer(script: PRMScriptArgs, model_args: ModelArgs, lora: LoraArgs, 
     check_prm_init(model_args.model_name_or_path, script.policy, config.trust_remote_code)
     cache = Path(script.label_cache or Path(config.output_dir) / "labels-train")
     labels, tokenizer, bt = policy_labels(script, "train", script.num_train_problems,
-                                          oracle=task_name(script.task) == "arithmetic", cache=cache)
+                                          oracle=task_name(script.task) in ORACLE_TASKS, cache=cache)
     rows = training_rows(labels, script.head, script.label_type, script.max_length)
     if len(rows) == 0:
         raise UsageError("the policy's answers hold no step to train on; sample more (num_train_problems)")
@@ -282,8 +282,8 @@ def evaluate(args: PRMEvalArgs) -> dict[str, dict]:
     check_choice("split", args.split, ("train", "validation", "test"))
     check_positive(args, "num_problems", "implicit_beta")
     check_output_dir(args.output_dir)
-    if task_name(args.task) != "arithmetic":
-        raise UsageError(f"task: held-out oracle labels need the arithmetic task (unique solutions), not {args.task}")
+    if task_name(args.task) not in ORACLE_TASKS:
+        raise UsageError(f"task: held-out oracle labels need the arithmetic or deps task, not {args.task}")
     for path in [*args.prm, *([args.implicit_policy] if args.implicit_policy else [])]:
         check_model_name(path, "prm" if path in args.prm else "implicit_policy")
     cache = Path(args.label_cache or Path(args.output_dir) / f"labels-{args.split}")

@@ -20,7 +20,14 @@ from halluc_rl.backtrack import (
     check_semantics,
     stop_token_ids,
 )
-from halluc_rl.data.tasks import Problem, encode_problem, format_prompt, load_problems
+from halluc_rl.data.tasks import (
+    GENERATOR_TASKS,
+    Problem,
+    encode_problem,
+    format_prompt,
+    load_problems,
+    task_name,
+)
 from halluc_rl.rewards import RewardMixer, RewardSpec, Shaping
 
 
@@ -81,11 +88,11 @@ class BacktrackEnv(gym.Env):
 
     ## Arguments
 
-    * ``task``: ``"arithmetic"`` (offline generator, the default) or ``"gsm8k"``.
+    * ``task``: ``"arithmetic"`` (offline generator, the default), ``"deps"`` (offline generator) or ``"gsm8k"``.
     * ``tokenizer``: a tokenizer object or a name/path (default: the embedded tiny model's); must know the
       backtrack token.
     * ``data_files``: local GSM8K jsonl/parquet file(s) or directory (GSM8K; default: the Hub's ``openai/gsm8k``).
-    * ``split``: ``train``, ``validation`` or ``test``. ``num_problems``: how many arithmetic problems (default 1000).
+    * ``split``: ``train``, ``validation`` or ``test``. ``num_problems``: how many generated problems (default 1000).
     * ``max_new_tokens``: actions per episode (default: twice the longest reference answer of the split, room for
       backtracks). ``max_prompt_tokens``: prompt room (default: the split's longest prompt). Both are sized from the
       data when not given, so every problem of the split resets.
@@ -148,7 +155,7 @@ class BacktrackEnv(gym.Env):
         self.stop_ids = frozenset(stop_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.problems = list(problems) if problems is not None else load_problems(
-            task, split, num_problems if task == "arithmetic" else 0, data_files, **(task_kwargs or {}))
+            task, split, num_problems if task_name(task) in GENERATOR_TASKS else 0, data_files, **(task_kwargs or {}))
         if not self.problems:
             raise ValueError(f"no problems in split {split!r} of task {task!r}")
         self.prompt_format = prompt_format

@@ -42,7 +42,7 @@ from halluc_rl.args import (  # noqa: F401  (the blocks were defined here first:
     TaskArgs,
 )
 from halluc_rl.atomic import atomic_write_text
-from halluc_rl.data.tasks import load_problems, parse_task
+from halluc_rl.data.tasks import GENERATOR_TASKS, ORACLE_TASKS, load_problems, parse_task
 from halluc_rl.modeling import check_saved_model
 from halluc_rl.policy import recorded_semantics, use_semantics
 from halluc_rl.registry import KNOWN_MODELS, is_known_name, resolve_model_path
@@ -387,8 +387,8 @@ def check_task_args(args: TaskArgs, num_problems: int | None = None, count_field
     asked for all of its problems (``num_problems`` 0); returns the task's base name."""
     name = check_task(args.task)
     check_positive(args, "validation_size", allow_zero=("validation_size",))
-    if name == "arithmetic" and num_problems == 0:
-        raise UsageError(f"{count_field}: the arithmetic task is endless; give a number > 0")
+    if name in GENERATOR_TASKS and num_problems == 0:
+        raise UsageError(f"{count_field}: the {name} task is endless; give a number > 0")
     if args.data_files is not None and name not in FILE_TASKS:
         raise UsageError(f"data_files: the {name} task does not read files; drop data_files (only "
                          f"{', '.join(FILE_TASKS)} reads them)")
@@ -409,7 +409,7 @@ def check_reward_args(args: RewardArgs, task: str) -> None:
     check_choice("process_form", args.process_form, ("delta", "min"))
     check_positive(args, "backtrack_cost", "process_weight", "implicit_beta", allow_zero=(
         "backtrack_cost", "process_weight"))
-    if args.process_reward == "oracle" and check_task(task) != "arithmetic":
+    if args.process_reward == "oracle" and check_task(task) not in ORACLE_TASKS:
         raise UsageError("process_reward: the oracle knows only the offline task's solutions; use prm on gsm8k")
     if args.process_reward in ("prm", "implicit"):
         if not (args.prm_path and Path(args.prm_path).is_dir()):

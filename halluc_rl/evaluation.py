@@ -17,7 +17,7 @@ wrong, even one that happens to equal the reference token at its position: the t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from halluc_rl.backtrack import ActionKind, BacktrackState
+from halluc_rl.data.deps import DepsQuestion, parse_question
+from halluc_rl.data.deps_check import check_solution
 from halluc_rl.data.grading import majority_reward, reward
 from halluc_rl.data.tasks import Problem, encode_problem
 from halluc_rl.generation import BacktrackGenerationOutput, generate
@@ -102,11 +104,29 @@ def _trace_backtrack_id(out: BacktrackGenerationOutput) -> int:
     return int(bt_actions[0])
 
 
-def backtrack_counts(out: BacktrackGenerationOutput, references: Sequence[Sequence[int]]) -> BacktrackCounts:
+def oracle_judges(tokenizer, problems: Sequence[Problem]) -> list[Callable[[list[int]], bool] | None]:
+    """Per problem, a judge of visible response ids (on track or not) where its task has a checker that accepts more
+    than the reference (``deps``: every valid order), else None (the reference prefix decides)."""
+    special = set(tokenizer.all_special_ids)
+
+    def judge(question: DepsQuestion) -> Callable[[list[int]], bool]:
+        def on_track(ids: list[int]) -> bool:
+            ended = bool(ids) and ids[-1] in special
+            return check_solution(question, tokenizer.decode(ids, skip_special_tokens=True), ended).on_track
+        return on_track
+
+    parsed = [parse_question(p.question) for p in problems]
+    return [None if q is None else judge(q) for q in parsed]
+
+
+def backtrack_counts(out: BacktrackGenerationOutput, references: Sequence[Sequence[int]],
+                     judges: Sequence[Callable[[list[int]], bool] | None] | None = None) -> BacktrackCounts:
     """Replay each row's trace with :class:`~halluc_rl.backtrack.BacktrackState` and count against ``references``.
 
     ``references[b]`` is row ``b``'s reference response ids (EOS included, as :func:`encode_problem` gives them).
-    The replay is checked against the trace (kinds and deleted tokens) and the final visible ids.
+    ``judges[b]`` (:func:`oracle_judges`), where given, decides instead whether the visible ids are still right (a
+    token after a wrong one stays wrong either way). The replay is checked against the trace (kinds and deleted
+    tokens) and the final visible ids.
     """
     batch = out.kinds.shape[0]
     if len(references) != batch:
@@ -116,6 +136,7 @@ def backtrack_counts(out: BacktrackGenerationOutput, references: Sequence[Sequen
     counts = BacktrackCounts(num_episodes=batch)
     for b in range(batch):
         ref = list(references[b])
+        judge = judges[b] if judges is not None else None
         state = BacktrackState(bt)
         on_ref: list[bool] = []  # on_ref[i]: visible[: i + 1] is a prefix of ref (a stack parallel to visible)
         for kind, action, gone in zip(kinds[b], actions[b], deleted[b]):
@@ -127,7 +148,10 @@ def backtrack_counts(out: BacktrackGenerationOutput, references: Sequence[Sequen
                 raise ValueError(f"row {b}: the trace disagrees with the backtrack semantics at response index {pos}")
             counts.num_actions += 1
             if outcome.kind == ActionKind.APPEND:
-                ok = (not on_ref or on_ref[-1]) and pos < len(ref) and ref[pos] == action
+                if judge is None:
+                    ok = (not on_ref or on_ref[-1]) and pos < len(ref) and ref[pos] == action
+                else:
+                    ok = (not on_ref or on_ref[-1]) and judge(state.visible_ids)
                 on_ref.append(ok)
                 counts.num_correct_appends += ok
             elif outcome.kind == ActionKind.DELETE:
@@ -179,8 +203,9 @@ class _RunTotals:
 
 def _run(model, tokenizer, prompts: list[list[int]], references: list[list[int]], golds: list[str], *,
          batch_size: int, bar: tqdm, desc: str, backtrack_id: int, generator: torch.Generator | None,
-         **options) -> _RunTotals:
-    """Generate for every prompt in batches of ``batch_size`` and accumulate grades, lengths and trace counts."""
+         judges: list | None = None, **options) -> _RunTotals:
+    """Generate for every prompt in batches of ``batch_size`` and accumulate grades, lengths and trace counts
+    (``judges``: :func:`oracle_judges` of the prompts' problems)."""
     totals = _RunTotals()
     bar.set_description(desc)
     for i in range(0, len(prompts), batch_size):
@@ -193,7 +218,8 @@ def _run(model, tokenizer, prompts: list[list[int]], references: list[list[int]]
         totals.actions += sum(actions)
         totals.solved_actions += sum(n for n, g in zip(actions, grades) if g > 0)
         totals.truncated += int((~out.finished).sum())
-        totals.counts += backtrack_counts(out, references[i : i + batch_size])
+        totals.counts += backtrack_counts(out, references[i : i + batch_size],
+                                          None if judges is None else judges[i : i + batch_size])
         bar.update(len(grades))
     return totals
 
@@ -256,7 +282,9 @@ def evaluate_policy(
     prompts = [prompt for prompt, _ in encoded]
     references = [response for _, response in encoded]
     golds = [p.answer for p in problems]
+    judges = oracle_judges(tokenizer, problems)
     runs = _decode_runs(model, tokenizer, prompts, references, golds, num_samples=num_samples,
+                        judges=None if all(j is None for j in judges) else judges,
                         temperature=temperature, seed=seed, loop_guard=loop_guard,
                         sampled_loop_guard=sampled_loop_guard, backtrack_bias=backtrack_bias, progress=progress,
                         batch_size=batch_size, backtrack_id=bt, max_new_tokens=max_new_tokens,
@@ -293,7 +321,8 @@ def majority_vote(model, tokenizer, prompts: list[list[int]], golds: list[str], 
 
 def _decode_runs(model, tokenizer, prompts: list[list[int]], references: list[list[int]], golds: list[str], *,
                  num_samples: int, temperature: float, seed: int, loop_guard: int | None,
-                 sampled_loop_guard: int | None, backtrack_bias: float, progress: bool, **common
+                 sampled_loop_guard: int | None, backtrack_bias: float, progress: bool, judges: list | None = None,
+                 **common
                  ) -> tuple[_RunTotals, _RunTotals, _RunTotals | None, _RunTotals | None]:
     """:func:`evaluate_policy`'s four runs: greedy, greedy with the backtrack masked, then (``num_samples`` > 0)
     the same two sampled, ``num_samples`` answers per problem, each from a generator seeded with ``seed``.
@@ -303,15 +332,17 @@ def _decode_runs(model, tokenizer, prompts: list[list[int]], references: list[li
     n = len(prompts)
     bar = tqdm(total=2 * n * (1 + num_samples), disable=not progress, unit="ep", dynamic_ncols=True)
     greedy_kw = dict(do_sample=False, loop_guard=loop_guard or None, bar=bar, **common)
-    greedy = _run(model, tokenizer, prompts, references, golds, desc="greedy", generator=None, **on, **greedy_kw)
+    greedy = _run(model, tokenizer, prompts, references, golds, desc="greedy", generator=None, judges=judges, **on,
+                  **greedy_kw)
     greedy_nb = _run(model, tokenizer, prompts, references, golds, desc="greedy, no backtrack", generator=None,
-                     **no_bt, **greedy_kw)
+                     judges=judges, **no_bt, **greedy_kw)
     sampled = sampled_nb = None
     if num_samples:
         rep = [i for i in range(n) for _ in range(num_samples)]  # each problem num_samples times, side by side
         args = ([prompts[i] for i in rep], [references[i] for i in rep], [golds[i] for i in rep])
         sampling = dict(do_sample=True, temperature=temperature, loop_guard=sampled_loop_guard or None, bar=bar,
                         **common)
+        sampling["judges"] = None if judges is None else [judges[i] for i in rep]
         sampled = _run(model, tokenizer, *args, desc="sampled", generator=_generator(device, seed), **on,
                        **sampling)
         sampled_nb = _run(model, tokenizer, *args, desc="sampled, no backtrack", generator=_generator(device, seed),

@@ -105,13 +105,14 @@ def oracle_step_labels(tokenizer, problem: Problem, response_ids: Sequence[int],
     """1 for each step whose text (through its last token) is still on the reference solution, else 0.
 
     A response that ended (its last token is special: EOS) must equal the reference at its last step; an
-    unfinished one is judged as a prefix. For tasks with unique solutions (``ArithmeticTask``).
+    unfinished one is judged as a prefix. For tasks with unique solutions (``ArithmeticTask``), and for ``deps``,
+    whose checker accepts every valid order (:meth:`OracleProcessReward.on_track`).
     """
     oracle = OracleProcessReward(tokenizer)  # token granularity: the text through the step's end is judged
     reference = format_solution(problem.solution, tokenizer)
     ended = bool(response_ids) and response_ids[-1] in set(tokenizer.all_special_ids)
     return [int(oracle.on_track(tokenizer.decode(list(response_ids[: e + 1]), skip_special_tokens=True), reference,
-                                ended and j == len(ends) - 1)) for j, e in enumerate(ends)]
+                                ended and j == len(ends) - 1, problem.question)) for j, e in enumerate(ends)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

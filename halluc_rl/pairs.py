@@ -66,8 +66,10 @@ class Samples:
     num_samples: int
 
 
-def _oracle_trace(oracle: OracleProcessReward, tokenizer, actions: Sequence[int], reference: str, bt: int) -> list[bool]:
-    """Whether the answer is right after each action (the oracle's potential, replayed)."""
+def _oracle_trace(oracle: OracleProcessReward, tokenizer, actions: Sequence[int], reference: str, bt: int,
+                  question: str | None = None) -> list[bool]:
+    """Whether the answer is right after each action (the oracle's potential, replayed; a ``deps`` ``question`` is
+    judged by its checker, in any valid order)."""
     special = set(tokenizer.all_special_ids)
     state = BacktrackState(bt)
     out = []
@@ -75,7 +77,7 @@ def _oracle_trace(oracle: OracleProcessReward, tokenizer, actions: Sequence[int]
         state.push(a)
         visible = state.visible_ids
         ended = bool(visible) and visible[-1] in special
-        out.append(oracle.on_track(tokenizer.decode(visible, skip_special_tokens=True), reference, ended))
+        out.append(oracle.on_track(tokenizer.decode(visible, skip_special_tokens=True), reference, ended, question))
     return out
 
 
@@ -118,7 +120,7 @@ def find_errors(
     if locate == "oracle":
         for n, (problem, actions) in enumerate(zip(owners, streams)):
             reference = encode_reference(problem, tokenizer)
-            trace = _oracle_trace(oracle, tokenizer, actions, reference, bt)
+            trace = _oracle_trace(oracle, tokenizer, actions, reference, bt, problem.question)
             first = next((t for t, ok in enumerate(trace) if not ok), None)
             limit = len(actions) if first is None else first
             right += _counter_states(n, actions[:limit], bt)

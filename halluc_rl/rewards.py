@@ -31,6 +31,8 @@ import torch
 
 from halluc_rl.backtrack import ActionKind, StepEvent
 from halluc_rl.cache import RewindableCache
+from halluc_rl.data.deps import parse_question
+from halluc_rl.data.deps_check import check_solution
 from halluc_rl.data.grading import reward as grade
 from halluc_rl.data.problems import Problem, format_solution
 
@@ -217,7 +219,9 @@ class OracleProcessReward:
     to it), else 0: judged after every token (``granularity="token"``) or only on completed lines, the steps
     (``"step"``). ``mode="delta"`` (default) rewards Phi(s') - Phi(s): -1 for the token that leaves the reference,
     +1 for the backspace that returns to it. ``mode="raw"`` rewards Phi(s'). For tasks whose solutions are unique
-    (``ArithmeticTask``); GSM8K has no such oracle.
+    (``ArithmeticTask``); GSM8K has no such oracle. A ``deps`` problem (its question parses,
+    :func:`~halluc_rl.data.deps.parse_question`) is judged by its checker instead
+    (:func:`~halluc_rl.data.deps_check.check_solution`): every order of its steps is right, not only the reference's.
     """
 
     kind = "process"
@@ -228,15 +232,21 @@ class OracleProcessReward:
             raise ValueError(f"mode must be delta or raw and granularity token or step, got {mode!r}, {granularity!r}")
         self.tokenizer, self.name, self.mode, self.granularity = tokenizer, name, mode, granularity
         self.references: list[str] = []
+        self.questions: list[str | None] = []
         self.potential: torch.Tensor | None = None  # [B]
 
     def set_problems(self, problems: Sequence[Problem]) -> None:
         self.references = [format_solution(p.solution, self.tokenizer) for p in problems]
+        self.questions = [p.question for p in problems]
 
-    def on_track(self, text: str, reference: str, ended: bool = False) -> bool:
-        """Whether ``text`` (an answer so far) is still right: a prefix of ``reference``, whole once ``ended``."""
+    def on_track(self, text: str, reference: str, ended: bool = False, question: str | None = None) -> bool:
+        """Whether ``text`` (an answer so far) is still right: a prefix of ``reference``, whole once ``ended``; for a
+        ``deps`` ``question``, a right solution so far in any valid order (its checker's verdict)."""
         if self.granularity == "step" and not ended:
             text = text[: text.rfind("\n") + 1]
+        parsed = parse_question(question) if question is not None else None
+        if parsed is not None:
+            return check_solution(parsed, text, ended).on_track
         return text.strip() == reference.strip() if ended else reference.startswith(text)
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -253,7 +263,8 @@ class OracleProcessReward:
             ids = state.visible(b)
             ended = bool(ids) and ids[-1] in special
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            after[b] = float(self.on_track(text, self.references[b], ended))
+            question = self.questions[b] if len(self.questions) == len(self.references) else None
+            after[b] = float(self.on_track(text, self.references[b], ended, question))
         self.potential = after
         return after - before if self.mode == "delta" else after
 

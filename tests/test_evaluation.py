@@ -232,7 +232,8 @@ def test_evaluate_policy_counts_on_a_hand_made_trace(tokenizer):
         "failed_backtracks": 0.0, "num_deletions": 6,
         "sampled_backtrack_rate": 12 / 24, "sampled_backtrack_precision": 0 / 12,
         "sampled_false_backtrack_rate": 12 / 12, "sampled_failed_backtracks": 0.0, "sampled_num_deletions": 12,
-        "tokens_per_solved": None, "mean_actions": 6.0, "truncated_rate": 1.0, "num_problems": 2, "num_samples": 2,
+        "tokens_per_solved": None, "mean_actions": 6.0, "sampled_mean_actions": 6.0,
+        "truncated_rate": 1.0, "num_problems": 2, "num_samples": 2,
     }
 
 

@@ -3,6 +3,8 @@
 * :mod:`~halluc_rl.data.grading` - extract, normalise and compare final answers (GSM8K style);
 * :mod:`~halluc_rl.data.problems` - the :class:`Problem` type and the prompt format;
 * :mod:`~halluc_rl.data.gsm8k`, :mod:`~halluc_rl.data.arithmetic` - GSM8K, the offline :class:`ArithmeticTask`;
+* :mod:`~halluc_rl.data.deps`, :mod:`~halluc_rl.data.deps_check`, :mod:`~halluc_rl.data.deps_errors` - the offline
+  ``deps`` task (:class:`DepsTask`), its checker (any valid order) and its training errors (:class:`DepsErrors`);
 * :mod:`~halluc_rl.data.tasks` - the task registry and loader (and reasoning-gym), re-exporting the three above;
 * :mod:`~halluc_rl.data.examples` - backtrack examples and their spans;
 * :mod:`~halluc_rl.data.vocabulary` - token classes of a vocabulary (digits, operators, newlines, special tokens);
@@ -22,6 +24,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Problem", "encode_problem", "format_prompt", "format_solution"], "problems"),
     "load_gsm8k": "gsm8k",
     "ArithmeticTask": "arithmetic",
+    "DepsTask": "deps",
+    **dict.fromkeys(["DepsVerdict", "check_solution"], "deps_check"),
+    "DepsErrors": "deps_errors",
     "load_reasoning_gym": "tasks",
     **dict.fromkeys(["BacktrackExample", "assemble_example"], "examples"),
     **dict.fromkeys(["ErrorSource", "PlausibleErrors", "RandomTokenErrors", "SelfGeneratedErrors", "build_examples",

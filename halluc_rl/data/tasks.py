@@ -6,6 +6,8 @@ Sources:
   ``validation`` is carved out of ``train`` with a fixed seed, so ``test`` is never trained on;
 * :class:`ArithmeticTask` (:mod:`halluc_rl.data.arithmetic`) - an offline, seeded generator of GSM8K-shaped
   multi-step word problems (the embedded default task a ~3M-parameter model learns on CPU in minutes);
+* :class:`DepsTask` (:mod:`halluc_rl.data.deps`) - an offline, seeded generator of dependency problems (compute
+  one variable from shuffled definitions; after Physics of LMs 2.2's iGSM), checked by :mod:`halluc_rl.data.deps_check`;
 * :func:`load_reasoning_gym` - optional procedural problems from ``reasoning_gym``.
 
 A task is named by one string (:func:`parse_task`: ``arithmetic:max_value=50``) and loaded by
@@ -27,6 +29,7 @@ from halluc_rl.data.arithmetic import (
     ArithmeticTask,
     check_line,
 )
+from halluc_rl.data.deps import DEPS_KNOBS, DepsTask
 from halluc_rl.data.gsm8k import (
     GSM8K_HUB_ID,
     load_gsm8k,
@@ -75,7 +78,11 @@ def load_reasoning_gym(
     return problems
 
 
-TASKS: tuple[str, ...] = ("arithmetic", "gsm8k")
+TASKS: tuple[str, ...] = ("arithmetic", "gsm8k", "deps")
+GENERATOR_TASKS: tuple[str, ...] = ("arithmetic", "deps")
+"""The offline, seeded, endless tasks (problems are drawn by index; give ``num_problems > 0``)."""
+ORACLE_TASKS: tuple[str, ...] = ("arithmetic", "deps")
+"""The tasks whose every prefix is exactly right or wrong (:class:`~halluc_rl.rewards.OracleProcessReward`)."""
 
 
 TASK_KNOBS: dict[str, type] = {"min_steps": int, "max_steps": int, "max_value": int, "max_factor": int, "check": int}
@@ -96,17 +103,20 @@ def parse_task(spec: str) -> tuple[str, dict]:
     name, _, options = spec.partition(":")
     if name not in TASKS:
         raise ValueError(f"task: unknown value {name!r}; use one of {', '.join(TASKS)} (arithmetic may carry settings: "
-                         "arithmetic:max_value=50,max_steps=4)")
+                         "arithmetic:max_value=50,max_steps=4; deps too: deps:vars=8,steps=4)")
+    allowed = {"arithmetic": TASK_KNOBS, "deps": dict.fromkeys(DEPS_KNOBS, int)}.get(name, TASK_KNOBS)
     knobs: dict = {}
     for item in filter(None, (o.strip() for o in options.split(","))):
         key, _, value = item.partition("=")
-        if name != "arithmetic" or key not in TASK_KNOBS or not value.strip().isdigit():
-            raise ValueError(f"task: cannot read {item!r} in {spec!r}; arithmetic takes "
-                             f"{', '.join(f'{k}=N' for k in TASK_KNOBS)}")
-        knobs[key] = TASK_KNOBS[key](value)
-    if name == "arithmetic":
+        if name not in GENERATOR_TASKS or key not in allowed or not value.strip().isdigit():
+            takes = "deps takes" if name == "deps" else "arithmetic takes"
+            raise ValueError(f"task: cannot read {item!r} in {spec!r}; {takes} "
+                             f"{', '.join(f'{k}=N' for k in allowed)}")
+        knobs[key] = allowed[key](value)
+    if name in GENERATOR_TASKS:
         try:
-            ArithmeticTask(**knobs)  # settings that do not go together fail here, not when the problems are drawn
+            # settings that do not go together fail here, not when the problems are drawn
+            (ArithmeticTask if name == "arithmetic" else DepsTask)(**knobs)
         except ValueError as err:
             raise ValueError(f"task: {err} in {spec!r}") from err
     return name, knobs
@@ -130,6 +140,10 @@ def load_problems(task: str, split: str, num_problems: int, data_files=None, see
         if num_problems == 0:
             raise ValueError("the arithmetic task is endless: give num_problems > 0")
         return ArithmeticTask(seed=seed, **task_kwargs).problems(split, num_problems)
+    if task == "deps":
+        if num_problems == 0:
+            raise ValueError("the deps task is endless: give num_problems > 0")
+        return DepsTask(seed=seed, **task_kwargs).problems(split, num_problems)
     if task == "gsm8k":
         problems = load_gsm8k(split, data_files=data_files, validation_size=validation_size, seed=seed)
         return problems if num_problems == 0 else problems[:num_problems]
@@ -137,7 +151,7 @@ def load_problems(task: str, split: str, num_problems: int, data_files=None, see
 
 
 __all__ = [
-    "CHECK_PREFIXES", "GSM8K_HUB_ID", "GSM8K_TEST_TEMPLATED", "INVERSE", "ITEMS", "NAMES", "OPERATIONS",
+    "CHECK_PREFIXES", "DEPS_KNOBS", "GENERATOR_TASKS", "ORACLE_TASKS", "DepsTask", "GSM8K_HUB_ID", "GSM8K_TEST_TEMPLATED", "INVERSE", "ITEMS", "NAMES", "OPERATIONS",
     "PLAIN_TEMPLATE", "SPLITS", "TASKS", "TASK_KNOBS", "ArithmeticTask", "Problem", "check_line", "encode_problem",
     "format_prompt", "format_solution", "load_gsm8k", "load_problems", "load_reasoning_gym", "parse_task",
     "rows_to_problems", "split_validation", "task_name", "validation_count",

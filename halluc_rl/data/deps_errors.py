@@ -1,0 +1,144 @@
+"""Errors for ``deps`` training data (SFT and pretraining), by kind and rate: :class:`DepsErrors`.
+
+* ``premature`` - at the start of a line, the name of a needed variable whose inputs are not computed yet (Physics of
+  LMs 2.2's "retry_weak" fake mistake), then backtracks over it;
+* ``unneeded`` - at the start of a line, the name of a variable the answer does not need;
+* ``slip`` - a wrong digit in a value (a substituted input, a result or the final answer).
+
+An error is ``randint(*error_length)`` tokens long, counted from the token that holds the name (a leading space the
+tokenizer keeps apart comes with it): the name alone at the default ``(1, 1)``, or the name and the first tokens of
+that variable's line (a value slip: the wrong digit and the reference tokens after it). The
+examples are built like every other source's (:func:`~halluc_rl.data.examples.assemble_example`), so the rewind and
+the retry layouts of :class:`~halluc_rl.data.collator.MaskedErrorCollator` train on the same spans. The question is
+read back from the prompt's text, so the source needs nothing but (prompt, response) token pairs.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+
+from halluc_rl.data.deps import DepsQuestion, parse_question
+from halluc_rl.data.errors import ErrorSource
+from halluc_rl.data.examples import ErrorPlan
+from halluc_rl.data.vocabulary import special_ids, until_special, vocabulary_classes
+
+DEPS_ERROR_KINDS: tuple[str, ...] = ("premature", "unneeded", "slip")
+_IN_PROMPT = re.compile(r"Find [a-z] mod \d+ from:(?:\n[a-z] = [^;\n]+;)+")
+
+
+def check_deps_error_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` as a tuple; a one-line ``ValueError`` listing the deps task's kinds for an unknown or no kind."""
+    unknown = [k for k in kinds if k not in DEPS_ERROR_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"error_kinds: unknown value {unknown[0] if unknown else ''!r} for the deps task; use one "
+                         f"of {', '.join(DEPS_ERROR_KINDS)}")
+    return tuple(kinds)
+
+
+def prompt_question(text: str) -> DepsQuestion | None:
+    """The ``deps`` question inside a prompt's text (None if there is none)."""
+    match = _IN_PROMPT.search(text)
+    return parse_question(match.group(0)) if match else None
+
+
+class DepsErrors(ErrorSource):
+    """Order mistakes (``premature``, ``unneeded``) and value ``slip``\\ s typed into ``deps`` reference solutions.
+
+    ``kinds`` is a non-empty subset of :data:`DEPS_ERROR_KINDS`. Each error is placed at a distinct position drawn
+    among those where one of ``kinds`` can go; its kind is drawn among those possible there.
+    """
+
+    def __init__(self, kinds: Sequence[str] = DEPS_ERROR_KINDS, error_rate: float = 0.5, max_errors: int = 1,
+                 error_length: tuple[int, int] = (1, 1), seed: int = 0) -> None:
+        super().__init__(error_rate, max_errors, error_length, seed)
+        self.kinds = check_deps_error_kinds(kinds)
+
+    def _line_states(self, question: DepsQuestion, text: str) -> list[tuple[int, str, dict[str, int]]]:
+        """Per line of the solution ``text``: (its first character's offset, the line, the values before it)."""
+        out, values, offset = [], {}, len(text) - len(text.lstrip())
+        for line in text[offset:].split("\n"):
+            out.append((offset, line, dict(values)))
+            if line[:1] in question.definitions:
+                values[line[0]] = question.value(question.definitions[line[0]], values)
+            offset += len(line) + 1
+        return out
+
+    def _options(self, question: DepsQuestion, state: dict[str, int], kind: str) -> list[str]:
+        """The lines (or line beginnings) an order mistake of ``kind`` may start with in ``state``."""
+        needed = question.needed()
+        names = [n for n in question.order if n not in state]
+        if kind == "premature":
+            names = [n for n in names if n in needed and not all(i in state for i in question.inputs(n))]
+        else:
+            names = [n for n in names if n not in needed]
+        lines = []
+        for name in names:
+            ready = all(i in state for i in question.inputs(name))
+            lines.append(question.line(name, state) if ready else f"{name} = {question.definitions[name]}")
+        return lines
+
+    def _spots(self, question: DepsQuestion, response: list[int], tokenizer) -> dict[int, list[tuple[str, object]]]:
+        """Position -> the (kind, option) pairs possible there: a wrong line for order mistakes, a wrong digit token
+        for slips."""
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        states = self._line_states(question, text)
+        classes = vocabulary_classes(tokenizer)
+        spots: dict[int, list[tuple[str, object]]] = {}
+        starts = {offset: state for offset, _, state in states}
+        heads = [(offset, offset + (len(f"x = {question.definitions[line[0]]}") if line[:1] in question.definitions
+                                    else len("#### ")), offset + len(line)) for offset, line, _ in states]
+        for p, token in enumerate(response):
+            before = len(tokenizer.decode(response[:p], skip_special_tokens=True))
+            piece = tokenizer.decode([token], skip_special_tokens=True)
+            name_at = before + len(piece) - len(piece.lstrip())
+            if piece.strip() and name_at in starts:
+                for kind in ("premature", "unneeded"):
+                    if kind in self.kinds:
+                        spots.setdefault(p, []).extend((kind, line) for line in
+                                                       self._options(question, starts[name_at], kind))
+            if "slip" in self.kinds and token in classes.digit_groups and any(
+                    head <= name_at < end for _, head, end in heads):
+                wrong = [t for t in classes.digit_groups[token] if t != token
+                         and int(tokenizer.decode([t]).strip()) < question.mod]
+                spots.setdefault(p, []).extend(("slip", t) for t in wrong)
+        return {p: options for p, options in spots.items() if options}
+
+    def _tokens(self, response: list[int], p: int, kind: str, option: object, length: int, tokenizer
+                ) -> list[int]:
+        """The error's tokens at ``p``: a wrong digit and the reference after it, or the first ``length`` tokens of
+        the wrong line, encoded alone (with the whitespace the reference's token at ``p`` starts with), as a line
+        after a line break is."""
+        if kind == "slip":
+            return [int(option), *response[p + 1 : p + length]]
+        piece = tokenizer.decode([response[p]], skip_special_tokens=True)
+        space = piece[: len(piece) - len(piece.lstrip())]
+        ids = tokenizer(space + str(option), add_special_tokens=False)["input_ids"]
+        named = next(k for k in range(len(ids)) if tokenizer.decode(ids[: k + 1]).strip())  # the token of the name
+        return ids[: named + length]
+
+    def plan(self, question: DepsQuestion, response: list[int], tokenizer, rng: random.Random, n: int
+             ) -> list[ErrorPlan]:
+        """Up to ``n`` errors at distinct positions of ``response``."""
+        spots = self._spots(question, response, tokenizer)
+        special = special_ids(tokenizer)
+        plans: list[ErrorPlan] = []
+        for p in sorted(rng.sample(sorted(spots), min(n, len(spots)))):
+            kind = rng.choice(sorted({k for k, _ in spots[p]}))
+            option = rng.choice([o for k, o in spots[p] if k == kind])
+            tokens = until_special(self._tokens(response, p, kind, option, rng.randint(*self.error_length),
+                                                tokenizer), special)
+            if tokens and tokens[0] != response[p]:
+                plans.append((p, tokens))
+        return plans
+
+    def plan_batch(
+        self, pairs: Sequence[tuple[list[int], list[int]]], tokenizer, rngs: Sequence[random.Random],
+        wanted: Sequence[int],
+    ) -> list[list[ErrorPlan]]:
+        plans: list[list[ErrorPlan]] = []
+        for (prompt, response), rng, n in zip(pairs, rngs, wanted):
+            question = prompt_question(tokenizer.decode(prompt, skip_special_tokens=True)) if n else None
+            plans.append(self.plan(question, response, tokenizer, rng, n) if question is not None else [])
+        return plans
