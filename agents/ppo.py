@@ -72,9 +72,7 @@ from halluc_rl.generation import BacktrackGenerationConfig, row_generators
 from halluc_rl.labels import line_break_ids
 from halluc_rl.mixers import build_rewards
 from halluc_rl.modeling import load_start_policy
-from halluc_rl.rewards import (
-    RewardMixer,
-)
+from halluc_rl.rewards import RewardMixer
 from halluc_rl.rollout import Rollout, rollout
 from halluc_rl.scoring import score_actions
 from halluc_rl.training import DeadGradientStop, rate_jumps
@@ -179,7 +177,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
                    dynamic_ncols=True, disable=not acc.is_main_process)
         for update in bar:
             began = time.time()
-            local = choose_problems(args, len(run.pool), update, acc.process_index, acc.num_processes)
+            local = distributed.process_share(args.seed, len(run.pool), args.problems_per_update, update,
+                                              acc.process_index, acc.num_processes)
             ro = collect(run, args, update, local)
             per_action, immediate, kl, old_values = rewards_with_kl(run, args, ro)
             adv, returns = advantages(run, args, ro, per_action, old_values, update, local)
@@ -245,16 +244,6 @@ def set_up(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, acc: Accelerato
     writer = SummaryWriter(str(out / "tensorboard")) if tensorboard else None
     return Run(acc, out, model, tok, bt, head, params, optimizer, pool, mixer, gen_config, newline_ids, start,
                history, writer)
-
-
-def choose_problems(args: PPOArgs, pool_size: int, update: int, rank: int, world: int) -> list[int]:
-    """This process's share of the update's problems (pool indices): the update's slice of a permutation of
-    the pool drawn once per pass over it, slots ``s`` with ``s % world == rank``."""
-    perm = np.random.default_rng(seed_of(args.seed, update // max(1, pool_size // args.problems_per_update)))
-    perm = perm.permutation(pool_size)
-    first = (update * args.problems_per_update) % pool_size
-    chosen = [int(perm[(first + i) % pool_size]) for i in range(args.problems_per_update)]
-    return chosen[rank::world]
 
 
 def collect(run: Run, args: PPOArgs, update: int, local: list[int]) -> Rollout:
@@ -364,18 +353,15 @@ def log_row(run: Run, ro: Rollout, kl: torch.Tensor, metrics: dict[str, list[flo
     """The update's history row (rollout sums over processes, loss means), also sent to tensorboard."""
     c = backtrack_counts(ro.generation, [run.references.setdefault(id(p), encode_problem(p, run.tok)[1])
                                          for p in ro.problems], oracle_judges(run.tok, ro.problems))
-    local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)),
-                                c.num_backtracks, c.num_actions, c.num_precise_deletions, c.num_deletions,
-                                c.num_false_deletions, c.num_correct_appends, float(kl.sum()),
+    bt = c.all_sum(run.acc.device).metrics()  # pooled over processes: backtrack rate, precision, false rate
+    local_stats = torch.tensor([float(ro.reward_parts["correct"].sum()), float(len(ro.problems)), float(kl.sum()),
                                 float(ro.action_mask.sum()), float(ro.rewards.sum()),
                                 float((~ro.generation.finished).sum())], dtype=torch.float64)
     t = distributed.all_sum(local_stats, run.acc.device).tolist()
-    row = {"update": update + 1, "rollout/accuracy": t[0] / t[1],
-           "rollout/backtrack_rate": ratio(t[2], t[3]), "rollout/truncated_rate": t[11] / t[1],
-           "rollout/backtrack_precision": ratio(t[4], t[5]),
-           "rollout/false_backtrack_rate": ratio(t[6], t[7]),
-           "rollout/kl": ratio(t[8], t[9]), "rollout/return": t[10] / t[1], "rollout/actions": t[9],
-           "time/update_s": time.time() - began}
+    row = {"update": update + 1, "rollout/accuracy": t[0] / t[1], "rollout/backtrack_rate": bt["backtrack_rate"],
+           "rollout/truncated_rate": t[5] / t[1], "rollout/backtrack_precision": bt["backtrack_precision"],
+           "rollout/false_backtrack_rate": bt["false_backtrack_rate"], "rollout/kl": ratio(t[2], t[3]),
+           "rollout/return": t[4] / t[1], "rollout/actions": t[3], "time/update_s": time.time() - began}
     row.update({f"rollout/reward_{k}": float(v.sum(1).mean()) for k, v in ro.reward_parts.items()})
     row.update({k: float(np.mean(v)) for k, v in metrics.items()})
     run.history.append(row)

@@ -171,23 +171,29 @@ def prm_stage(args: DemoArgs, out: Path, policy: Path) -> Path:
     return out
 
 
-def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
-    """The stage's evaluation, cached beside it (``eval.json``) for the same settings."""
-    settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed, "task": args.task}
-    if args.max_new_tokens:
-        settings["max_new_tokens"] = args.max_new_tokens
-    cache = folder / "eval.json"
+def cached_metrics(cache: Path, settings: dict, policy: str | Path, measure) -> dict:
+    """``measure(model, tokenizer, problems)`` of ``policy`` on the evaluation problems (``settings``' task,
+    count and seed), or the metrics saved in ``cache`` for the same ``settings`` (a rerun skips an evaluation
+    already done); written atomically."""
     if cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("settings") == settings:
             return saved["metrics"]
     model, tokenizer, _ = load_policy(policy)
-    problems = load_problems(args.task, "test", args.num_eval_problems, seed=args.seed)
-    metrics = evaluate_policy(model, tokenizer, problems, num_samples=args.num_samples, seed=args.seed,
-                              max_new_tokens=args.max_new_tokens or 128)
+    problems = load_problems(settings["task"], "test", settings["problems"], seed=settings["seed"])
+    metrics = measure(model, tokenizer, problems)
     atomic_write_json(cache, {"settings": settings, "metrics": metrics})
     return metrics
 
+
+def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
+    """The stage's evaluation, cached beside it (``eval.json``) for the same settings."""
+    settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed, "task": args.task}
+    if args.max_new_tokens:
+        settings["max_new_tokens"] = args.max_new_tokens
+    return cached_metrics(folder / "eval.json", settings, policy, lambda model, tok, problems:
+                          evaluate_policy(model, tok, problems, num_samples=args.num_samples, seed=args.seed,
+                                          max_new_tokens=args.max_new_tokens or 128))
 
 
 def equal_token_votes(arm: dict, control: dict) -> int:
@@ -200,18 +206,13 @@ def equal_token_votes(arm: dict, control: dict) -> int:
 def majority_stage(args: DemoArgs, policy: str | Path, folder: Path, k: int) -> dict:
     """maj@k of ``policy`` with its backtrack masked (the control is judged without the action), on the
     evaluation problems, cached beside it (``majority.json``) for the same settings."""
+    length = args.max_new_tokens or 128
     settings = {"problems": args.num_eval_problems, "k": int(k), "seed": args.seed, "task": args.task,
-                "max_new_tokens": args.max_new_tokens or 128}
-    cache = folder / "majority.json"
-    if cache.exists():
-        saved = json.loads(cache.read_text())
-        if saved.get("settings") == settings:
-            return saved["metrics"]
-    model, tokenizer, _ = load_policy(policy)
-    problems = load_problems(args.task, "test", args.num_eval_problems, seed=args.seed)
-    prompts = [encode_problem(p, tokenizer)[0] for p in problems]
-    metrics = majority_vote(model, tokenizer, prompts, [p.answer for p in problems], int(k), temperature=1.0,
-                            seed=args.seed, batch_size=64, max_new_tokens=settings["max_new_tokens"],
-                            backtrack_bias=float("-inf"))
-    atomic_write_json(cache, {"settings": settings, "metrics": metrics})
-    return metrics
+                "max_new_tokens": length}
+
+    def measure(model, tokenizer, problems):
+        prompts = [encode_problem(p, tokenizer)[0] for p in problems]
+        return majority_vote(model, tokenizer, prompts, [p.answer for p in problems], int(k), temperature=1.0,
+                             seed=args.seed, batch_size=64, max_new_tokens=length, backtrack_bias=float("-inf"))
+
+    return cached_metrics(folder / "majority.json", settings, policy, measure)

@@ -60,3 +60,13 @@ def zero_gradients(params: Sequence[torch.nn.Parameter]) -> None:
 def seed_of(*keys: int) -> int:
     """A seed mixed from integers, the same in every process (Python's ``hash`` is salted for strings)."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] % 2**62)
+
+
+def process_share(seed: int, pool_size: int, per_update: int, update: int, rank: int, world: int) -> list[int]:
+    """This process's share of update ``update``'s ``per_update`` problems (indices into a pool of ``pool_size``):
+    the update's slice of a permutation of the pool drawn once per pass over it (seeded by ``seed`` and the
+    pass), slots ``s`` with ``s % world == rank``. Any number of processes together take the same problems."""
+    perm = np.random.default_rng(seed_of(seed, update // max(1, pool_size // per_update))).permutation(pool_size)
+    first = (update * per_update) % pool_size
+    chosen = [int(perm[(first + i) % pool_size]) for i in range(per_update)]
+    return chosen[rank::world]

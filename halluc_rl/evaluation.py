@@ -29,6 +29,7 @@ from halluc_rl.data.deps import DepsQuestion, parse_question
 from halluc_rl.data.deps_check import check_solution
 from halluc_rl.data.grading import majority_reward, reward
 from halluc_rl.data.tasks import Problem, encode_problem
+from halluc_rl.distributed import all_sum
 from halluc_rl.generation import BacktrackGenerationOutput, generate
 from halluc_rl.policy import policy_backtrack, policy_semantics
 from halluc_rl.reporting import (  # noqa: F401  (re-exported: the report's names were defined here first)
@@ -77,6 +78,12 @@ class BacktrackCounts:
 
     def __add__(self, other: BacktrackCounts) -> BacktrackCounts:
         return BacktrackCounts(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+    def all_sum(self, device: torch.device | str = "cpu") -> BacktrackCounts:
+        """The counts summed over every process (:func:`halluc_rl.distributed.all_sum`; itself in one process)."""
+        names = list(asdict(self))
+        totals = all_sum(torch.tensor([float(getattr(self, k)) for k in names], dtype=torch.float64), device)
+        return BacktrackCounts(**{k: int(v) for k, v in zip(names, totals.tolist())})
 
     def metrics(self) -> dict[str, float | int | None]:
         """The ratios (None where the denominator is zero: no deletions, no correct token, no episode)."""

@@ -6,12 +6,10 @@ step is followed by a check line (:func:`check_line`) that exposes a wrong resul
 
 from __future__ import annotations
 
-import hashlib
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from halluc_rl.data.problems import SPLITS, Problem
+from halluc_rl.data.problems import GeneratorTask, Problem
 
 NAMES: tuple[str, ...] = ("Tom", "Ann", "Maria", "Ben", "Lena", "Omar", "Mia", "Sam", "Nora", "Leo")
 ITEMS: tuple[str, ...] = ("apples", "pens", "stickers", "marbles", "books", "cookies", "shells", "cards")
@@ -31,16 +29,10 @@ def check_line(result: int, op: str, operand: int, prefix: str = CHECK_PREFIXES[
     return f"{prefix}{result} {INVERSE[op]} {operand} = {value}"
 
 
-_SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
-"""A question's split is fixed by a hash of its text (10 buckets), so no question is in two splits."""
-
-
-def _bucket(question: str) -> int:
-    return int(hashlib.md5(question.encode()).hexdigest(), 16) % 10
 
 
 @dataclass
-class ArithmeticTask:
+class ArithmeticTask(GeneratorTask):
     """Seeded multi-step arithmetic word problems with GSM8K-shaped solutions (``a op b = c`` lines, ``#### N``).
 
     ``min_steps``/``max_steps`` set the number of operations, ``max_value`` the size of the starting amount and of
@@ -75,7 +67,6 @@ class ArithmeticTask:
         if self.check not in (0, *CHECK_PREFIXES):
             raise ValueError(f"check must be 0 (no check lines), 1 ('check c - b = a' after each step) or 2 (the same "
                              f"line indented, without the word), got {self.check}")
-        self._sample_rng = random.Random(f"{self.seed}:sample")
 
     def _step(self, rng: random.Random, value: int, name: str, item: str) -> tuple[str, str, int, int]:
         """One operation on ``value``: (sentence, operator, operand, result); only feasible operations are drawn."""
@@ -117,35 +108,4 @@ class ArithmeticTask:
             value = result
         sentences.append(f"How many {item} does {name} have now?")
         return Problem(" ".join(sentences), "\n".join([*lines, f"#### {value}"]), str(value))
-
-    def problem(self, split: str, index: int) -> Problem:
-        """Problem ``index`` of ``split``: the same for the same seed and settings, on any machine."""
-        if split not in _SPLIT_BUCKETS:
-            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-        for attempt in range(self.max_attempts):
-            problem = self._generate(random.Random(f"{self.seed}:{split}:{index}:{attempt}"))
-            if _bucket(problem.question) in _SPLIT_BUCKETS[split]:
-                return problem
-        raise ValueError(f"no {split} problem found in {self.max_attempts} attempts; these settings allow too few")
-
-    def problems(self, split: str, n: int, start: int = 0) -> list[Problem]:
-        """Problems ``start .. start + n - 1`` of ``split``."""
-        return [self.problem(split, i) for i in range(start, start + n)]
-
-    def sample(self, n: int) -> list[Problem]:
-        """``n`` train problems at random indices (the task's own seeded stream; each call draws new ones)."""
-        return [self.problem("train", self._sample_rng.randrange(2**32)) for _ in range(n)]
-
-    def __getitem__(self, index: int) -> Problem:
-        """Train problem ``index`` (the task is an endless sequence)."""
-        if index < 0:
-            raise IndexError("the task is endless: negative indices have no meaning")
-        return self.problem("train", index)
-
-    def __iter__(self) -> Iterator[Problem]:
-        """Train problems 0, 1, 2, ... without end."""
-        index = 0
-        while True:
-            yield self.problem("train", index)
-            index += 1
 

@@ -31,15 +31,13 @@ the question. The checker (:func:`check_solution`) reads only the question, neve
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 import string
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 
-from halluc_rl.data.problems import SPLITS, Problem
+from halluc_rl.data.problems import GeneratorTask, Problem
 
 DEPS_OPERATORS: tuple[str, ...] = ("+", "-", "*")
 DEPS_KNOBS: dict[str, str] = {
@@ -49,19 +47,14 @@ DEPS_KNOBS: dict[str, str] = {
 }
 """The settings a ``deps`` task name can carry (``deps:vars=8,steps=4``), with their meanings."""
 NAMES: str = string.ascii_lowercase
-_SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 8), "validation": range(8, 9), "test": range(9, 10)}
-
-
-def _bucket(question: str) -> int:
-    return int(hashlib.md5(question.encode()).hexdigest(), 16) % 10
 
 
 @dataclass
-class DepsTask:
+class DepsTask(GeneratorTask):
     """Seeded ``deps`` problems: ``min_steps..steps`` needed variables among ``min_vars..vars`` in all, mod ``mod``.
 
     The same ``problem(split, index)``, ``problems``, ``sample`` and disjoint hash splits as
-    :class:`~halluc_rl.data.arithmetic.ArithmeticTask`. Knobs that cannot make a problem raise a ``ValueError`` that
+    :class:`~halluc_rl.data.arithmetic.ArithmeticTask` (:class:`~halluc_rl.data.problems.GeneratorTask`). Knobs that cannot make a problem raise a ``ValueError`` that
     names them.
     """
 
@@ -72,6 +65,7 @@ class DepsTask:
     mod: int = 10
     seed: int = 0
     max_attempts: int = 1000
+    stream = "deps:"  # not a field: keeps deps problems apart from arithmetic ones of the same seed
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_steps <= self.steps:
@@ -84,7 +78,6 @@ class DepsTask:
                              f"min_vars={self.min_vars}, vars={self.vars}")
         if not 2 <= self.mod <= 10:
             raise ValueError(f"need 2 <= mod <= 10 (every value one digit), got mod={self.mod}")
-        self._sample_rng = random.Random(f"{self.seed}:deps:sample")
 
     def _definition(self, rng: random.Random, inputs: list[str]) -> str:
         """The right-hand side over ``inputs`` (0: a constant, 1: ``x op k``, 2: ``x op y``)."""
@@ -113,37 +106,6 @@ class DepsTask:
         question = f"Find {names[needed - 1]} mod {self.mod} from:" + "".join(f"\n{d};" for d in definitions)
         solution = reference_solution(question)
         return Problem(question, solution, solution.rsplit("#### ", 1)[1])
-
-    def problem(self, split: str, index: int) -> Problem:
-        """Problem ``index`` of ``split``: the same for the same seed and settings, on any machine."""
-        if split not in _SPLIT_BUCKETS:
-            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
-        for attempt in range(self.max_attempts):
-            problem = self._generate(random.Random(f"{self.seed}:deps:{split}:{index}:{attempt}"))
-            if _bucket(problem.question) in _SPLIT_BUCKETS[split]:
-                return problem
-        raise ValueError(f"no {split} problem found in {self.max_attempts} attempts; these settings allow too few")
-
-    def problems(self, split: str, n: int, start: int = 0) -> list[Problem]:
-        """Problems ``start .. start + n - 1`` of ``split``."""
-        return [self.problem(split, i) for i in range(start, start + n)]
-
-    def sample(self, n: int) -> list[Problem]:
-        """``n`` train problems at random indices (the task's own seeded stream; each call draws new ones)."""
-        return [self.problem("train", self._sample_rng.randrange(2**32)) for _ in range(n)]
-
-    def __getitem__(self, index: int) -> Problem:
-        """Train problem ``index`` (the task is an endless sequence)."""
-        if index < 0:
-            raise IndexError("the task is endless: negative indices have no meaning")
-        return self.problem("train", index)
-
-    def __iter__(self) -> Iterator[Problem]:
-        """Train problems 0, 1, 2, ... without end."""
-        index = 0
-        while True:
-            yield self.problem("train", index)
-            index += 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
