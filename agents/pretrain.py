@@ -45,8 +45,7 @@ from halluc_rl.data.arithmetic import ArithmeticTask
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.deps import DepsTask
 from halluc_rl.data.deps_check import check_solution
-from halluc_rl.data.deps_errors import DEPS_ERROR_KINDS, DepsErrors
-from halluc_rl.data.errors import PLAUSIBLE_KINDS, PlausibleErrors
+from halluc_rl.data.deps_errors import check_error_kinds, plausible_errors
 from halluc_rl.data.problems import encode_problem, format_prompt, format_solution
 from halluc_rl.data.tasks import GENERATOR_TASKS, parse_task
 from halluc_rl.generation import generate
@@ -138,10 +137,10 @@ def validate(args: PretrainArgs) -> str:
     check_choice("semantics", args.semantics, SEMANTICS)
     if args.train_errors and args.semantics != "retry":
         raise UsageError("train_errors: the rewind semantics never trains an error's tokens; use --semantics retry")
-    kinds = DEPS_ERROR_KINDS if name == "deps" else PLAUSIBLE_KINDS
-    for kind in args.error_kinds:
-        if kind not in kinds:
-            raise UsageError(f"error_kinds: unknown value {kind!r} for the {name} task; use one of {', '.join(kinds)}")
+    try:
+        check_error_kinds(name, args.error_kinds)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     if args.init is not None and not Path(args.init).is_dir():
         raise UsageError(f"init: no saved model in {args.init} (give the output_dir of an earlier pretrain)")
     check_output_dir(args.output_dir)
@@ -161,11 +160,8 @@ def make_source(args: PretrainArgs, name: str):
     """The error source of the training solutions, or None without errors."""
     if args.error_rate == 0:
         return None
-    if name == "deps":
-        return DepsErrors(args.error_kinds or DEPS_ERROR_KINDS, error_rate=args.error_rate,
-                          max_errors=args.max_errors, seed=args.seed)
-    return PlausibleErrors(args.error_kinds or PLAUSIBLE_KINDS, error_rate=args.error_rate,
-                           max_errors=args.max_errors, seed=args.seed)
+    return plausible_errors(name, args.error_kinds, error_rate=args.error_rate, max_errors=args.max_errors,
+                            seed=args.seed)
 
 
 def build_model(args: PretrainArgs, train):

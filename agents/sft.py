@@ -37,9 +37,9 @@ from halluc_rl.config import (
 )
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
-from halluc_rl.data.deps_errors import DEPS_ERROR_KINDS, DepsErrors, check_deps_error_kinds
-from halluc_rl.data.errors import PLAUSIBLE_KINDS, PlausibleErrors, RandomTokenErrors, SelfGeneratedErrors
-from halluc_rl.data.tasks import load_problems, task_name
+from halluc_rl.data.deps_errors import check_error_kinds, plausible_errors
+from halluc_rl.data.errors import PLAUSIBLE_KINDS, RandomTokenErrors, SelfGeneratedErrors
+from halluc_rl.data.tasks import load_problems
 from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
 from halluc_rl.modeling import load_model_and_tokenizer
 from halluc_rl.policy import policy_backtrack, set_policy_backtrack
@@ -103,17 +103,6 @@ class MaskedErrorSFTTrainer(SafeTrainerMixin, SFTTrainer):
                                     num_items_in_batch=num_items_in_batch)
 
 
-def deps_error_kinds(script: SFTScriptArgs) -> tuple[str, ...]:
-    """The deps task's error kinds to type (all of them while ``error_kinds`` is the plausible default); a one-line
-    UsageError listing the deps kinds for an unknown one."""
-    if list(script.error_kinds) == list(PLAUSIBLE_KINDS):
-        return DEPS_ERROR_KINDS
-    try:
-        return check_deps_error_kinds(script.error_kinds)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
-
-
 def make_error_source(script: SFTScriptArgs, model, seed: int):
     """The configured error source (``none`` gives clean examples: the plain-SFT baseline on the same data)."""
     lengths = (script.error_length_min, script.error_length_max)
@@ -122,12 +111,9 @@ def make_error_source(script: SFTScriptArgs, model, seed: int):
         return RandomTokenErrors(error_rate=0.0, max_errors=1, seed=seed)
     if script.error_source == "random":
         return RandomTokenErrors(error_rate=script.error_rate, max_errors=cap, error_length=lengths, seed=seed)
-    if script.error_source == "plausible" and task_name(script.task) == "deps":
-        return DepsErrors(deps_error_kinds(script), error_rate=script.error_rate, max_errors=cap,
-                          error_length=lengths, seed=seed)
     if script.error_source == "plausible":
-        return PlausibleErrors(script.error_kinds, error_rate=script.error_rate, max_errors=cap, error_length=lengths,
-                               seed=seed)
+        return plausible_errors(script.task, script.error_kinds, error_rate=script.error_rate, max_errors=cap,
+                                error_length=lengths, seed=seed)
     if script.error_source == "self":
         return SelfGeneratedErrors(model, error_rate=script.error_rate, max_errors=cap, error_length=lengths,
                                    seed=seed, temperature=script.temperature)
@@ -187,11 +173,10 @@ def validate(script: SFTScriptArgs, model_args: ModelArgs, lora: LoraArgs, confi
     if script.train_errors and script.semantics != "retry":
         raise UsageError("train_errors: only the retry semantics has error tokens in its context to train; add "
                          "--semantics retry or drop --train_errors")
-    if task_name(script.task) == "deps":
-        deps_error_kinds(script)
-    else:
-        for kind in script.error_kinds or [""]:
-            check_choice("error_kinds", kind, PLAUSIBLE_KINDS)
+    try:
+        check_error_kinds(script.task, script.error_kinds or [""])
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     check_choice("backtrack_head", script.backtrack_head, BACKTRACK_HEADS)
     check_choice("curriculum_unit", script.curriculum_unit, ("epoch", "step"))
     check_positive(script, "num_train_problems", allow_zero=("num_train_problems",))

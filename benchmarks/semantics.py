@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=128)
-    parser.add_argument("--model", default=None, help="a real model (e.g. smollm2-135m); default: the tiny random Llama")
+    parser.add_argument("--model", default=None,
+                        help="a real model (e.g. smollm2-135m); default: the tiny random Llama")
     args = parser.parse_args()
     bm = load_bench_model(args.model)
     model, batch, steps = bm.model.eval(), args.batch, args.steps

@@ -25,8 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from halluc_rl.backtrack import ActionKind, BacktrackState
-from halluc_rl.data.deps import DepsQuestion, parse_question
-from halluc_rl.data.deps_check import check_solution
+from halluc_rl.data.deps import parse_question
 from halluc_rl.data.grading import majority_reward, reward
 from halluc_rl.data.tasks import Problem, encode_problem
 from halluc_rl.distributed import all_sum
@@ -113,17 +112,19 @@ def _trace_backtrack_id(out: BacktrackGenerationOutput) -> int:
 
 def oracle_judges(tokenizer, problems: Sequence[Problem]) -> list[Callable[[list[int]], bool] | None]:
     """Per problem, a judge of visible response ids (on track or not) where its task has a checker that accepts more
-    than the reference (``deps``: every valid order), else None (the reference prefix decides)."""
-    special = set(tokenizer.all_special_ids)
+    than the reference (``deps``: every valid order), else None (the reference prefix decides). The judge is the
+    oracle reward's own rule (:meth:`~halluc_rl.rewards.OracleProcessReward.on_track`)."""
+    from halluc_rl.rewards import OracleProcessReward
 
-    def judge(question: DepsQuestion) -> Callable[[list[int]], bool]:
+    oracle, special = OracleProcessReward(tokenizer), set(tokenizer.all_special_ids)
+
+    def judge(question: str) -> Callable[[list[int]], bool]:
         def on_track(ids: list[int]) -> bool:
             ended = bool(ids) and ids[-1] in special
-            return check_solution(question, tokenizer.decode(ids, skip_special_tokens=True), ended).on_track
+            return oracle.on_track(tokenizer.decode(ids, skip_special_tokens=True), "", ended, question)
         return on_track
 
-    parsed = [parse_question(p.question) for p in problems]
-    return [None if q is None else judge(q) for q in parsed]
+    return [None if parse_question(p.question) is None else judge(p.question) for p in problems]
 
 
 def backtrack_counts(out: BacktrackGenerationOutput, references: Sequence[Sequence[int]],

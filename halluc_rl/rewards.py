@@ -98,10 +98,10 @@ class IncrementalScorer:
 
     The cache follows the policy's actions (nothing is re-encoded): the visible text by default (a backspace
     rewinds it: a PRM scores the visible text in both semantics), or, with ``follows="policy"`` (a value model),
-    what the policy conditions on in its semantics (:meth:`RewindableCache.follow_event`). ``model`` is a token-classification model (``AutoModelForTokenClassification``) or anything whose
-    forward returns per-token ``logits`` [B, T, L]; the score of a prefix is read at its last token: the softmax
-    probability of ``label`` when L > 1, else ``transform`` of the single logit. The model must share the policy's
-    tokenizer.
+    what the policy conditions on in its semantics (:meth:`RewindableCache.follow_event`). ``model`` is a
+    token-classification model (``AutoModelForTokenClassification``) or anything whose forward returns per-token
+    ``logits`` [B, T, L]; the score of a prefix is read at its last token: the softmax probability of ``label`` when
+    L > 1, else ``transform`` of the single logit. The model must share the policy's tokenizer.
     """
 
     def __init__(self, model, label: int = 1, transform: Literal["sigmoid", "identity"] = "sigmoid",

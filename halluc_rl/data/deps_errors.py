@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 
 from halluc_rl.data.deps import DepsQuestion, parse_question
-from halluc_rl.data.errors import ErrorSource
+from halluc_rl.data.errors import PLAUSIBLE_KINDS, ErrorSource, PlausibleErrors
 from halluc_rl.data.examples import ErrorPlan
 from halluc_rl.data.vocabulary import special_ids, until_special, vocabulary_classes
 
@@ -28,13 +28,27 @@ DEPS_ERROR_KINDS: tuple[str, ...] = ("premature", "unneeded", "slip")
 _IN_PROMPT = re.compile(r"Find [a-z] mod \d+ from:(?:\n[a-z] = [^;\n]+;)+")
 
 
-def check_deps_error_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
-    """``kinds`` as a tuple; a one-line ``ValueError`` listing the deps task's kinds for an unknown or no kind."""
-    unknown = [k for k in kinds if k not in DEPS_ERROR_KINDS]
-    if unknown or not kinds:
-        raise ValueError(f"error_kinds: unknown value {unknown[0] if unknown else ''!r} for the deps task; use one "
-                         f"of {', '.join(DEPS_ERROR_KINDS)}")
+def check_error_kinds(task: str, kinds: Sequence[str]) -> tuple[str, ...]:
+    """The plausible error kinds to type on ``task`` (a task name, settings allowed): ``kinds``, or all the task's
+    own when none are given (or, on ``deps``, arithmetic's default list, which the SFT options start from). An
+    unknown kind is a one-line ``ValueError`` listing the task's kinds."""
+    name = task.partition(":")[0]
+    allowed = DEPS_ERROR_KINDS if name == "deps" else PLAUSIBLE_KINDS
+    if not kinds or (name == "deps" and list(kinds) == list(PLAUSIBLE_KINDS)):
+        return allowed
+    unknown = [k for k in kinds if k not in allowed]
+    if unknown:
+        raise ValueError(f"error_kinds: unknown value {unknown[0]!r} for the {name} task; use one of "
+                         f"{', '.join(allowed)}")
     return tuple(kinds)
+
+
+def plausible_errors(task: str, kinds: Sequence[str], **settings) -> ErrorSource:
+    """The plausible errors of ``task`` (the one choice SFT and pretraining share): :class:`DepsErrors` on
+    ``deps``, :class:`~halluc_rl.data.errors.PlausibleErrors` elsewhere, of the :func:`check_error_kinds`
+    ``kinds``; ``settings`` are the source's (rate, errors, length, seed)."""
+    source = DepsErrors if task.partition(":")[0] == "deps" else PlausibleErrors
+    return source(check_error_kinds(task, kinds), **settings)
 
 
 def prompt_question(text: str) -> DepsQuestion | None:
@@ -53,7 +67,7 @@ class DepsErrors(ErrorSource):
     def __init__(self, kinds: Sequence[str] = DEPS_ERROR_KINDS, error_rate: float = 0.5, max_errors: int = 1,
                  error_length: tuple[int, int] = (1, 1), seed: int = 0) -> None:
         super().__init__(error_rate, max_errors, error_length, seed)
-        self.kinds = check_deps_error_kinds(kinds)
+        self.kinds = check_error_kinds("deps", kinds or [""])  # none at all is an error here
 
     def _line_states(self, question: DepsQuestion, text: str) -> list[tuple[int, str, dict[str, int]]]:
         """Per line of the solution ``text``: (its first character's offset, the line, the values before it)."""

@@ -151,7 +151,8 @@ def load_problems(task: str, split: str, num_problems: int, data_files=None, see
 
 
 __all__ = [
-    "CHECK_PREFIXES", "DEPS_KNOBS", "GENERATOR_TASKS", "ORACLE_TASKS", "DepsTask", "GSM8K_HUB_ID", "GSM8K_TEST_TEMPLATED", "INVERSE", "ITEMS", "NAMES", "OPERATIONS",
+    "CHECK_PREFIXES", "DEPS_KNOBS", "GENERATOR_TASKS", "ORACLE_TASKS", "DepsTask", "GSM8K_HUB_ID",
+    "GSM8K_TEST_TEMPLATED", "INVERSE", "ITEMS", "NAMES", "OPERATIONS",
     "PLAIN_TEMPLATE", "SPLITS", "TASKS", "TASK_KNOBS", "ArithmeticTask", "Problem", "check_line", "encode_problem",
     "format_prompt", "format_solution", "load_gsm8k", "load_problems", "load_reasoning_gym", "parse_task",
     "rows_to_problems", "split_validation", "task_name", "validation_count",
