@@ -204,10 +204,12 @@ def test_evaluation_reads_the_reference_nll_through_the_scorer(tokenizer):
     assert reference_nll(model, prompts, refs, batch_size=2) == pytest.approx(total / count, rel=1e-5)
 
 
+@pytest.mark.parametrize("semantics", ["rewind", "retry"])
 @pytest.mark.parametrize("arch", ["mistral", "gemma2"])
-def test_scorer_on_sliding_window_models(tokenizer, arch):
-    """Responses much longer than the window (8), with bursts of backtracks: the packed mask is windowed (per layer
-    kind for Gemma-2's alternating layers) and the scores equal generation's, which rewinds exactly."""
+def test_scorer_on_sliding_window_models(tokenizer, arch, semantics):
+    """Responses much longer than the window (8), with bursts of backtracks: in rewind the packed mask is windowed
+    (per layer kind for Gemma-2's alternating layers) and the scores equal generation's, which rewinds exactly; in
+    retry the context only grows past the window, and the scores equal generation's too."""
     from tests.test_cache import WINDOW, sliding_model
 
     model = sliding_model(arch, tokenizer, seed=1)
@@ -216,9 +218,10 @@ def test_scorer_on_sliding_window_models(tokenizer, arch):
     forced = torch.where(torch.rand(2, 40, generator=g) < 0.2, bt, -1)
     forced[:, :10] = -1
     out = generate(model, tokenizer, [p.question for p in PROBLEMS[:2]], max_new_tokens=40, do_sample=True,
-                   forced_actions=forced, return_logprobs=True, eos_token_id=[], loop_guard=None, generator=g)
+                   forced_actions=forced, return_logprobs=True, eos_token_id=[], loop_guard=None, generator=g,
+                   semantics=semantics)
     assert min(len(s) for s in out.sequences) > 2 * WINDOW and int(out.num_deleted.sum()) > 4
-    scores = score_actions(model, out.prompt_ids, out.actions, out.config)
+    scores = score_actions(model, out.prompt_ids, out.actions, out.config, semantics=semantics)
     torch.testing.assert_close(scores.logprobs, out.logprobs, atol=1e-5, rtol=0)
 
 
@@ -270,24 +273,6 @@ def test_retry_scorer_equals_the_rollouts_sampling_log_probs(tokenizer, arch):
     assert not torch.allclose(rewound.logprobs[mask], ro.logprobs[mask], atol=1e-3)  # the context differs
     with pytest.raises(ValueError, match="trained in 'retry', not 'rewind'.*--override_semantics"):
         score_actions(model, ro.prompt_ids, ro.actions, ro.generation.config, semantics="rewind")
-
-
-@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
-def test_retry_scorer_on_sliding_window_models(tokenizer, arch):
-    """retry on sliding-window models: the context only grows past the window (8); scores equal generation's."""
-    from tests.test_cache import WINDOW, sliding_model
-
-    model = sliding_model(arch, tokenizer, seed=1)
-    bt = backtrack_token_id(tokenizer)
-    g = torch.Generator().manual_seed(0)
-    forced = torch.where(torch.rand(2, 40, generator=g) < 0.2, bt, -1)
-    forced[:, :10] = -1
-    out = generate(model, tokenizer, [p.question for p in PROBLEMS[:2]], max_new_tokens=40, do_sample=True,
-                   forced_actions=forced, return_logprobs=True, eos_token_id=[], loop_guard=None, generator=g,
-                   semantics="retry")
-    assert min(len(s) for s in out.sequences) > WINDOW and int(out.num_deleted.sum()) > 4
-    scores = score_actions(model, out.prompt_ids, out.actions, out.config, semantics="retry")
-    torch.testing.assert_close(scores.logprobs, out.logprobs, atol=1e-5, rtol=0)
 
 
 def test_the_visited_memory_is_keyed_on_the_prefix_not_the_length(tokenizer):
