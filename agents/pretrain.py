@@ -63,7 +63,10 @@ class PretrainArgs:
     min_steps: int = field(default=2, metadata={"help": "Task: fewest operations per problem."})
     max_steps: int = field(default=3, metadata={"help": "Task: most operations per problem."})
     max_value: int = field(default=20, metadata={"help": "Task: largest starting or added amount."})
-    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size (digits stay single tokens)."})
+    vocab_size: int = field(default=512, metadata={"help": "BPE vocabulary size."})
+    split_digits: bool = field(default=True, metadata={
+        "help": "Every digit its own token; false keeps a digit with its space (' 7': one token), for one-digit "
+                "values (deps; measured slower to learn there, docs/tasks.md)."})
     hidden_size: int = field(default=128, metadata={"help": "Model width."})
     num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
     heads: int = field(default=4, metadata={"help": "Attention heads."})
@@ -171,7 +174,7 @@ def build_model(args: PretrainArgs, train):
         model.train()
         return model, tokenizer
     corpus = [format_prompt(p.question, None) + format_solution(p.solution, None) for p in train[:5000]]
-    tokenizer = train_tokenizer(corpus, vocab_size=args.vocab_size)  # <|BACKTRACK|> included, never in the data
+    tokenizer = train_tokenizer(corpus, vocab_size=args.vocab_size, split_digits=args.split_digits)  # + BACKTRACK
     model = build_tiny_model("llama", vocab_size=len(tokenizer), seed=args.seed, hidden_size=args.hidden_size,
                              num_layers=args.num_layers, heads=args.heads)
     model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id

@@ -11,18 +11,21 @@ from halluc_rl.backtrack import BACKTRACK_TOKEN
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", BACKTRACK_TOKEN)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, special_tokens: Sequence[str] = SPECIAL_TOKENS):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                    split_digits: bool = True):
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
-    Digits are split one per token, which keeps arithmetic learnable for a tiny model.
+    With ``split_digits`` (the default) every digit is its own token, which keeps multi-digit arithmetic learnable
+    for a tiny model; without it a digit keeps its leading space (`` 7`` is one token), which suits one-digit values
+    (``deps``): a copied constant is then one token after its operator, not a bare space and then a digit.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

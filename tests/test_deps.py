@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from transformers import AutoTokenizer
 
 import halluc_rl  # noqa: F401  (registers the envs)
 from halluc_rl.agents import pretrain, sft
@@ -302,6 +303,9 @@ def test_pretraining_on_deps_runs_on_cpu_and_a_retry_run_saves_its_semantics(tmp
     config = json.loads((tmp_path / "retry" / "config.json").read_text())
     assert config["backtrack_semantics"] == "retry" and config["backtrack_token_id"] == 4
     assert pretrain.main([*args, "--output_dir", str(tmp_path / "bad"), "--train_errors", "true"]) == 2
+    assert pretrain.main([*args, "--output_dir", str(tmp_path / "v4"), "--split_digits", "false"]) == 0
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "v4").tokenize("b = 7")
+    assert tokens[-1] == "Ġ7" and AutoTokenizer.from_pretrained(tmp_path / "base").tokenize("b = 7")[-1] == "7"
 
 
 def test_the_error_table_counts_first_mistakes_by_kind():
@@ -322,3 +326,9 @@ def test_sft_trains_on_deps_errors_in_both_layouts(base_dir, tmp_path, layout):
     assert sft.main(args) == 0
     script = sft.SFTScriptArgs(task="deps", error_kinds=["premature"])
     assert isinstance(sft.make_error_source(script, None, 0), DepsErrors)
+
+
+def test_a_tokenizer_splits_digits_unless_told_not_to():
+    corpus = ["b = a + 7; c = 12 * 3"] * 20
+    assert train_tokenizer(corpus, vocab_size=300).tokenize(" 7 12") == ["Ġ", "7", "Ġ", "1", "2"]
+    assert train_tokenizer(corpus, vocab_size=300, split_digits=False).tokenize(" 7 12") == ["Ġ7", "Ġ12"]
