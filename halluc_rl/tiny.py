@@ -16,8 +16,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, special_tokens:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
     With ``split_digits`` (the default) every digit is its own token, which keeps multi-digit arithmetic learnable
-    for a tiny model; without it a digit keeps its leading space (`` 7`` is one token), which suits one-digit values
-    (``deps``): a copied constant is then one token after its operator, not a bare space and then a digit.
+    for a tiny model; without it a digit keeps its leading space (`` 7`` is one token), an option for one-digit
+    values (``deps``). On ``deps`` it learned slower than split digits (docs/tasks.md, runs d4 and e1).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
