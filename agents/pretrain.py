@@ -13,7 +13,7 @@ Without errors the backtrack rows are set after training (what ``add_backtrack_t
 saved model is ready for masked-error SFT.
 
     halluc-rl pretrain --output_dir halluc_rl/assets/tiny        # rebuild the shipped model
-    halluc-rl pretrain --task deps --error_rate 0.3 --error_kinds premature --init runs/deps-base
+    halluc-rl pretrain --task deps --error_rate 0.3 --error_kinds premature --init tiny-deps
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from halluc_rl.data.tasks import GENERATOR_TASKS, parse_task
 from halluc_rl.generation import generate
 from halluc_rl.modeling import init_backtrack_rows, load_model_and_tokenizer
 from halluc_rl.policy import set_policy_backtrack
+from halluc_rl.registry import is_known_name
 from halluc_rl.rewards import RuleGrader
 from halluc_rl.tiny import build_tiny_model, train_tokenizer
 
@@ -88,7 +89,8 @@ class PretrainArgs:
     train_errors: bool = field(default=False, metadata={"help": "retry semantics: also train the error tokens."})
     semantics: str = field(default="rewind", metadata={"help": "rewind or retry: the layout errors are trained in."})
     init: str | None = field(default=None, metadata={
-        "help": "Continue full training from this saved model (and its tokenizer) instead of from scratch."})
+        "help": "Continue full training from this saved model (and its tokenizer), or an embedded one (tiny-deps), "
+                "instead of from scratch."})
     eval_max_new_tokens: int = field(default=0, metadata={
         "help": "Tokens per validation answer (0: 64 on arithmetic, else the longest reference plus 16)."})
 
@@ -144,8 +146,9 @@ def validate(args: PretrainArgs) -> str:
         check_error_kinds(name, args.error_kinds)
     except ValueError as err:
         raise UsageError(str(err)) from err
-    if args.init is not None and not Path(args.init).is_dir():
-        raise UsageError(f"init: no saved model in {args.init} (give the output_dir of an earlier pretrain)")
+    if args.init is not None and not (is_known_name(args.init) or Path(args.init).is_dir()):
+        raise UsageError(f"init: no saved model in {args.init} (give the output_dir of an earlier pretrain, or "
+                         "tiny-deps)")
     check_output_dir(args.output_dir)
     return name
 

@@ -89,8 +89,8 @@ class BacktrackEnv(gym.Env):
     ## Arguments
 
     * ``task``: ``"arithmetic"`` (offline generator, the default), ``"deps"`` (offline generator) or ``"gsm8k"``.
-    * ``tokenizer``: a tokenizer object or a name/path (default: the embedded tiny model's); must know the
-      backtrack token.
+    * ``tokenizer``: a tokenizer object or a name/path (default: the embedded tiny model's; ``Backtrack-Deps-v0``
+      passes ``tiny-deps``, the embedded deps model's); must know the backtrack token.
     * ``data_files``: local GSM8K jsonl/parquet file(s) or directory (GSM8K; default: the Hub's ``openai/gsm8k``).
     * ``split``: ``train``, ``validation`` or ``test``. ``num_problems``: how many generated problems (default 1000).
     * ``max_new_tokens``: actions per episode (default: twice the longest reference answer of the split, room for

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 ENV_IDS: dict[str, dict] = {
     "Backtrack-GSM8K-v0": {"task": "gsm8k"},
     "Backtrack-Arithmetic-v0": {"task": "arithmetic"},
-    "Backtrack-Deps-v0": {"task": "deps"},
+    "Backtrack-Deps-v0": {"task": "deps", "tokenizer": "tiny-deps"},
 }
 for _env_id, _kwargs in ENV_IDS.items():
     if _env_id not in registry:

@@ -28,7 +28,7 @@ from halluc_rl.adapters import (
 from halluc_rl.backtrack import BACKTRACK_TOKEN, backtrack_token_id
 from halluc_rl.policy import saved_backtrack_settings, set_policy_backtrack
 from halluc_rl.registry import (
-    TINY_MODEL_DIR,
+    ASSETS_DIR,
     drop_gguf_quantizer,
     is_known_name,
     require_gguf,
@@ -300,7 +300,7 @@ def load_policy(path: str | Path, dtype: str = "float32", trust_remote_code: boo
     if saved.get("backtrack_token_id", bt) != bt:
         raise ValueError(f"{path}: config.json records backtrack id {saved['backtrack_token_id']} but the tokenizer "
                          f"saved with it has {bt}; save the policy's tokenizer and config together")
-    if "backtrack_head" not in saved and folder != TINY_MODEL_DIR:
+    if "backtrack_head" not in saved and folder.resolve().parent != ASSETS_DIR:
         warnings.warn(f"{path} records no backtrack head in config.json; reading its backtrack logit as softmax "
                       "(re-save the policy with this version of halluc-rl to record it)", stacklevel=2)
     set_policy_backtrack(model, bt, saved.get("backtrack_head", "softmax"), saved.get("backtrack_semantics"))

@@ -7,25 +7,45 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+DEPS_BUILD = ("halluc-rl pretrain --task deps --batch_size 64 --learning_rate 2e-3 --max_train_steps 3000 "
+              "--eval_every 500 --target_accuracy 0.9")
+"""The command that builds the embedded ``tiny-deps`` (docs/tasks.md, *Sizing the embedded deps model*)."""
+
+EMBEDDED_MODELS: dict[str, str] = {
+    "tiny": "halluc-rl pretrain",
+    "tiny-deps": DEPS_BUILD,
+}
+"""The models shipped in the package, by name, with the command that rebuilds each from scratch (docs/tasks.md):
+``tiny`` on the arithmetic task, ``tiny-deps`` on ``deps``. ``halluc-rl/NAME`` names them too."""
+
+TINY_MODEL_DIR = ASSETS_DIR / "tiny"
 """The embedded default policy (a small Llama trained on the offline task by ``halluc-rl pretrain``)."""
 
 
+def embedded_model_dir(name: str) -> Path | None:
+    """The folder of an embedded model named ``tiny``, ``tiny-deps`` or ``halluc-rl/tiny...``; else None."""
+    short = name.removeprefix("halluc-rl/")
+    return ASSETS_DIR / short if short in EMBEDDED_MODELS else None
+
+
 def is_known_name(name: str) -> bool:
-    """Whether the loader resolves ``name`` on any machine (the embedded ``tiny``, or a model of
+    """Whether the loader resolves ``name`` on any machine (an embedded model, or a model of
     ``halluc-rl models list``): an adapter then records its base by that name, so it is portable."""
-    return name in ("tiny", "halluc-rl/tiny") or name in KNOWN_MODELS
+    return embedded_model_dir(name) is not None or name in KNOWN_MODELS
 
 
 def resolve_model_path(name: str) -> str:
-    """Map the shortcut ``tiny`` to the embedded model and a known model's name (``halluc-rl models list``) to its
-    cached folder; leave anything else (a Hub id, a local path) as given."""
-    if name in ("tiny", "halluc-rl/tiny"):
-        if not (TINY_MODEL_DIR / "config.json").exists():
-            raise FileNotFoundError(
-                f"the embedded tiny model is missing from {TINY_MODEL_DIR}; run `halluc-rl pretrain` to rebuild it"
-            )
-        return str(TINY_MODEL_DIR)
+    """Map an embedded model's name (``tiny``, ``tiny-deps``) to its folder and a known model's name (``halluc-rl
+    models list``) to its cached folder; leave anything else (a Hub id, a local path) as given."""
+    folder = embedded_model_dir(name)
+    if folder is not None:
+        if not (folder / "config.json").exists():
+            short = folder.name
+            raise FileNotFoundError(f"the embedded {short} model is missing from {folder}; run "
+                                    f"`{EMBEDDED_MODELS[short]} --output_dir {folder}` to rebuild it")
+        return str(folder)
     if name in KNOWN_MODELS:
         folder = cached_model_dir(name)
         if not (folder / "config.json").exists():
@@ -37,13 +57,13 @@ def resolve_model_path(name: str) -> str:
 
 
 def portable_model_name(name_or_path: str) -> str:
-    """The name halluc-rl records for a base: a known name as such, and the folder of the embedded model or of a
+    """The name halluc-rl records for a base: a known name as such, and the folder of an embedded model or of a
     cached known model given back as its name (so it loads on any machine); anything else as given."""
     if is_known_name(name_or_path) or not Path(name_or_path).exists():
         return name_or_path
     folder = Path(name_or_path).resolve()
-    if folder == TINY_MODEL_DIR:
-        return "tiny"
+    if folder.parent == ASSETS_DIR and folder.name in EMBEDDED_MODELS:
+        return folder.name
     return next((name for name in KNOWN_MODELS if cached_model_dir(name).resolve() == folder), name_or_path)
 
 

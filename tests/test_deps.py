@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 import halluc_rl  # noqa: F401  (registers the envs)
 from halluc_rl.agents import pretrain, sft
+from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.deps import DepsTask, parse_question
 from halluc_rl.data.deps_check import check_solution, error_table, first_wrong_token
@@ -303,6 +304,9 @@ def test_pretraining_on_deps_runs_on_cpu_and_a_retry_run_saves_its_semantics(tmp
     config = json.loads((tmp_path / "retry" / "config.json").read_text())
     assert config["backtrack_semantics"] == "retry" and config["backtrack_token_id"] == 4
     assert pretrain.main([*args, "--output_dir", str(tmp_path / "bad"), "--train_errors", "true"]) == 2
+    assert pretrain.main([*args, "--output_dir", str(tmp_path / "named"), "--error_rate", "1", "--error_kinds",
+                          "premature", "--init", "tiny-deps"]) == 0  # an embedded model by name
+    assert json.loads((tmp_path / "named" / "config.json").read_text())["hidden_size"] == 128
     assert pretrain.main([*args, "--output_dir", str(tmp_path / "v4"), "--split_digits", "false"]) == 0
     tokens = AutoTokenizer.from_pretrained(tmp_path / "v4").tokenize("b = 7")
     assert tokens[-1] == "Ġ7" and AutoTokenizer.from_pretrained(tmp_path / "base").tokenize("b = 7")[-1] == "7"
@@ -332,3 +336,29 @@ def test_a_tokenizer_splits_digits_unless_told_not_to():
     corpus = ["b = a + 7; c = 12 * 3"] * 20
     assert train_tokenizer(corpus, vocab_size=300).tokenize(" 7 12") == ["Ġ", "7", "Ġ", "1", "2"]
     assert train_tokenizer(corpus, vocab_size=300, split_digits=False).tokenize(" 7 12") == ["Ġ7", "Ġ12"]
+
+
+# ------------------------------------------------------------------------------------------------ the embedded model
+
+def test_the_embedded_deps_model_loads_by_name_and_solves_held_out_problems():
+    from halluc_rl.modeling import load_model_and_tokenizer
+
+    model, tok, bt = load_model_and_tokenizer("tiny-deps")
+    assert bt == backtrack_token_id(tok) and model.config.backtrack_token_id == bt
+    problems = load_problems("deps", "validation", 40)
+    prompts = [encode_problem(p, tok)[0] for p in problems]
+    out = generate(model.eval(), tok, prompts, max_new_tokens=80, backtrack_bias=float("-inf"))
+    table = error_table([p.question for p in problems], out.texts, [p.answer for p in problems], out.finished.tolist())
+    assert table["strict"] >= 0.4  # docs/tasks.md: 63% on 300 test problems; weights with noise added get 0
+
+
+def test_embedded_models_are_known_names_recorded_portably_and_say_how_to_rebuild(monkeypatch, tmp_path):
+    from halluc_rl import registry
+
+    for name in ("tiny", "tiny-deps", "halluc-rl/tiny-deps"):
+        assert registry.is_known_name(name)
+        assert registry.portable_model_name(registry.resolve_model_path(name)) == name.removeprefix("halluc-rl/")
+    assert not registry.is_known_name("tiny-other")
+    monkeypatch.setattr(registry, "ASSETS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="run `halluc-rl pretrain --task deps"):
+        registry.resolve_model_path("tiny-deps")
