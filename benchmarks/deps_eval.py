@@ -5,7 +5,10 @@
 Greedy and sampled (temperature 1) answers, backtracking off, on test-split problems; prints one JSON object with
 ``greedy`` and ``sampled`` :func:`~halluc_rl.data.deps_check.error_table` results. ``--copy_detail`` adds where the
 greedy copy mistakes fall (``copy_detail``: counts by line, by the wrong token's place in the right-hand side, and
-by where that token came from).
+by where that token came from). ``--planted`` adds how a backtracking policy meets a premature step planted in the
+reference (``planted``: its mean backtrack probability right after the planted name, how often backtracking is the
+greedy choice there, and its mean backtrack probability at the reference's own tokens), and the same right after
+the premature steps of its own greedy answers (``*_own``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import time
 import torch
 
 from halluc_rl.data.deps import parse_question
-from halluc_rl.data.deps_check import check_solution, error_table
+from halluc_rl.data.deps_check import check_solution, error_table, first_wrong_token
+from halluc_rl.data.deps_errors import DepsErrors
+from halluc_rl.data.errors import build_examples
 from halluc_rl.data.problems import encode_problem
 from halluc_rl.data.tasks import load_problems
 from halluc_rl.generation import generate
@@ -64,6 +69,39 @@ def copy_detail(questions: list[str], texts: list[str], finished: list[bool]) ->
     return dict(sorted(counts.items()))
 
 
+@torch.no_grad()
+def planted(model, tokenizer, backtrack_id: int, problems) -> dict[str, float]:
+    """Backtrack probability right after a planted premature name (the retry data's error) and elsewhere."""
+    examples = build_examples(problems, tokenizer, DepsErrors(kinds=["premature"], error_rate=1.0, seed=0))
+    after, top, elsewhere = [], 0, []
+    for example in examples:
+        start = next((s for kind, s, _ in example.spans if kind == "backtrack"), None)
+        if start is None:
+            continue
+        logits = model(torch.tensor([example.input_ids[:start]])).logits[0]  # [T, V], no backtrack in the prefix
+        p = logits.softmax(-1)[:, backtrack_id]  # [T]
+        after.append(p[-1].item())
+        top += int(logits[-1].argmax().item() == backtrack_id)
+        elsewhere.append(p[example.prompt_length : start - 1].mean().item())
+    n = max(1, len(after))
+    result = {"n": len(after), "p_backtrack_after": sum(after) / n, "backtrack_is_greedy": top / n,
+              "p_backtrack_elsewhere": sum(elsewhere) / n}
+    # the policy's own premature steps: its greedy answers (backtracking off), at the token that went wrong
+    prompts = [encode_problem(p, tokenizer)[0] for p in problems]
+    out = generate(model, tokenizer, prompts, max_new_tokens=96, backtrack_bias=float("-inf"))
+    own, own_top = [], 0
+    for problem, prompt, response, text, done in zip(problems, prompts, out.sequences, out.texts, out.finished):
+        if check_solution(problem.question, text, bool(done)).kind != "premature":
+            continue
+        wrong = first_wrong_token(tokenizer, problem.question, response)
+        logits = model(torch.tensor([prompt + response[: wrong + 1]])).logits[0, -1]  # [V]
+        own.append(logits.softmax(-1)[backtrack_id].item())
+        own_top += int(logits.argmax().item() == backtrack_id)
+    result.update(own_premature=len(own), p_backtrack_after_own=sum(own) / max(1, len(own)),
+                  backtrack_is_greedy_own=own_top / max(1, len(own)))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a saved policy (full model or adapter), or tiny-deps")
@@ -72,9 +110,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1, help="sampled answers per problem (0: greedy only)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--copy_detail", action="store_true", help="also count where the greedy copy mistakes fall")
+    parser.add_argument("--planted", action="store_true", help="also measure backtracks after planted premature steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model, tokenizer, _ = load_policy(args.model)
+    model, tokenizer, backtrack_id = load_policy(args.model)
     model.eval()
     problems = load_problems(args.task, args.split, args.num_problems)
     start = time.time()
@@ -87,6 +126,8 @@ def main() -> None:
         many = [p for p in problems for _ in range(args.samples)]
         texts, done = answers(model, tokenizer, many, True, 0)
         result["sampled"] = error_table([p.question for p in many], texts, [p.answer for p in many], done)
+    if args.planted:
+        result["planted"] = planted(model, tokenizer, backtrack_id, problems)
     result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result))
 
