@@ -76,7 +76,7 @@ from halluc_rl.rewards import RewardMixer
 from halluc_rl.rollout import Rollout, rollout
 from halluc_rl.scoring import score_actions
 from halluc_rl.training import DeadGradientStop, rate_jumps
-from halluc_rl.values import mc_states, vine_advantages  # noqa: F401  (mc_states: ppo.mc_states, as before)
+from halluc_rl.values import vine_advantages
 
 
 @dataclass

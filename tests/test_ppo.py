@@ -20,7 +20,7 @@ from halluc_rl.config import parse_cli
 from halluc_rl.data.tasks import ArithmeticTask
 from halluc_rl.rewards import CallableReward, OracleProcessReward, RewardMixer, RuleGrader
 from halluc_rl.rollout import rollout
-from halluc_rl.values import mc_values
+from halluc_rl.values import mc_states, mc_values
 from tests.conftest import FULL, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,7 +82,7 @@ def test_mc_states_sit_at_line_ends_and_around_backtracks(tokenizer):
     forced = torch.tensor([[7, newline, 8, bt, 9, 10]])
     ro = rollout(model, tokenizer, ArithmeticTask().problems("train", 1), forced_actions=forced, max_new_tokens=6,
                  eos_token_id=[])
-    boundaries, states = ppo.mc_states(ro, {newline}, bt)
+    boundaries, states = mc_states(ro, {newline}, bt)
     # before 7 (start), before 8 (after a line), before <BT>, before 9 (after <BT>)
     assert boundaries[0].tolist() == [True, False, True, True, True, False]
     assert [(t, s) for _, t, s in states] == [(0, []), (2, [7, newline]), (3, [7, newline, 8]), (4, [7, newline])]
@@ -90,7 +90,7 @@ def test_mc_states_sit_at_line_ends_and_around_backtracks(tokenizer):
     # Monte-Carlo branches go on from it
     retry = rollout(model, tokenizer, ArithmeticTask().problems("train", 1), forced_actions=forced, max_new_tokens=6,
                     eos_token_id=[], semantics="retry")
-    _, states = ppo.mc_states(retry, {newline}, bt)
+    _, states = mc_states(retry, {newline}, bt)
     assert [(t, s) for _, t, s in states] == [(0, []), (2, [7, newline]), (3, [7, newline, 8]),
                                               (4, [7, newline, 8, bt])]
     est = mc_values(model, tokenizer, retry.problems, [states[-1][2]], 2, max_new_tokens=3, eos_token_id=[],
@@ -202,7 +202,7 @@ def test_the_mc_advantage_of_a_backtrack_on_a_policy_with_known_values(tokenizer
     bt = backtrack_token_id(tokenizer)
     forced = torch.tensor([[script.eight, bt, script.seven, tokenizer.eos_token_id]])
     ro = rollout(model, tokenizer, [problem], forced_actions=forced, max_new_tokens=4, loop_guard=None)
-    boundaries, states = ppo.mc_states(ro, set(), bt)
+    boundaries, states = mc_states(ro, set(), bt)
     assert [t for _, t, _ in states] == [0, 1, 2]  # the start, before the backtrack, after it
     est = mc_values(model, tokenizer, [problem] * len(states), [s for _, _, s in states], 600, max_new_tokens=40,
                     loop_guard=None, generator=torch.Generator().manual_seed(0))
