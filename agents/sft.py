@@ -37,7 +37,7 @@ from halluc_rl.config import (
 )
 from halluc_rl.data.collator import MaskedErrorCollator
 from halluc_rl.data.curriculum import Curriculum, CurriculumCallback, CurriculumDataset
-from halluc_rl.data.deps_errors import check_error_kinds, plausible_errors
+from halluc_rl.data.deps_errors import DepsSelfErrors, check_error_kinds, plausible_errors
 from halluc_rl.data.errors import PLAUSIBLE_KINDS, RandomTokenErrors, SelfGeneratedErrors
 from halluc_rl.data.tasks import load_problems
 from halluc_rl.losses import BACKTRACK_HEADS, factorized_backtrack_loss
@@ -114,6 +114,10 @@ def make_error_source(script: SFTScriptArgs, model, seed: int):
     if script.error_source == "plausible":
         return plausible_errors(script.task, script.error_kinds, error_rate=script.error_rate, max_errors=cap,
                                 error_length=lengths, seed=seed)
+    if script.error_source == "self" and script.task.partition(":")[0] == "deps":  # located by the oracle
+        kinds = [k for k in check_error_kinds(script.task, script.error_kinds) if k != "slip"]  # order kinds
+        return DepsSelfErrors(model, kinds, error_rate=script.error_rate, max_errors=1, seed=seed,
+                              temperature=script.temperature)
     if script.error_source == "self":
         return SelfGeneratedErrors(model, error_rate=script.error_rate, max_errors=cap, error_length=lengths,
                                    seed=seed, temperature=script.temperature)

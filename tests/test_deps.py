@@ -362,3 +362,25 @@ def test_embedded_models_are_known_names_recorded_portably_and_say_how_to_rebuil
     monkeypatch.setattr(registry, "ASSETS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="run `halluc-rl pretrain --task deps"):
         registry.resolve_model_path("tiny-deps")
+
+
+def test_self_errors_are_the_models_own_premature_steps_then_a_valid_completion():
+    from halluc_rl.data.deps_errors import DepsSelfErrors
+    from halluc_rl.modeling import load_model_and_tokenizer
+
+    model, tok, bt = load_model_and_tokenizer("tiny-deps")
+    problems = load_problems("deps:steps=4", "train", 32)
+    source = DepsSelfErrors(model.eval(), ["premature"], error_rate=1.0, seed=0)
+    examples = build_examples(problems, tok, source)
+    with_error = [(p, e) for p, e in zip(problems, examples) if e.num_errors]
+    assert len(with_error) >= 3  # about a quarter of tiny-deps's samples at T=1
+    for problem, example in zip(problems, examples):
+        visible = tok.decode(example.visible_response(), skip_special_tokens=True)
+        assert check_solution(problem.question, visible, True).on_track  # a valid order, not always the reference
+    for problem, example in with_error:
+        text = {kind: tok.decode(example.input_ids[s:e]) for kind, s, e in example.spans if kind != "prompt"}
+        assert check_solution(problem.question, text["correct"], False).on_track
+        assert check_solution(problem.question, text["correct"] + text["error"], False).kind == "premature"
+        assert [k for k, _, _ in example.spans] == ["prompt", "correct", "error", "backtrack", "correction"]
+    script = sft.SFTScriptArgs(task="deps:steps=4", error_source="self", error_kinds=["premature"])
+    assert isinstance(sft.make_error_source(script, model, 0), DepsSelfErrors)

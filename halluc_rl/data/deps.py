@@ -191,15 +191,24 @@ def _topological(question: DepsQuestion, names: frozenset[str]) -> list[str] | N
     return done
 
 
+def complete_solution(question: DepsQuestion, values: dict[str, int]) -> str:
+    """The rest of a valid solution after lines that computed ``values`` (needed variables only): each needed
+    variable not computed yet, the ready one defined first each time, then the answer; every line after a line
+    break."""
+    values, lines = dict(values), []
+    todo = [n for n in question.order if n in question.needed() and n not in values]
+    while todo:
+        name = next(n for n in todo if all(i in values for i in question.inputs(n)))
+        lines.append(question.line(name, values))
+        values[name] = question.value(question.definitions[name], values)
+        todo.remove(name)
+    return "".join(f"\n{line}" for line in [*lines, f"#### {values[question.target]}"])
+
+
 def reference_solution(question: str) -> str:
     """The reference solution of a ``deps`` question: the needed variables in :func:`_topological` order, every line
     (the first too) after a line break, so a name starts a line in the answer as in the question: the same token."""
     parsed = parse_question(question)
     if parsed is None:
         raise ValueError(f"not a deps question: {question!r}")
-    values: dict[str, int] = {}
-    lines = []
-    for name in _topological(parsed, parsed.needed()) or []:
-        lines.append(parsed.line(name, values))
-        values[name] = parsed.value(parsed.definitions[name], values)
-    return "".join(f"\n{line}" for line in [*lines, f"#### {values[parsed.target]}"])
+    return complete_solution(parsed, {})

@@ -5,6 +5,8 @@
 * ``unneeded`` - at the start of a line, the name of a variable the answer does not need;
 * ``slip`` - a wrong digit in a value (a substituted input, a result or the final answer).
 
+:class:`DepsSelfErrors` takes the model's *own* order mistakes instead, located by the oracle.
+
 An error is ``randint(*error_length)`` tokens long, counted from the token that holds the name (a leading space the
 tokenizer keeps apart comes with it): the name alone at the default ``(1, 1)``, or the name and the first tokens of
 that variable's line (a value slip: the wrong digit and the reference tokens after it). The
@@ -19,9 +21,11 @@ import random
 import re
 from collections.abc import Sequence
 
-from halluc_rl.data.deps import DepsQuestion, parse_question
-from halluc_rl.data.errors import PLAUSIBLE_KINDS, ErrorSource, PlausibleErrors
-from halluc_rl.data.examples import ErrorPlan
+from halluc_rl.backtrack import backtrack_token_id
+from halluc_rl.data.deps import DepsQuestion, complete_solution, parse_question
+from halluc_rl.data.deps_check import check_solution, first_wrong_token
+from halluc_rl.data.errors import PLAUSIBLE_KINDS, ErrorSource, PlausibleErrors, SelfGeneratedErrors
+from halluc_rl.data.examples import BacktrackExample, ErrorPlan, assemble_example
 from halluc_rl.data.vocabulary import special_ids, until_special, vocabulary_classes
 
 DEPS_ERROR_KINDS: tuple[str, ...] = ("premature", "unneeded", "slip")
@@ -156,3 +160,65 @@ class DepsErrors(ErrorSource):
             question = prompt_question(tokenizer.decode(prompt, skip_special_tokens=True)) if n else None
             plans.append(self.plan(question, response, tokenizer, rng, n) if question is not None else [])
         return plans
+
+
+class DepsSelfErrors(SelfGeneratedErrors):
+    """The model's own mistakes of ``kinds`` (``premature`` by default), found by the oracle.
+
+    An example that gets an error samples an answer (backtracking off). If the checker's first mistake in it is of
+    one of ``kinds``, the example keeps the answer's on-track prefix (the model's own valid order), types the token
+    where it went wrong (:func:`~halluc_rl.data.deps_check.first_wrong_token`), backtracks over it and finishes with
+    a valid completion (:func:`~halluc_rl.data.deps.complete_solution`). Any other sample gives the clean
+    reference. :class:`SelfGeneratedErrors` aligns samples to the reference instead, which on ``deps`` counts a
+    valid reordering as a mistake.
+    """
+
+    def __init__(self, model, kinds: Sequence[str] = ("premature",), **settings) -> None:
+        super().__init__(model, **settings)
+        self.kinds = tuple(kinds)
+
+    def own_mistake(self, prompt: list[int], sample: list[int], reference: list[int], tokenizer
+                    ) -> tuple[list[int], list[ErrorPlan]]:
+        """``(response, plan)``: the prefix and a completion with the sample's wrong token planned at its place, or
+        ``(reference, [])`` when the sample has no mistake of ``kinds``."""
+        match = _IN_PROMPT.search(tokenizer.decode(prompt, skip_special_tokens=True))
+        special = special_ids(tokenizer)
+        ended = bool(sample) and sample[-1] in special
+        if match is None:
+            return reference, []
+        verdict = check_solution(match.group(0), tokenizer.decode(sample, skip_special_tokens=True), ended)
+        wrong = None if verdict.on_track or verdict.kind not in self.kinds else first_wrong_token(
+            tokenizer, match.group(0), sample)
+        if wrong is None:
+            return reference, []
+        question, values = parse_question(match.group(0)), {}
+        prefix = tokenizer.decode(sample[:wrong], skip_special_tokens=True)
+        for line in prefix.split("\n")[:-1]:  # the complete lines before the mistake (each on track)
+            if line[:1] in question.definitions:
+                values[line[0]] = question.value(question.definitions[line[0]], values)
+        rest = complete_solution(question, values).removeprefix("\n" if prefix.endswith("\n") else "")
+        end = [reference[-1]] if reference and reference[-1] in special else []
+        response = sample[:wrong] + tokenizer(rest, add_special_tokens=False)["input_ids"] + end
+        if response[wrong] == sample[wrong]:
+            return reference, []
+        return response, [(wrong, [sample[wrong]])]
+
+    def make_examples(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], tokenizer,
+                      keys: Sequence[object] | None = None, max_errors: int | None = None) -> list[BacktrackExample]:
+        """Like every source's, except that an example with an error continues the model's own prefix."""
+        keys = list(range(len(pairs))) if keys is None else list(keys)
+        pairs = [(list(prompt), list(response)) for prompt, response in pairs]
+        rngs = [self.rng(key) for key in keys]
+        wanted = [self.num_errors(rng, max_errors) for rng in rngs]
+        seeds = [rng.getrandbits(62) for rng in rngs]
+        responses, plans = [response for _, response in pairs], [[] for _ in pairs]
+        todo = [i for i, n in enumerate(wanted) if n]
+        for b in range(0, len(todo), self.batch_size):
+            batch = todo[b : b + self.batch_size]
+            longest = max(len(pairs[i][1]) for i in batch) + self.extra_tokens
+            samples = self.sample([pairs[i][0] for i in batch], tokenizer, longest, sum(seeds[i] for i in batch) % 2**62)
+            for i, sample in zip(batch, samples):
+                responses[i], plans[i] = self.own_mistake(pairs[i][0], sample, pairs[i][1], tokenizer)
+        bt = backtrack_token_id(tokenizer)
+        return [assemble_example(prompt, response, plan, bt) for (prompt, _), response, plan in
+                zip(pairs, responses, plans)]
