@@ -24,6 +24,7 @@ from pathlib import Path
 RATES = (0.0, 0.1, 0.25, 0.5)
 SEMANTICS = ("rewind", "retry")
 EVAL_TASKS = {"d": "deps", "s4": "deps:steps=4"}
+CLI = [sys.executable, "-m", "halluc_rl"]  # the halluc-rl of this interpreter, activated or not
 METRICS = ("accuracy_greedy", "accuracy_greedy_no_backtrack", "accuracy_sampled", "accuracy_sampled_no_backtrack",
            "backtrack_precision", "false_backtrack_rate")
 
@@ -47,16 +48,18 @@ def run_cell(out: Path, rate: float, semantics: str, seed: int, steps: int) -> N
     except FileExistsError:
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if not (out / cell / "config.json").exists():
-        subprocess.run(["halluc-rl", "pretrain", "--task", "deps", "--init", "tiny-deps", "--error_rate", str(rate),
-                        "--error_kinds", "premature", "--semantics", semantics, "--batch_size", "64",
-                        "--learning_rate", "1e-3", "--warmup_steps", "30", "--max_train_steps", str(steps),
-                        "--eval_every", str(steps), "--target_accuracy", "1.0", "--seed", str(seed),
-                        "--output_dir", str(out / cell)], env=env, check=True)
-    for tag, task in EVAL_TASKS.items():
-        subprocess.run(["halluc-rl", "eval", "--policy", str(out / cell), "--task", task, "--num_problems", "300",
-                        "--output_dir", str(out / f"eval-{tag}" / cell), "--name", cell], env=env, check=True)
-    (out / f"{cell}.lock").rmdir()
+    try:
+        if not (out / cell / "config.json").exists():
+            subprocess.run([*CLI, "pretrain", "--task", "deps", "--init", "tiny-deps", "--error_rate", str(rate),
+                            "--error_kinds", "premature", "--semantics", semantics, "--batch_size", "64",
+                            "--learning_rate", "1e-3", "--warmup_steps", "30", "--max_train_steps", str(steps),
+                            "--eval_every", str(steps), "--target_accuracy", "1.0", "--seed", str(seed),
+                            "--output_dir", str(out / cell)], env=env, check=True)
+        for tag, task in EVAL_TASKS.items():
+            subprocess.run([*CLI, "eval", "--policy", str(out / cell), "--task", task, "--num_problems", "300",
+                            "--output_dir", str(out / f"eval-{tag}" / cell), "--name", cell], env=env, check=True)
+    finally:  # a failed cell is retried by the next run, not left locked
+        (out / f"{cell}.lock").rmdir()
     print(f"done {cell}", flush=True)
 
 
