@@ -11,7 +11,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 DEPS_BUILD = ("halluc-rl pretrain --task deps --batch_size 64 --learning_rate 2e-3 --max_train_steps 3000 "
               "--eval_every 500 --target_accuracy 0.9")
-"""The command that builds the embedded ``tiny-deps`` (docs/tasks.md, *Sizing the embedded deps model*)."""
+"""The command that builds the embedded ``tiny-deps`` (docs/tasks.md, *The embedded deps model*)."""
 
 EMBEDDED_MODELS: dict[str, str] = {
     "tiny": "halluc-rl pretrain",
