@@ -182,11 +182,8 @@ def train(args: PPOArgs, model_args: ModelArgs, lora: LoraArgs, rewards: RewardM
             ro = collect(run, args, update, local)
             per_action, immediate, kl, old_values = rewards_with_kl(run, args, ro)
             adv, returns = advantages(run, args, ro, per_action, old_values, update, local)
-            if immediate is not None:  # each action's own process reward, credited to it alone
-                adv = adv + immediate
-            if args.whiten:  # over the whole rollout, all processes
-                reduce = partial(distributed.all_sum, device=run.acc.device)
-                adv = losses.masked_whiten(adv, ro.action_mask, reduce=reduce)
+            adv = losses.final_advantages(adv, immediate, ro.action_mask, args.whiten,  # whitened over all processes
+                                          reduce=partial(distributed.all_sum, device=run.acc.device))
             metrics = update_policy(run, args, ro, adv, returns, old_values, update)
             row = log_row(run, ro, kl, metrics, update, began)
             bar.set_postfix(acc=f"{row['rollout/accuracy']:.2f}", bt=f"{row['rollout/backtrack_rate']:.3f}",

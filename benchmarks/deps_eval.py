@@ -30,9 +30,9 @@ from halluc_rl.generation import generate
 from halluc_rl.modeling import load_policy
 
 
-def answers(model, tokenizer, problems, do_sample: bool, seed: int, batch_size: int = 50) -> tuple[list, list]:
-    """(texts, finished) of one answer per problem, backtracking off."""
-    texts, finished = [], []
+def answers(model, tokenizer, problems, do_sample: bool, seed: int, batch_size: int = 50) -> tuple[list, list, list]:
+    """(texts, finished, response ids) of one answer per problem, backtracking off."""
+    texts, finished, sequences = [], [], []
     longest = max(len(encode_problem(p, tokenizer)[1]) for p in problems)
     generator = torch.Generator().manual_seed(seed) if do_sample else None
     for i in range(0, len(problems), batch_size):
@@ -42,7 +42,8 @@ def answers(model, tokenizer, problems, do_sample: bool, seed: int, batch_size: 
                        backtrack_bias=float("-inf"), generator=generator)
         texts += out.texts
         finished += out.finished.tolist()
-    return texts, finished
+        sequences += out.sequences
+    return texts, finished, sequences
 
 
 def copy_detail(questions: list[str], texts: list[str], finished: list[bool]) -> dict[str, int]:
@@ -70,8 +71,9 @@ def copy_detail(questions: list[str], texts: list[str], finished: list[bool]) ->
 
 
 @torch.no_grad()
-def planted(model, tokenizer, backtrack_id: int, problems) -> dict[str, float]:
-    """Backtrack probability right after a planted premature name (the retry data's error) and elsewhere."""
+def planted(model, tokenizer, backtrack_id: int, problems, greedy: tuple[list, list, list]) -> dict[str, float]:
+    """Backtrack probability right after a planted premature name (the retry data's error) and elsewhere, and right
+    after the premature names of the policy's own ``greedy`` answers (:func:`answers`)."""
     examples = build_examples(problems, tokenizer, DepsErrors(kinds=["premature"], error_rate=1.0, seed=0))
     after, top, elsewhere = [], 0, []
     for example in examples:
@@ -86,14 +88,12 @@ def planted(model, tokenizer, backtrack_id: int, problems) -> dict[str, float]:
     n = max(1, len(after))
     result = {"n": len(after), "p_backtrack_after": sum(after) / n, "backtrack_is_greedy": top / n,
               "p_backtrack_elsewhere": sum(elsewhere) / n}
-    # the policy's own premature steps: its greedy answers (backtracking off), at the token that went wrong
-    prompts = [encode_problem(p, tokenizer)[0] for p in problems]
-    out = generate(model, tokenizer, prompts, max_new_tokens=96, backtrack_bias=float("-inf"))
-    own, own_top = [], 0
-    for problem, prompt, response, text, done in zip(problems, prompts, out.sequences, out.texts, out.finished):
+    own, own_top = [], 0  # the policy's own premature steps, at the token that went wrong
+    for problem, text, done, response in zip(problems, *greedy):
         if check_solution(problem.question, text, bool(done)).kind != "premature":
             continue
         wrong = first_wrong_token(tokenizer, problem.question, response)
+        prompt = encode_problem(problem, tokenizer)[0]
         logits = model(torch.tensor([prompt + response[: wrong + 1]])).logits[0, -1]  # [V]
         own.append(logits.softmax(-1)[backtrack_id].item())
         own_top += int(logits.argmax().item() == backtrack_id)
@@ -118,16 +118,17 @@ def main() -> None:
     problems = load_problems(args.task, args.split, args.num_problems)
     start = time.time()
     result = {"model": args.model, "task": args.task, "split": args.split}
-    texts, done = answers(model, tokenizer, problems, False, 0)
+    greedy = answers(model, tokenizer, problems, False, 0)
+    texts, done, _ = greedy
     result["greedy"] = error_table([p.question for p in problems], texts, [p.answer for p in problems], done)
     if args.copy_detail:
         result["copy_detail"] = copy_detail([p.question for p in problems], texts, done)
     if args.samples:
         many = [p for p in problems for _ in range(args.samples)]
-        texts, done = answers(model, tokenizer, many, True, 0)
+        texts, done, _ = answers(model, tokenizer, many, True, 0)
         result["sampled"] = error_table([p.question for p in many], texts, [p.answer for p in many], done)
     if args.planted:
-        result["planted"] = planted(model, tokenizer, backtrack_id, problems)
+        result["planted"] = planted(model, tokenizer, backtrack_id, problems, greedy)
     result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result))
 

@@ -97,6 +97,15 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8,
     return ((x - mean) * torch.rsqrt(stats[1] / count - mean**2 + eps)) * mask
 
 
+def final_advantages(advantages: torch.Tensor, immediate: torch.Tensor | None, mask: torch.Tensor, whiten: bool,
+                     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """The advantages a PPO update uses: the estimator's, plus each action's own ``immediate`` process reward
+    (credited to that action alone), then, with ``whiten``, normalised over the rollout by :func:`masked_whiten`."""
+    if immediate is not None:
+        advantages = advantages + immediate
+    return masked_whiten(advantages, mask, reduce=reduce) if whiten else advantages
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016), batched over rows, a reverse scan over time.

@@ -8,7 +8,12 @@ import torch.nn.functional as F
 
 from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.generation import generate
-from halluc_rl.losses import action_log_probs, factorized_backtrack_loss, factorized_log_probs
+from halluc_rl.losses import (
+    action_log_probs,
+    factorized_backtrack_loss,
+    factorized_log_probs,
+    final_advantages,
+)
 from halluc_rl.modeling import load_policy
 from tests.conftest import make_model
 
@@ -241,3 +246,16 @@ def test_masked_whiten_reduces_its_three_sums():
     assert torch.equal(seen[0], torch.tensor([9.0, 35.0, 3.0]))
     torch.testing.assert_close(two_halves, masked_whiten(x, m))
     assert (masked_whiten(x, torch.zeros_like(m)) == 0).all()  # nothing masked in: zeros, not NaN
+
+
+def test_final_advantages_add_the_immediate_reward_then_whiten_over_the_mask():
+    adv = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]])
+    immediate = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    summed = torch.tensor([[1.0, 3.0, 3.0], [0.5, -1.0, 2.0]])
+    torch.testing.assert_close(final_advantages(adv, immediate, mask, whiten=False), summed)
+    torch.testing.assert_close(final_advantages(adv, None, mask, whiten=False), adv)
+    out = final_advantages(adv, immediate, mask, whiten=True)
+    kept = summed[mask.bool()]
+    torch.testing.assert_close(out[mask.bool()], (kept - kept.mean()) / kept.std(unbiased=False), atol=1e-4, rtol=0)
+    assert out[1, 2] == 0

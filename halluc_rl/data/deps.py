@@ -179,12 +179,15 @@ def parse_question(question: str) -> DepsQuestion | None:
     return parsed if _topological(parsed, parsed.needed()) is not None else None
 
 
-def _topological(question: DepsQuestion, names: frozenset[str]) -> list[str] | None:
-    """``names`` in the reference order (the ready one defined first, each time); None on a cycle."""
+def _topological(question: DepsQuestion, names: frozenset[str], computed: frozenset[str] = frozenset()
+                 ) -> list[str] | None:
+    """``names`` not in ``computed`` in the reference order (the ready one defined first, each time, ``computed``
+    counting as ready); None on a cycle."""
     done: list[str] = []
-    while len(done) < len(names):
-        ready = [n for n in question.order if n in names and n not in done
-                 and all(i in done for i in question.inputs(n))]
+    todo = names - computed
+    while len(done) < len(todo):
+        ready = [n for n in question.order if n in todo and n not in done
+                 and all(i in done or i in computed for i in question.inputs(n))]
         if not ready:
             return None
         done.append(ready[0])
@@ -196,12 +199,9 @@ def complete_solution(question: DepsQuestion, values: dict[str, int]) -> str:
     variable not computed yet, the ready one defined first each time, then the answer; every line after a line
     break."""
     values, lines = dict(values), []
-    todo = [n for n in question.order if n in question.needed() and n not in values]
-    while todo:
-        name = next(n for n in todo if all(i in values for i in question.inputs(n)))
+    for name in _topological(question, question.needed(), frozenset(values)) or []:
         lines.append(question.line(name, values))
         values[name] = question.value(question.definitions[name], values)
-        todo.remove(name)
     return "".join(f"\n{line}" for line in [*lines, f"#### {values[question.target]}"])
 
 

@@ -21,11 +21,10 @@ import random
 import re
 from collections.abc import Sequence
 
-from halluc_rl.backtrack import backtrack_token_id
 from halluc_rl.data.deps import DepsQuestion, complete_solution, parse_question
 from halluc_rl.data.deps_check import check_solution, first_wrong_token
 from halluc_rl.data.errors import PLAUSIBLE_KINDS, ErrorSource, PlausibleErrors, SelfGeneratedErrors
-from halluc_rl.data.examples import BacktrackExample, ErrorPlan, assemble_example
+from halluc_rl.data.examples import ErrorPlan
 from halluc_rl.data.vocabulary import special_ids, until_special, vocabulary_classes
 
 DEPS_ERROR_KINDS: tuple[str, ...] = ("premature", "unneeded", "slip")
@@ -203,22 +202,16 @@ class DepsSelfErrors(SelfGeneratedErrors):
             return reference, []
         return response, [(wrong, [sample[wrong]])]
 
-    def make_examples(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], tokenizer,
-                      keys: Sequence[object] | None = None, max_errors: int | None = None) -> list[BacktrackExample]:
-        """Like every source's, except that an example with an error continues the model's own prefix."""
-        keys = list(range(len(pairs))) if keys is None else list(keys)
-        pairs = [(list(prompt), list(response)) for prompt, response in pairs]
-        rngs = [self.rng(key) for key in keys]
-        wanted = [self.num_errors(rng, max_errors) for rng in rngs]
-        seeds = [rng.getrandbits(62) for rng in rngs]
-        responses, plans = [response for _, response in pairs], [[] for _ in pairs]
-        todo = [i for i, n in enumerate(wanted) if n]
-        for b in range(0, len(todo), self.batch_size):
-            batch = todo[b : b + self.batch_size]
-            longest = max(len(pairs[i][1]) for i in batch) + self.extra_tokens
-            samples = self.sample([pairs[i][0] for i in batch], tokenizer, longest, sum(seeds[i] for i in batch) % 2**62)
-            for i, sample in zip(batch, samples):
-                responses[i], plans[i] = self.own_mistake(pairs[i][0], sample, pairs[i][1], tokenizer)
-        bt = backtrack_token_id(tokenizer)
-        return [assemble_example(prompt, response, plan, bt) for (prompt, _), response, plan in
-                zip(pairs, responses, plans)]
+    def plan_responses(
+        self, pairs: Sequence[tuple[list[int], list[int]]], tokenizer, rngs: Sequence[random.Random],
+        wanted: Sequence[int],
+    ) -> list[tuple[list[int], list[ErrorPlan]]]:
+        """An error continues the model's own prefix (:meth:`own_mistake`); the other pairs keep the reference."""
+        planned = [(response, []) for _, response in pairs]
+        for i, sample in self.sample_batch(pairs, tokenizer, rngs, wanted).items():
+            planned[i] = self.own_mistake(pairs[i][0], sample, pairs[i][1], tokenizer)
+        return planned
+
+    def plan_batch(self, pairs, tokenizer, rngs, wanted) -> list[list[ErrorPlan]]:
+        raise NotImplementedError("DepsSelfErrors' errors continue the model's own prefix, not the reference: "
+                                  "use make_examples (plan_responses)")

@@ -110,8 +110,17 @@ class ErrorSource(ABC):
         pairs = [(list(prompt), list(response)) for prompt, response in pairs]
         rngs = [self.rng(key) for key in keys]
         wanted = [self.num_errors(rng, max_errors) for rng in rngs]
+        planned = self.plan_responses(pairs, tokenizer, rngs, wanted)
+        return [assemble_example(prompt, response, plan, bt) for (prompt, _), (response, plan) in zip(pairs, planned)]
+
+    def plan_responses(
+        self, pairs: Sequence[tuple[list[int], list[int]]], tokenizer, rngs: Sequence[random.Random],
+        wanted: Sequence[int],
+    ) -> list[tuple[list[int], list[ErrorPlan]]]:
+        """``(response, plan)`` per pair: the reference and :meth:`plan_batch`'s errors in it. A source whose errors
+        continue another valid response (the model's own prefix) overrides this."""
         plans = self.plan_batch(pairs, tokenizer, rngs, wanted)
-        return [assemble_example(prompt, response, plan, bt) for (prompt, response), plan in zip(pairs, plans)]
+        return [(response, plan) for (_, response), plan in zip(pairs, plans)]
 
 
 class _PositionalSource(ErrorSource):
@@ -359,18 +368,26 @@ class SelfGeneratedErrors(ErrorSource):
         wanted: Sequence[int],
     ) -> list[list[ErrorPlan]]:
         """Sample the pairs that want errors in batches, then plan each from its sample."""
-        seeds = [rng.getrandbits(62) for rng in rngs]
         plans: list[list[ErrorPlan]] = [[] for _ in pairs]
+        for i, sample in self.sample_batch(pairs, tokenizer, rngs, wanted).items():
+            plans[i] = self.plan_from_sample(sample, pairs[i][1], tokenizer, wanted[i])
+        return plans
+
+    def sample_batch(
+        self, pairs: Sequence[tuple[list[int], list[int]]], tokenizer, rngs: Sequence[random.Random],
+        wanted: Sequence[int],
+    ) -> dict[int, list[int]]:
+        """``{pair index: one sampled response}`` for the pairs that want errors, sampled ``batch_size`` at a time
+        with a generator seeded from their rngs."""
+        seeds = [rng.getrandbits(62) for rng in rngs]
+        samples: dict[int, list[int]] = {}
         todo = [i for i, n in enumerate(wanted) if n]
         for b in range(0, len(todo), self.batch_size):
             batch = todo[b : b + self.batch_size]
-            references = [pairs[i][1] for i in batch]
-            max_new_tokens = max(map(len, references)) + self.extra_tokens
+            max_new_tokens = max(len(pairs[i][1]) for i in batch) + self.extra_tokens
             seed = sum(seeds[i] for i in batch) % 2**62
-            samples = self.sample([pairs[i][0] for i in batch], tokenizer, max_new_tokens, seed)
-            for i, sample, reference in zip(batch, samples, references):
-                plans[i] = self.plan_from_sample(sample, reference, tokenizer, wanted[i])
-        return plans
+            samples.update(zip(batch, self.sample([pairs[i][0] for i in batch], tokenizer, max_new_tokens, seed)))
+        return samples
 
 
 def build_examples(
