@@ -19,8 +19,17 @@ from pathlib import Path
 
 import torch
 
-from halluc_rl.agents.stages import DemoArgs, dpo_stage, evaluate_stage, ppo_stage, prm_stage, sft_stage
+from halluc_rl.agents.stages import (
+    DemoArgs,
+    dpo_stage,
+    evaluate_stage,
+    ppo_stage,
+    pretrain_stage,
+    prm_stage,
+    sft_stage,
+)
 from halluc_rl.atomic import atomic_write_json, atomic_write_text
+from halluc_rl.config import UsageError
 from halluc_rl.reporting import ablation_table, mean_std, plot_ablation  # noqa: F401  (mean_std: its old home)
 
 FIGURES: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_sampled_no_backtrack",
@@ -31,7 +40,19 @@ MC_COST = 3  # an mc update costs >= 3 group updates (benchmarks/ppo.py: mc_vs_g
 
 
 def rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable[[], Path]]]:
-    """Row name -> (what differs from the default pipeline, the function that trains it, returning its folder)."""
+    """Row name -> (what differs from the default pipeline, the function that trains it, returning its folder):
+    the rows of the task's groups in ``args.rows`` (all of them when empty)."""
+    task = args.task.partition(":")[0]
+    groups = deps_rows(args, root) if task == "deps" else {"stages": arithmetic_rows(args, root)}
+    unknown = [g for g in args.rows if g not in groups]
+    if unknown:
+        raise UsageError(f"rows: unknown group {unknown[0]!r} on {task}; use {', '.join(groups)}")
+    return {name: row for group, table in groups.items() if not args.rows or group in args.rows
+            for name, row in table.items()}
+
+
+def arithmetic_rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable[[], Path]]]:
+    """The arithmetic ablation: each row changes one thing from the default pipeline."""
     bt, dpo = root / "backtrack_sft", root / "dpo"
     mc_updates = max(1, round(args.ppo_updates / MC_COST))
 
@@ -65,45 +86,100 @@ def rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable[[], Path]]
     }
 
 
+FULL_FT_LEARNING_RATE = 1e-3  # full fine-tuning of tiny-deps: LoRA's 2e-3 is too high for every weight (pilot)
+RETRY_RATES: tuple[float, ...] = (0.1, 0.25, 0.5)
+
+
+def deps_rows(args: DemoArgs, root: Path) -> dict[str, dict[str, tuple[str, Callable[[], Path]]]]:
+    """The deps ablation (docs/efficacy.md), by group. ``stages``: each stage added in turn, in both semantics
+    (masked-error SFT with LoRA and with full fine-tuning, then DPO and PPO on the LoRA policy), with the
+    no-backtrack control of each. ``pretrain``: retry data in continued pretraining at each error rate, both
+    semantics, against the clean control."""
+    full = replace(args, use_lora=False, sft_learning_rate=FULL_FT_LEARNING_RATE)
+    stages: dict[str, tuple[str, Callable[[], Path]]] = {
+        "plain SFT": ("no errors in SFT (control 1)", lambda: sft_stage(args, root / "plain_sft", "none",
+                                                                         args.backtrack_head)),
+        "full FT: plain SFT": (f"full fine-tuning, lr {FULL_FT_LEARNING_RATE:g} (control 1)",
+                               lambda: sft_stage(full, root / "full_plain_sft", "none", args.backtrack_head))}
+    for sem in ("rewind", "retry"):
+        arm = replace(args, semantics=sem)
+        stages[f"masked SFT, {sem}"] = (f"semantics {sem}", lambda a=arm, s=sem: sft_stage(
+            a, root / f"sft_{s}", "plausible", a.backtrack_head))
+        stages[f"full FT: masked SFT, {sem}"] = (f"semantics {sem}, full fine-tuning", lambda s=sem: sft_stage(
+            replace(full, semantics=s), root / f"full_sft_{s}", "plausible", args.backtrack_head))
+        stages[f"+ DPO, {sem}"] = (f"semantics {sem}", lambda a=arm, s=sem: dpo_stage(
+            a, root / f"dpo_{s}", root / f"sft_{s}", a.dpo_form))
+        stages[f"+ PPO oracle, {sem}"] = (f"semantics {sem}", lambda a=arm, s=sem: ppo_stage(
+            a, root / f"ppo_{s}", root / (f"dpo_{s}" if a.dpo_steps else f"sft_{s}")))
+    stages["control: plain SFT + PPO, backtrack masked"] = (
+        "the no-backtrack control of PPO", lambda: ppo_stage(args, root / "control_ppo", root / "plain_sft",
+                                                             backtrack=False))
+    retry = {"retry data, rate 0": ("clean continued pretraining (control 1)",
+                                    lambda: pretrain_stage(args, root / "retry_r0", 0.0, "rewind"))}
+    for rate in RETRY_RATES:
+        for sem in ("rewind", "retry"):
+            retry[f"retry data, rate {rate:g}, {sem}"] = (f"error rate {rate:g}, semantics {sem}", lambda r=rate, s=sem:
+                                                          pretrain_stage(args, root / f"retry_r{r:g}_{s}", r, s))
+    return {"stages": stages, "pretrain": retry}
+
+
 # The rows a row starts from (their folders must be trained first), and each row's minutes on one core, measured
-# in the 3-seed ablation of docs/efficacy.md: only to order the work, the longest chain of work first.
-NEEDS: dict[str, tuple[str, ...]] = {
-    "+ DPO, single-action pairs": ("backtrack SFT, factorized head",),
-    "+ DPO, continuation pairs": ("backtrack SFT, factorized head",),
-    **{row: ("+ DPO, single-action pairs",) for row in (
-        "+ PPO group, oracle PRM", "+ PPO gae, oracle PRM", "+ PPO mc, oracle PRM", "+ PPO group, no PRM",
-        "+ PPO group, trained PRM", "+ PPO group, implicit PRM")},
-    "control: plain SFT + PPO, backtrack masked": ("plain SFT",),
+# in the 3-seed ablation of docs/efficacy.md (deps: in its pilots): only to order the work, the longest chain first.
+NEEDS: dict[str, dict[str, tuple[str, ...]]] = {
+    "arithmetic": {
+        "+ DPO, single-action pairs": ("backtrack SFT, factorized head",),
+        "+ DPO, continuation pairs": ("backtrack SFT, factorized head",),
+        **{row: ("+ DPO, single-action pairs",) for row in (
+            "+ PPO group, oracle PRM", "+ PPO gae, oracle PRM", "+ PPO mc, oracle PRM", "+ PPO group, no PRM",
+            "+ PPO group, trained PRM", "+ PPO group, implicit PRM")},
+        "control: plain SFT + PPO, backtrack masked": ("plain SFT",),
+    },
+    "deps": {
+        **{f"+ DPO, {sem}": (f"masked SFT, {sem}",) for sem in ("rewind", "retry")},
+        **{f"+ PPO oracle, {sem}": (f"+ DPO, {sem}",) for sem in ("rewind", "retry")},
+        "control: plain SFT + PPO, backtrack masked": ("plain SFT",),
+    },
 }
-MINUTES: dict[str, float] = {
-    "plain SFT": 0.9, "backtrack SFT, softmax head": 1.5, "backtrack SFT, factorized head": 1.3,
-    "+ DPO, single-action pairs": 2.1, "+ DPO, continuation pairs": 7.2, "+ PPO group, oracle PRM": 3.2,
-    "+ PPO gae, oracle PRM": 3.4, "+ PPO mc, oracle PRM": 3.3, "+ PPO group, no PRM": 4.2,
-    "+ PPO group, trained PRM": 5.4, "+ PPO group, implicit PRM": 12.1,
-    "control: plain SFT + PPO, backtrack masked": 2.8,
+MINUTES: dict[str, dict[str, float]] = {
+    "arithmetic": {
+        "plain SFT": 0.9, "backtrack SFT, softmax head": 1.5, "backtrack SFT, factorized head": 1.3,
+        "+ DPO, single-action pairs": 2.1, "+ DPO, continuation pairs": 7.2, "+ PPO group, oracle PRM": 3.2,
+        "+ PPO gae, oracle PRM": 3.4, "+ PPO mc, oracle PRM": 3.3, "+ PPO group, no PRM": 4.2,
+        "+ PPO group, trained PRM": 5.4, "+ PPO group, implicit PRM": 12.1,
+        "control: plain SFT + PPO, backtrack masked": 2.8,
+    },
+    "deps": {
+        "plain SFT": 1.5, "masked SFT, rewind": 1.5, "masked SFT, retry": 1.5, "full FT: plain SFT": 2.5,
+        "full FT: masked SFT, rewind": 2.5, "full FT: masked SFT, retry": 2.5, "+ DPO, rewind": 1.5,
+        "+ DPO, retry": 1.5, "+ PPO oracle, rewind": 3.5, "+ PPO oracle, retry": 3.5,
+        "control: plain SFT + PPO, backtrack masked": 3.5, **dict.fromkeys(
+            ["retry data, rate 0"] + [f"retry data, rate {r:g}, {s}" for r in RETRY_RATES
+                                      for s in ("rewind", "retry")], 3.5),
+    },
 }
 
 
-def priority(name: str) -> float:
+def priority(name: str, task: str = "arithmetic") -> float:
     """Minutes of the longest chain of rows from ``name`` to the end: rows that hold up the most work go first
     (critical-path list scheduling)."""
-    after = [row for row, needs in NEEDS.items() if name in needs]
-    return MINUTES.get(name, 1.0) + max((priority(row) for row in after), default=0.0)
+    needs = NEEDS[task]
+    after = [row for row, before in needs.items() if name in before]
+    return MINUTES[task].get(name, 1.0) + max((priority(row, task) for row in after), default=0.0)
 
 
-def ready(pending: list[tuple[int, str]], done: dict[int, dict[str, dict]]
+def ready(pending: list[tuple[int, str]], done: dict[int, dict[str, dict]], task: str = "arithmetic"
           ) -> tuple[list[tuple[int, str]], list[tuple[int, str, str]]]:
     """Of the pending (seed, row) tasks: those whose needed rows have finished, most urgent first, and those that
     cannot run because a needed row failed (with that row's name)."""
     runnable, blocked = [], []
     for seed, name in pending:
-        needs = NEEDS.get(name, ())
+        needs = NEEDS[task].get(name, ())
         failed = [n for n in needs if "error" in done[seed].get(n, {})]
         if failed:
             blocked.append((seed, name, failed[0]))
         elif all(n in done[seed] for n in needs):
             runnable.append((seed, name))
-    runnable.sort(key=lambda task: (-priority(task[1]), task[0]))
+    runnable.sort(key=lambda task_: (-priority(task_[1], task), task_[0]))
     return runnable, blocked
 
 
@@ -143,7 +219,7 @@ def run_ablation(args: DemoArgs) -> int:
     with ProcessPoolExecutor(max_workers=workers) as pool:
         running: dict = {}
         while pending or running:
-            runnable, blocked = ready(pending, done)
+            runnable, blocked = ready(pending, done, args.task.partition(":")[0])
             for seed, name, failed in blocked:
                 pending.remove((seed, name))
                 record(seed, name, {"error": f"not run: it starts from {failed!r}, which failed"})

@@ -1,6 +1,7 @@
 """``halluc-rl demo``: the whole pipeline on the embedded default, offline, on a laptop CPU.
 
-The shipped tiny model, then two arms trained on the same problems with the same budget:
+The shipped tiny model of the task (``tiny`` on arithmetic, ``tiny-deps`` with ``--task deps``), then two arms
+trained on the same problems with the same budget:
 
 * **backtracking**: masked-error SFT (the policy learns the mechanics of ``<|BACKTRACK|>``), token-level DPO at its
   own errors, then PPO with the oracle's process rewards;
@@ -11,8 +12,10 @@ on held-out problems, greedy and sampled at temperature 1, with backtracking on 
 ``runs/demo/results.{json,md}``, ``results.png`` (accuracy by stage) and ``rl.png`` (backtrack use and precision
 during RL). A rerun skips stages already finished with the same settings, and resumes interrupted ones.
 
-Each stage's settings are in ``configs/demo/`` (``sft.yaml``, ``dpo.yaml``, ``ppo.yaml``, ``prm.yaml``), with the
-options of :class:`DemoArgs` on top (:mod:`halluc_rl.agents.stages`); ``--stage_configs DIR`` reads another folder.
+Each stage's settings are in ``configs/demo/`` (``sft.yaml``, ``dpo.yaml``, ``ppo.yaml``, ``prm.yaml``; on
+``deps``, ``configs/demo/deps/``), with the options of :class:`DemoArgs` on top (:mod:`halluc_rl.agents.stages`);
+``--stage_configs DIR`` reads another folder. On ``deps`` every stage is evaluated on ``deps:steps=4``, one needed
+line longer than any training problem (``--eval_task``).
 
 ``halluc-rl demo --ablate --seeds 3`` runs every variant row (``ABLATION``) over three seeds and writes
 ``ablation.{json,md}`` with the mean and standard deviation of each figure, and the command of each row.
@@ -27,9 +30,11 @@ from pathlib import Path
 
 import torch
 
-from halluc_rl.agents.ablation import run_ablation
+from halluc_rl.agents.ablation import rows, run_ablation
 from halluc_rl.agents.stages import (
+    TASK_DEFAULTS,
     DemoArgs,
+    base_model,
     check_stage_configs,
     dpo_stage,
     equal_token_votes,
@@ -50,7 +55,7 @@ from halluc_rl.config import (
     parse_cli,
     save_config,
 )
-from halluc_rl.data.errors import PLAUSIBLE_KINDS
+from halluc_rl.data.deps_errors import check_error_kinds
 from halluc_rl.reporting import (
     demo_summary,
     plot_rl,
@@ -70,7 +75,7 @@ KEYS: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_greedy
 def pipeline(args: DemoArgs, root: Path) -> dict[str, Callable[[], Path | str]]:
     """The stages in order, each building on an earlier one's folder."""
     return {
-        "base": lambda: "tiny",
+        "base": lambda: base_model(args),
         "plain_sft": lambda: sft_stage(args, root / "plain_sft", "none", "softmax"),
         "backtrack_sft": lambda: sft_stage(args, root / "backtrack_sft", "plausible", args.backtrack_head),
         "dpo": lambda: dpo_stage(args, root / "dpo", root / "backtrack_sft", args.dpo_form),
@@ -97,8 +102,12 @@ def run_pipeline(args: DemoArgs, root: Path, stages: tuple[str, ...] = STAGES) -
 
 
 def demo(args: DemoArgs) -> int:
-    if check_task(args.task) != "arithmetic":
-        raise UsageError("task: the demo runs the offline arithmetic task (its oracle and its reference solutions)")
+    if check_task(args.task) not in TASK_DEFAULTS:
+        raise UsageError(f"task: the demo runs the offline tasks with an oracle and an embedded model "
+                         f"({', '.join(TASK_DEFAULTS)}); {args.task!r} is not one")
+    if check_task(args.eval_task, "eval_task") != check_task(args.task):
+        raise UsageError(f"eval_task: {args.eval_task!r} is another task than {args.task!r}; give settings of the "
+                         "same task (deps:steps=4)")
     check_positive(args, "num_train_problems", "num_eval_problems", "sft_epochs", "sft_learning_rate",
                    "ppo_updates", "ppo_learning_rate", "seeds")
     check_positive(args, "num_samples", "dpo_steps", "kl_coef", "backtrack_cost", "max_new_tokens",
@@ -106,33 +115,43 @@ def demo(args: DemoArgs) -> int:
     if not args.use_lora and args.kl_coef:
         raise UsageError("use_lora: a fully fine-tuned policy has no adapter to disable for PPO's KL reference; add "
                          "--kl_coef 0 (or keep use_lora true)")
-    for kind in args.error_kinds or [""]:
-        check_choice("error_kinds", kind, PLAUSIBLE_KINDS)
+    try:
+        check_error_kinds(args.task, args.error_kinds or [""])
+    except ValueError as err:
+        raise UsageError(str(err)) from err
     check_choice("semantics", args.semantics, SEMANTICS)
+    for stage in args.stages:
+        check_choice("stages", stage, STAGES)
     check_stage_configs(args)
+    if args.rows and not args.ablate:
+        raise UsageError("rows: groups of ablation rows; add --ablate, or drop --rows")
+    if args.ablate:
+        rows(args, Path(args.output_dir))  # an unknown group is a one-line error before anything runs
     check_output_dir(args.output_dir)
     if args.ablate:
         return run_ablation(args)
     out = Path(args.output_dir)
     save_config(out / "demo_config.yaml", args)
     torch.manual_seed(args.seed)
-    results = run_pipeline(args, out)
-    majority = None
-    if args.num_samples:  # the control's majority vote at the backtracking arm's tokens (self-consistency)
+    results = run_pipeline(args, out, tuple(args.stages) or STAGES)
+    majority, summary = None, None
+    compared = {"ppo", "control_ppo"} <= set(results)
+    if args.num_samples and compared:  # the control's majority vote at the backtracking arm's tokens (self-consistency)
         k = equal_token_votes(results["ppo"], results["control_ppo"])
         print(f"\n=== control_ppo: majority of {k} sampled answers (equal tokens) ===", flush=True)
         majority = majority_stage(args, out / "control_ppo", out / "control_ppo", k)
-    summary = summary_figures(results, task=args.task, semantics=args.semantics, majority=majority)
-    title = "halluc-rl demo: the embedded tiny model on held-out arithmetic"
+    if compared:
+        summary = summary_figures(results, task=args.task, semantics=args.semantics, majority=majority)
+    title = f"halluc-rl demo: {base_model(args)} on held-out {args.eval_task}"
     paths = write_report(results, out, title=title, summary=summary)
-    plot_rl(out, out / "rl.png")
+    rl_plot = plot_rl(out, out / "rl.png")
     print_table(results, title="halluc-rl demo")
     env = run_environment()
     atomic_write_json(out / "environment.json", env)
     text = demo_summary(results, env, majority)
     print("\n" + text)
     atomic_write_text(out / "summary.txt", text + "\n")
-    print(f"report: {', '.join(str(p) for p in paths.values())}, {out / 'rl.png'}")
+    print(f"report: {', '.join(str(p) for p in [*paths.values(), rl_plot] if p)}")
     return 0
 
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from trl import TrlParser
 
-from halluc_rl.agents import dpo, ppo, prm, sft
+from halluc_rl.agents import dpo, ppo, pretrain, prm, sft
 from halluc_rl.args import LoraArgs, ModelArgs
 from halluc_rl.atomic import atomic_write_json
 from halluc_rl.checkpoints import finished_run
-from halluc_rl.config import UsageError, check_types, read_config_mapping
+from halluc_rl.config import UsageError, check_types, read_config_mapping, resolved_config
 from halluc_rl.data.errors import PLAUSIBLE_KINDS
 from halluc_rl.data.problems import encode_problem
 from halluc_rl.data.tasks import load_problems
@@ -32,15 +33,27 @@ from halluc_rl.evaluation import evaluate_policy, majority_vote
 from halluc_rl.modeling import load_policy
 
 SHIPPED_STAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
-"""The stage configs of the documented demo (``configs/demo/`` in the repository)."""
+"""The stage configs of the documented demo (``configs/demo/`` in the repository; ``configs/demo/deps/`` on
+``deps``)."""
+
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "arithmetic": dict(num_train_problems=1500, num_eval_problems=200, error_kinds=list(PLAUSIBLE_KINDS),
+                       error_rate=0.25, sft_epochs=2.0, backtrack_head="factorized", eval_task=None),
+    # deps (docs/efficacy.md): the settings of configs/sft_tiny-deps.yaml, evaluated beyond the training length
+    "deps": dict(num_train_problems=2000, num_eval_problems=300, error_kinds=["premature"], error_rate=0.5,
+                 sft_epochs=3.0, backtrack_head="softmax", eval_task="deps:steps=4"),
+}
+"""Per demo task, the options that ``None`` stands for (its documented recipe); ``eval_task`` None: the task."""
 
 STAGE_TYPES: dict[str, tuple[type, ...]] = {
     "sft": (sft.SFTScriptArgs, ModelArgs, LoraArgs, sft.SFTConfig),
     "dpo": (dpo.DPOScriptArgs, ModelArgs, LoraArgs, dpo.DPOConfig),
     "ppo": (ppo.PPOArgs, ModelArgs, LoraArgs),
     "prm": (prm.PRMScriptArgs, ModelArgs, LoraArgs, prm.PRMConfig),
+    "pretrain": (pretrain.PretrainArgs,),
 }
-"""Each stage config file's dataclasses: those its command (``halluc-rl sft``, ``dpo``, ``ppo``, ``prm``) parses."""
+"""Each stage config file's dataclasses: those its command (``halluc-rl sft``, ``dpo``, ``ppo``, ``prm``,
+``pretrain``) parses."""
 
 
 @dataclass
@@ -51,16 +64,24 @@ class DemoArgs:
     seed: int = field(default=0, metadata={"help": "Seeds training, sampling and the task."})
     task: str = field(default="arithmetic", metadata={
         "help": "The offline task, with settings if wanted (arithmetic:max_value=50,max_steps=4)."})
-    num_train_problems: int = field(default=1500, metadata={"help": "Training problems (every stage, both arms)."})
-    num_eval_problems: int = field(default=200, metadata={"help": "Held-out test problems per evaluation."})
+    eval_task: str | None = field(default=None, metadata={
+        "help": "The held-out task every stage is evaluated on (None: the task's own: arithmetic itself, "
+                "deps:steps=4 on deps, one needed line longer than training)."})
+    num_train_problems: int | None = field(default=None, metadata={
+        "help": "Training problems (every stage, both arms; None: 1500 on arithmetic, 2000 on deps)."})
+    num_eval_problems: int | None = field(default=None, metadata={
+        "help": "Held-out test problems per evaluation (None: 200 on arithmetic, 300 on deps)."})
     num_samples: int = field(default=4, metadata={"help": "Samples per problem at temperature 1."})
-    sft_epochs: float = field(default=2, metadata={"help": "SFT epochs (the curriculum cap rises each epoch)."})
+    sft_epochs: float | None = field(default=None, metadata={
+        "help": "SFT epochs (None: 2 on arithmetic, whose curriculum cap rises each epoch; 3 on deps)."})
     sft_learning_rate: float = field(default=2e-3, metadata={"help": "SFT (LoRA) learning rate."})
-    error_rate: float = field(default=0.25, metadata={"help": "Share of SFT examples with plausible errors."})
-    error_kinds: list[str] = field(default_factory=lambda: list(PLAUSIBLE_KINDS), metadata={
-        "help": "The plausible errors typed in SFT (digit, operator, step, check; check needs arithmetic:check=1 "
-                "or 2)."})
-    backtrack_head: str = field(default="factorized", metadata={"help": "factorized or softmax."})
+    error_rate: float | None = field(default=None, metadata={
+        "help": "Share of SFT examples with plausible errors (None: 0.25 on arithmetic, 0.5 on deps)."})
+    error_kinds: list[str] | None = field(default=None, metadata={
+        "help": "The plausible errors typed in SFT (None: digit, operator, step, check on arithmetic, where check "
+                "needs arithmetic:check=1 or 2; premature on deps, which also has unneeded and slip)."})
+    backtrack_head: str | None = field(default=None, metadata={
+        "help": "factorized or softmax (None: factorized on arithmetic, softmax on deps)."})
     semantics: str = field(default="rewind", metadata={
         "help": "rewind (a backspace forgets what it deleted) or retry (it stays in the context): the SFT stage "
                 "trains the policy in it, and every later stage and evaluation runs it there."})
@@ -84,19 +105,37 @@ class DemoArgs:
         "help": "LoRA policies (true) or full fine-tuning in every stage (false; PPO then needs --kl_coef 0: its KL "
                 "reference is the policy with its adapter disabled)."})
     stage_configs: str | None = field(default=None, metadata={
-        "help": "A folder of stage configs (sft.yaml, dpo.yaml, ppo.yaml, prm.yaml: the settings the options above "
-                "leave alone); None: the shipped configs/demo."})
+        "help": "A folder of stage configs (sft.yaml, dpo.yaml, ppo.yaml, and prm.yaml on arithmetic or "
+                "pretrain.yaml for the deps ablation's retry-data rows: the settings the options above leave alone); "
+                "None: the shipped configs/demo (configs/demo/deps on deps)."})
+    stages: list[str] = field(default_factory=list, metadata={
+        "help": "Run only these stages (empty: all of base, plain_sft, backtrack_sft, dpo, ppo, control_ppo); each "
+                "needs the stage it starts from, trained by an earlier run into the same folder or named too. The "
+                "summary needs ppo and control_ppo."})
     ablate: bool = field(default=False, metadata={"help": "Run every ablation row over --seeds seeds."})
     seeds: int = field(default=3, metadata={"help": "--ablate: seeds per row."})
+    rows: list[str] = field(default_factory=list, metadata={
+        "help": "--ablate: the groups of rows to run (empty: all of the task's). deps has stages (SFT in both "
+                "semantics, LoRA and full fine-tuning, then DPO and PPO) and pretrain (retry data at 4 error "
+                "rates); arithmetic has stages."})
+
+    def __post_init__(self) -> None:
+        """Fill the options left None with the task's documented recipe (:data:`TASK_DEFAULTS`)."""
+        defaults = TASK_DEFAULTS.get(self.task.partition(":")[0], TASK_DEFAULTS["arithmetic"])
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+        if self.eval_task is None:
+            self.eval_task = self.task
 
 
 def stage_config(args: DemoArgs, stage: str, overrides: dict[str, Any]) -> tuple:
     """The dataclasses of ``stage`` (a key of :data:`STAGE_TYPES`): its YAML file in ``args.stage_configs`` with
     ``overrides`` on top, through its command's parser (unknown keys and mistyped values are UsageErrors)."""
-    path = Path(args.stage_configs or SHIPPED_STAGE_CONFIGS) / f"{stage}.yaml"
+    path = Path(args.stage_configs or shipped_stage_configs(args.task)) / f"{stage}.yaml"
     if not path.is_file():
-        raise UsageError(f"stage_configs: no such file {path}; give a folder holding {', '.join(STAGE_TYPES)} "
-                         "(.yaml), like configs/demo")
+        raise UsageError(f"stage_configs: no such file {path}; give a folder holding "
+                         f"{', '.join(demo_stages(args))} (.yaml), like {shipped_stage_configs(args.task)}")
     data = read_config_mapping(path, "stage_configs")
     parser = TrlParser(STAGE_TYPES[stage])
     unknown = parser.set_defaults_with_config(**{**data, **overrides})  # as --config sets a file's values
@@ -111,10 +150,29 @@ def stage_config(args: DemoArgs, stage: str, overrides: dict[str, Any]) -> tuple
     return tuple(parsed)
 
 
+def shipped_stage_configs(task: str) -> Path:
+    """The shipped stage configs of ``task``'s demo: ``configs/demo/deps`` on ``deps``, else ``configs/demo``."""
+    return SHIPPED_STAGE_CONFIGS / "deps" if task.partition(":")[0] == "deps" else SHIPPED_STAGE_CONFIGS
+
+
+def demo_stages(args: DemoArgs) -> tuple[str, ...]:
+    """The stage configs the run reads: no PRM row on ``deps``; its retry-data rows (``pretrain.yaml``) only when
+    the ablation runs them."""
+    if args.task.partition(":")[0] != "deps":
+        return "sft", "dpo", "ppo", "prm"
+    return ("sft", "dpo", "ppo") + (("pretrain",) if args.ablate and (not args.rows or "pretrain" in args.rows)
+                                    else ())
+
+
 def check_stage_configs(args: DemoArgs) -> None:
     """Parse every stage config file before anything runs, so a typo in one is a one-line error at the start."""
-    for stage in STAGE_TYPES:
+    for stage in demo_stages(args):
         stage_config(args, stage, {})
+
+
+def base_model(args: DemoArgs) -> str:
+    """The model the SFT stages start from: the SFT stage config's ``model_name_or_path`` (one home)."""
+    return stage_config(args, "sft", {})[1].model_name_or_path
 
 
 def _length(args: DemoArgs, *keys: str) -> dict[str, int]:
@@ -171,6 +229,20 @@ def prm_stage(args: DemoArgs, out: Path, policy: Path) -> Path:
     return out
 
 
+def pretrain_stage(args: DemoArgs, out: Path, error_rate: float, semantics: str) -> Path:
+    """Continued pretraining of the base model on retry data (``error_rate`` of the solutions hold one of
+    ``args.error_kinds``, laid out in ``semantics``; 0: the clean control), as ``halluc-rl pretrain`` does. A rerun
+    skips a finished run of the same config (``pretrain_history.json`` is published last, with the weights)."""
+    (config,) = stage_config(args, "pretrain", dict(
+        output_dir=str(out), task=args.task, init=base_model(args), error_rate=error_rate,
+        error_kinds=list(args.error_kinds), semantics=semantics, seed=args.seed))
+    saved = out / "pretrain_config.yaml"
+    if not ((out / "pretrain_history.json").exists() and saved.exists()
+            and yaml.safe_load(saved.read_text()) == resolved_config(config)):
+        pretrain.pretrain(config)
+    return out
+
+
 def cached_metrics(cache: Path, settings: dict, policy: str | Path, measure) -> dict:
     """``measure(model, tokenizer, problems)`` of ``policy`` on the evaluation problems (``settings``' task,
     count and seed), or the metrics saved in ``cache`` for the same ``settings`` (a rerun skips an evaluation
@@ -179,7 +251,7 @@ def cached_metrics(cache: Path, settings: dict, policy: str | Path, measure) -> 
         saved = json.loads(cache.read_text())
         if saved.get("settings") == settings:
             return saved["metrics"]
-    model, tokenizer, _ = load_policy(policy)
+    model, tokenizer, _ = load_policy(policy, add_missing_backtrack=True)  # a base model (stage base), as eval does
     problems = load_problems(settings["task"], "test", settings["problems"], seed=settings["seed"])
     metrics = measure(model, tokenizer, problems)
     atomic_write_json(cache, {"settings": settings, "metrics": metrics})
@@ -188,7 +260,8 @@ def cached_metrics(cache: Path, settings: dict, policy: str | Path, measure) -> 
 
 def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
     """The stage's evaluation, cached beside it (``eval.json``) for the same settings."""
-    settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed, "task": args.task}
+    settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed,
+                "task": args.eval_task}
     if args.max_new_tokens:
         settings["max_new_tokens"] = args.max_new_tokens
     return cached_metrics(folder / "eval.json", settings, policy, lambda model, tok, problems:
@@ -207,7 +280,7 @@ def majority_stage(args: DemoArgs, policy: str | Path, folder: Path, k: int) -> 
     """maj@k of ``policy`` with its backtrack masked (the control is judged without the action), on the
     evaluation problems, cached beside it (``majority.json``) for the same settings."""
     length = args.max_new_tokens or 128
-    settings = {"problems": args.num_eval_problems, "k": int(k), "seed": args.seed, "task": args.task,
+    settings = {"problems": args.num_eval_problems, "k": int(k), "seed": args.seed, "task": args.eval_task,
                 "max_new_tokens": length}
 
     def measure(model, tokenizer, problems):

@@ -80,7 +80,7 @@ CASES = [
     ("ppo", ["--num_problems", "-1"], "num_problems: must be > 0, got -1"),
     ("dpo", ["--config", "{bad_yaml}"], "is not valid YAML"),
     ("pretrain", ["--batch_size", "0"], "batch_size: must be > 0, got 0"),
-    ("demo", ["--task", "gsm8k"], "task: the demo runs the offline arithmetic task"),
+    ("demo", ["--task", "gsm8k"], "task: the demo runs the offline tasks with an oracle and an embedded model"),
     ("eval", ["--policy", "{missing}"], "policy: '{missing}' does not exist"),
 ]
 

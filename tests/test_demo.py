@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from tests.conftest import FULL
 
@@ -54,6 +55,65 @@ def test_demo_runs_end_to_end_and_writes_its_report(tmp_path, monkeypatch):
     assert "What backtracking bought" in (out / "summary.txt").read_text()
     env = json.loads((out / "environment.json").read_text())
     assert f"bit-identical on rerun with {env['threads']} torch thread(s)" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_deps_demo_runs_from_tiny_deps_and_is_judged_beyond_its_training_length(tmp_path, monkeypatch):
+    """``halluc-rl demo --task deps --semantics retry``: every stage starts from tiny-deps, trains on deps, is
+    evaluated on deps:steps=4, and the summary names the task and the semantics (short version in CI)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "demo"
+    argv = ["--task", "deps", "--semantics", "retry", "--output_dir", str(out), "--num_train_problems", "64",
+            "--num_eval_problems", "8", "--num_samples", "1", "--sft_epochs", "1", "--dpo_steps", "2",
+            "--ppo_updates", "2", "--dpo_problems", "16"]
+    assert demo.main(argv) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["results"]) == ["base", "plain_sft", "backtrack_sft", "dpo", "ppo", "control_ppo"]
+    assert (saved["summary"]["task"], saved["summary"]["semantics"]) == ("deps", "retry")
+    for stage in saved["results"]:
+        settings = json.loads((out / stage / "eval.json").read_text())["settings"]
+        assert (settings["task"], settings["problems"]) == ("deps:steps=4", 8)
+    sft_config = yaml.safe_load((out / "backtrack_sft" / "config.yaml").read_text())
+    assert (sft_config["model_name_or_path"], sft_config["task"], sft_config["error_kinds"]) == (
+        "tiny-deps", "deps", ["premature"])
+    for stage in ("backtrack_sft", "dpo", "ppo"):  # the semantics lives on the policy's config
+        assert json.loads((out / stage / "config.json").read_text())["backtrack_semantics"] == "retry"
+    assert "tiny-deps on held-out deps:steps=4" in (out / "results.md").read_text()
+
+
+def test_demo_stages_runs_some_stages_and_a_later_run_reuses_them(tmp_path, monkeypatch):
+    """``--stages base plain_sft`` trains and reports those two (no summary: it compares ppo with control_ppo); a
+    rerun asking for more finds them done and does not train them again."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "demo"
+    small = ["--task", "deps", "--output_dir", str(out), "--num_train_problems", "32", "--num_eval_problems", "4",
+             "--num_samples", "1", "--sft_epochs", "1"]
+    assert demo.main([*small, "--stages", "base", "plain_sft"]) == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["results"]) == ["base", "plain_sft"] and "summary" not in saved
+    assert not (out / "rl.png").exists() and not (out / "backtrack_sft").exists()
+    weights = (out / "plain_sft" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert demo.main([*small, "--stages", "plain_sft", "backtrack_sft"]) == 0
+    assert (out / "plain_sft" / "adapter_model.safetensors").stat().st_mtime_ns == weights  # reused, not retrained
+    assert list(json.loads((out / "results.json").read_text())["results"]) == ["plain_sft", "backtrack_sft"]
+
+
+def test_the_base_stage_of_a_real_model_is_evaluated_with_an_untrained_backtrack_token(tmp_path, monkeypatch):
+    """A base model without ``<|BACKTRACK|>`` (SmolLM2: the demo's stage base) is evaluated as ``halluc-rl eval``
+    does, with an untrained token added, instead of failing."""
+    stages = importlib.import_module("halluc_rl.agents.stages")
+    from halluc_rl.modeling import load_policy
+
+    seen = []
+
+    def loading(policy, **kw):
+        seen.append(kw)
+        return load_policy("tiny-deps", **kw)
+
+    monkeypatch.setattr(stages, "load_policy", loading)
+    metrics = stages.cached_metrics(tmp_path / "eval.json", {"task": "deps", "problems": 2, "seed": 0},
+                                    "smollm2-135m", lambda model, tok, problems: {"n": len(problems)})
+    assert metrics == {"n": 2} and seen == [{"add_missing_backtrack": True}]
 
 
 def _sft(tmp_path, name, processes):
@@ -120,13 +180,16 @@ def test_ablation_summary_gives_mean_and_std_per_row_and_names_failed_seeds(tmp_
 
 
 def test_ablation_tasks_start_after_the_rows_they_build_on_longest_chain_first():
-    from halluc_rl.agents.ablation import NEEDS, ready, rows
+    from halluc_rl.agents.ablation import MINUTES, NEEDS, ready, rows
 
+    for task in NEEDS:  # NEEDS and MINUTES name every row of the task's table, and only those
+        names = set(rows(demo.DemoArgs(task=task), demo.Path("unused")))
+        assert set(NEEDS[task]) | {n for needs in NEEDS[task].values() for n in needs} <= names
+        assert set(MINUTES[task]) == names
     names = list(rows(demo.DemoArgs(), demo.Path("unused")))
-    assert set(NEEDS) | {n for needs in NEEDS.values() for n in needs} <= set(names)  # NEEDS names real rows
     pending = [(seed, name) for seed in (0, 1) for name in names]
     runnable, blocked = ready(pending, {0: {}, 1: {}})
-    assert blocked == [] and {name for _, name in runnable} == set(names) - set(NEEDS)  # only the first stages
+    assert blocked == [] and {name for _, name in runnable} == set(names) - set(NEEDS["arithmetic"])
     assert runnable[:2] == [(0, "backtrack SFT, factorized head"), (1, "backtrack SFT, factorized head")]
     done = {0: {"backtrack SFT, factorized head": {}, "+ DPO, single-action pairs": {}},
             1: {"backtrack SFT, factorized head": {"error": "RuntimeError: boom"}}}
@@ -142,6 +205,9 @@ def test_ablation_tasks_start_after_the_rows_they_build_on_longest_chain_first()
     (["--task", "arithmetic:check=3"], "check must be 0"),
     (["--max_new_tokens", "-1"], "max_new_tokens"),
     (["--use_lora", "false"], "add --kl_coef 0"),
+    (["--stages", "base", "pop"], "stages: unknown value 'pop'"),
+    (["--task", "deps", "--eval_task", "arithmetic"], "eval_task: 'arithmetic' is another task than 'deps'"),
+    (["--task", "deps", "--error_kinds", "digit"], "error_kinds: unknown value 'digit' for the deps task"),
 ])
 def test_bad_demo_settings_are_one_line_before_anything_is_written(tmp_path, capsys, argv, message):
     out = tmp_path / "demo"
@@ -201,6 +267,90 @@ def test_a_stage_config_folder_of_ones_own_is_read_and_checked(tmp_path, monkeyp
     err = capsys.readouterr().err.strip()
     assert "dpo.yaml: unknown options ['--num_smaples']" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_the_deps_demo_takes_its_recipe_from_the_task_and_options_win():
+    """``--task deps`` fills the options left unset with the deps recipe (configs/sft_tiny-deps.yaml's, evaluated on
+    deps:steps=4); an option given keeps its value; arithmetic keeps the documented demo's."""
+    from halluc_rl.config import parse_cli
+
+    (arith,) = parse_cli([demo.DemoArgs], [], prog="demo")
+    assert (arith.eval_task, arith.num_train_problems, arith.error_rate, arith.sft_epochs, arith.backtrack_head) == (
+        "arithmetic", 1500, 0.25, 2, "factorized")
+    (deps,) = parse_cli([demo.DemoArgs], ["--task", "deps", "--error_rate", "0.25"], prog="demo")
+    assert (deps.eval_task, deps.num_train_problems, deps.num_eval_problems, deps.error_kinds, deps.error_rate,
+            deps.sft_epochs, deps.backtrack_head) == ("deps:steps=4", 2000, 300, ["premature"], 0.25, 3, "softmax")
+    (other,) = parse_cli([demo.DemoArgs], ["--task", "deps", "--eval_task", "deps:vars=8"], prog="demo")
+    assert other.eval_task == "deps:vars=8"
+
+
+def test_deps_stage_configs_are_the_pilots_and_the_retry_rows_are_the_grids_cells(tmp_path, monkeypatch):
+    """The deps SFT stage is ``halluc-rl sft --config configs/sft_tiny-deps.yaml`` with the demo's seed and folder;
+    a retry-data row is the ``halluc-rl pretrain`` cell of docs/efficacy.md, skipped once finished."""
+    sft = importlib.import_module("halluc_rl.agents.sft")
+    stages = importlib.import_module("halluc_rl.agents.stages")
+    pretrain = importlib.import_module("halluc_rl.agents.pretrain")
+    from halluc_rl.config import parse_cli, save_config
+
+    args = demo.DemoArgs(task="deps", seed=2, semantics="retry")
+    ((script, model_args, lora, config),) = _stage_configs(
+        monkeypatch, args, ("sft", tmp_path / "sft", "plausible", "softmax", {}))
+    (p_script, p_model, p_lora, p_config) = parse_cli(
+        [sft.SFTScriptArgs, stages.ModelArgs, stages.LoraArgs, sft.SFTConfig],
+        ["--config", "configs/sft_tiny-deps.yaml", "--output_dir", str(tmp_path / "sft"), "--seed", "2",
+         "--task_seed", "2", "--semantics", "retry", "--report_to", "none", "--save_strategy", "no",
+         "--logging_steps", "10", "--disable_tqdm", "false"], prog="sft")
+    assert (script, model_args, lora) == (p_script, p_model, p_lora)
+    ignored = ("save_steps", "save_total_limit")  # moot with checkpoint saving off, as in the demo
+    assert ({k: v for k, v in config.to_dict().items() if k not in ignored}
+            == {k: v for k, v in p_config.to_dict().items() if k not in ignored})
+    trained = []
+    monkeypatch.setattr(pretrain, "pretrain", lambda cfg: trained.append(cfg) or 0)
+    stages.pretrain_stage(args, tmp_path / "r", 0.25, "rewind")
+    (cell,) = parse_cli([pretrain.PretrainArgs], [
+        "--task", "deps", "--init", "tiny-deps", "--error_rate", "0.25", "--error_kinds", "premature", "--semantics",
+        "rewind", "--batch_size", "64", "--learning_rate", "1e-3", "--warmup_steps", "30", "--max_train_steps",
+        "300", "--eval_every", "300", "--target_accuracy", "1.0", "--seed", "2", "--output_dir",
+        str(tmp_path / "r")], prog="pretrain")
+    assert trained == [cell]
+    save_config(tmp_path / "r" / "pretrain_config.yaml", cell)  # as a finished run leaves it
+    (tmp_path / "r" / "pretrain_history.json").write_text("[]")
+    stages.pretrain_stage(args, tmp_path / "r", 0.25, "rewind")
+    assert len(trained) == 1  # skipped
+    stages.pretrain_stage(args, tmp_path / "r", 0.5, "rewind")
+    assert len(trained) == 2  # another config: trained again
+
+
+@pytest.mark.parametrize("config, model", [("configs/demo_deps_smollm2-135m.yaml", "smollm2-135m"),
+                                           ("configs/demo_deps_llama3.2-1b.yaml", "meta-llama/Llama-3.2-1B-Instruct")])
+def test_the_real_model_demo_configs_parse_with_every_stage_config(config, model):
+    """``halluc-rl demo --config configs/demo_deps_<model>.yaml`` (the GPU configs): every stage file parses with
+    its command's dataclasses and the deps recipe fills what the file leaves unset."""
+    stages = importlib.import_module("halluc_rl.agents.stages")
+    from halluc_rl.config import parse_cli
+
+    (args,) = parse_cli([demo.DemoArgs], ["--config", config], prog="demo")
+    stages.check_stage_configs(args)
+    assert (args.task, args.eval_task, args.error_kinds) == ("deps", "deps:steps=4", ["premature"])
+    assert stages.base_model(args) == model and not stages.stage_config(args, "sft", {})[3].use_cpu
+
+
+def test_ablation_rows_come_in_groups_per_task(tmp_path, capsys):
+    from halluc_rl.agents.ablation import rows
+
+    deps = demo.DemoArgs(task="deps")
+    both = list(rows(deps, tmp_path))
+    stages_only = list(rows(demo.DemoArgs(task="deps", rows=["stages"]), tmp_path))
+    pretrain_only = list(rows(demo.DemoArgs(task="deps", rows=["pretrain"]), tmp_path))
+    assert both == stages_only + pretrain_only and len(pretrain_only) == 7  # rate 0, and 3 rates x 2 semantics
+    assert {"masked SFT, rewind", "masked SFT, retry", "full FT: masked SFT, retry", "+ PPO oracle, retry",
+            "control: plain SFT + PPO, backtrack masked"} <= set(stages_only)
+    out = tmp_path / "ablate"
+    assert demo.main(["--task", "deps", "--ablate", "--rows", "pretrian", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "rows: unknown group 'pretrian' on deps; use stages, pretrain" in err and len(err.splitlines()) == 1
+    assert demo.main(["--rows", "stages", "--output_dir", str(out)]) == 2
+    assert "add --ablate" in capsys.readouterr().err and not out.exists()
 
 
 def test_demo_ablation_and_stages_import_one_way():
