@@ -30,7 +30,7 @@ from halluc_rl.agents.stages import (
 )
 from halluc_rl.atomic import atomic_write_json, atomic_write_text
 from halluc_rl.config import UsageError
-from halluc_rl.reporting import ablation_table, mean_std, plot_ablation  # noqa: F401  (mean_std: its old home)
+from halluc_rl.reporting import ablation_table, mean_std, plot_ablation, plot_curves  # noqa: F401  (mean_std: its old home)
 
 FIGURES: tuple[str, ...] = ("accuracy_greedy", "accuracy_sampled", "accuracy_sampled_no_backtrack",
                             "sampled_backtrack_rate", "sampled_backtrack_precision", "sampled_false_backtrack_rate",
@@ -88,6 +88,12 @@ def arithmetic_rows(args: DemoArgs, root: Path) -> dict[str, tuple[str, Callable
 
 FULL_FT_LEARNING_RATE = 1e-3  # full fine-tuning of tiny-deps: LoRA's 2e-3 is too high for every weight (pilot)
 RETRY_RATES: tuple[float, ...] = (0.1, 0.25, 0.5)
+SEMANTICS: tuple[str, ...] = ("rewind", "retry")
+
+
+def retry_row(rate: float, semantics: str) -> str:
+    """A retry-data row's name; rate 0 is the clean control, one row that both semantics' curves start from."""
+    return "retry data, rate 0" if rate == 0 else f"retry data, rate {rate:g}, {semantics}"
 
 
 def deps_rows(args: DemoArgs, root: Path) -> dict[str, dict[str, tuple[str, Callable[[], Path]]]]:
@@ -114,12 +120,12 @@ def deps_rows(args: DemoArgs, root: Path) -> dict[str, dict[str, tuple[str, Call
     stages["control: plain SFT + PPO, backtrack masked"] = (
         "the no-backtrack control of PPO", lambda: ppo_stage(args, root / "control_ppo", root / "plain_sft",
                                                              backtrack=False))
-    retry = {"retry data, rate 0": ("clean continued pretraining (control 1)",
-                                    lambda: pretrain_stage(args, root / "retry_r0", 0.0, "rewind"))}
+    retry = {retry_row(0, ""): ("clean continued pretraining (control 1)",
+                                lambda: pretrain_stage(args, root / "retry_r0", 0.0, "rewind"))}
     for rate in RETRY_RATES:
-        for sem in ("rewind", "retry"):
-            retry[f"retry data, rate {rate:g}, {sem}"] = (f"error rate {rate:g}, semantics {sem}", lambda r=rate, s=sem:
-                                                          pretrain_stage(args, root / f"retry_r{r:g}_{s}", r, s))
+        for sem in SEMANTICS:
+            retry[retry_row(rate, sem)] = (f"error rate {rate:g}, semantics {sem}", lambda r=rate, s=sem:
+                                           pretrain_stage(args, root / f"retry_r{r:g}_{s}", r, s))
     return {"stages": stages, "pretrain": retry}
 
 
@@ -153,8 +159,7 @@ MINUTES: dict[str, dict[str, float]] = {
         "full FT: masked SFT, rewind": 2.5, "full FT: masked SFT, retry": 2.5, "+ DPO, rewind": 1.5,
         "+ DPO, retry": 1.5, "+ PPO oracle, rewind": 3.5, "+ PPO oracle, retry": 3.5,
         "control: plain SFT + PPO, backtrack masked": 3.5, **dict.fromkeys(
-            ["retry data, rate 0"] + [f"retry data, rate {r:g}, {s}" for r in RETRY_RATES
-                                      for s in ("rewind", "retry")], 3.5),
+            [retry_row(r, s) for r in (0, *RETRY_RATES) for s in SEMANTICS], 3.5),
     },
 }
 
@@ -251,4 +256,19 @@ def write_summary(args: DemoArgs, by_seed: dict[int, dict[str, dict]], minutes: 
             + ablation_table(results, differs, FIGURES) + "\n")
     atomic_write_text(out / "ablation.md", text)
     plot_ablation(results, out / "ablation.png")
+    curves = rate_curves(results)
+    if curves:
+        plot_curves(curves, out / "accuracy_by_rate.png", xlabel="retry-data error rate (premature steps)",
+                    title=f"{args.eval_task or args.task} (test), mean ± std over seeds")
     return text
+
+
+def rate_curves(results: dict[str, list[dict]]) -> dict[str, dict[float, list[float]]]:
+    """Accuracy against the retry-data error rate, one curve per semantics and decoding (``{"rewind, greedy":
+    {rate: [one value per seed]}}``); empty when the retry-data rows were not run."""
+    if not any(retry_row(rate, sem) in results for rate in RETRY_RATES for sem in SEMANTICS):
+        return {}
+    return {f"{sem}, {decoding}": {rate: [m[key] for m in results.get(retry_row(rate, sem), []) if "error" not in m]
+                                   for rate in (0.0, *RETRY_RATES)}
+            for sem in SEMANTICS for decoding, key in (("greedy", "accuracy_greedy"),
+                                                       ("sampled", "accuracy_sampled"))}

@@ -203,7 +203,7 @@ def make_batcher(args: PretrainArgs, tokenizer, source):
 def pretrain(args: PretrainArgs) -> int:
     name = validate(args)
     out_dir = Path(args.output_dir)
-    save_config(out_dir / "pretrain_config.yaml", args)
+    save_config(out_dir / "config.yaml", args)  # the files a trainer writes: finished_run reads them
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     task = make_task(args, name)
@@ -230,7 +230,7 @@ def pretrain(args: PretrainArgs) -> int:
     staging = staging_dir(out_dir)
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    (staging / "pretrain_history.json").write_text(json.dumps(history, indent=1))
+    (staging / "log_history.json").write_text(json.dumps(history, indent=1))
     publish(staging, out_dir)
     print(f"saved to {out_dir} after {history[-1]['step']} steps, {history[-1]['minutes']:.1f} min, "
           f"validation greedy accuracy {history[-1]['val_accuracy_greedy']:.3f}")

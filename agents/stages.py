@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from trl import TrlParser
 
 from halluc_rl.agents import dpo, ppo, pretrain, prm, sft
 from halluc_rl.args import LoraArgs, ModelArgs
 from halluc_rl.atomic import atomic_write_json
 from halluc_rl.checkpoints import finished_run
-from halluc_rl.config import UsageError, check_types, read_config_mapping, resolved_config
+from halluc_rl.config import UsageError, check_types, read_config_mapping
 from halluc_rl.data.errors import PLAUSIBLE_KINDS
 from halluc_rl.data.problems import encode_problem
 from halluc_rl.data.tasks import load_problems
@@ -232,13 +231,11 @@ def prm_stage(args: DemoArgs, out: Path, policy: Path) -> Path:
 def pretrain_stage(args: DemoArgs, out: Path, error_rate: float, semantics: str) -> Path:
     """Continued pretraining of the base model on retry data (``error_rate`` of the solutions hold one of
     ``args.error_kinds``, laid out in ``semantics``; 0: the clean control), as ``halluc-rl pretrain`` does. A rerun
-    skips a finished run of the same config (``pretrain_history.json`` is published last, with the weights)."""
+    skips a finished run of the same config, as for every other stage."""
     (config,) = stage_config(args, "pretrain", dict(
         output_dir=str(out), task=args.task, init=base_model(args), error_rate=error_rate,
         error_kinds=list(args.error_kinds), semantics=semantics, seed=args.seed))
-    saved = out / "pretrain_config.yaml"
-    if not ((out / "pretrain_history.json").exists() and saved.exists()
-            and yaml.safe_load(saved.read_text()) == resolved_config(config)):
+    if not finished_run(out, [config]):
         pretrain.pretrain(config)
     return out
 

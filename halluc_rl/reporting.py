@@ -114,6 +114,14 @@ def print_table(results: Mapping[str, Mapping[str, Any]], title: str = "halluc-r
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def save_png(fig: Figure, path: Path, dpi: int = 110) -> Path:
+    """Write the figure to ``path`` as a PNG, atomically (a reader never sees half a file)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def _canvas(figsize: tuple[float, float]) -> Figure:
     """A figure on its own Agg canvas."""
     fig = Figure(figsize=figsize)
@@ -245,8 +253,7 @@ def plot_rl(root: Path, path: Path, arms: Sequence[str] = ("ppo", "control_ppo")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    return path
+    return save_png(fig, path)
 
 
 def run_environment() -> dict[str, Any]:
@@ -368,5 +375,23 @@ def plot_ablation(results: Mapping[str, list[dict]], path: Path) -> Path:
     ax.legend(fontsize="small", loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
-    return path
+    return save_png(fig, path)
+
+
+def plot_curves(curves: Mapping[str, Mapping[float, list[float]]], path: Path, xlabel: str, title: str = "",
+                ylabel: str = "answer accuracy") -> Path:
+    """One line per curve (``"<group>, <decoding>"``: a colour per group, solid for greedy, dashed for sampled),
+    the mean over seeds at each x with one standard deviation as error bars; points with no value are left out."""
+    groups = list(dict.fromkeys(label.split(",")[0] for label in curves))
+    fig = _canvas((7, 4.4))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, points in curves.items():
+        xs = [x for x in sorted(points) if points[x]]
+        ax.errorbar(xs, [statistics.fmean(points[x]) for x in xs], capsize=3, label=label,
+                    yerr=[statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs],
+                    fmt="--s" if "sampled" in label else "-o", color=f"C{groups.index(label.split(',')[0])}")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return save_png(fig, path)

@@ -304,6 +304,7 @@ def test_deps_stage_configs_are_the_pilots_and_the_retry_rows_are_the_grids_cell
     ignored = ("save_steps", "save_total_limit")  # moot with checkpoint saving off, as in the demo
     assert ({k: v for k, v in config.to_dict().items() if k not in ignored}
             == {k: v for k, v in p_config.to_dict().items() if k not in ignored})
+    monkeypatch.undo()  # the real finished_run from here on: the skip is under test
     trained = []
     monkeypatch.setattr(pretrain, "pretrain", lambda cfg: trained.append(cfg) or 0)
     stages.pretrain_stage(args, tmp_path / "r", 0.25, "rewind")
@@ -313,8 +314,9 @@ def test_deps_stage_configs_are_the_pilots_and_the_retry_rows_are_the_grids_cell
         "300", "--eval_every", "300", "--target_accuracy", "1.0", "--seed", "2", "--output_dir",
         str(tmp_path / "r")], prog="pretrain")
     assert trained == [cell]
-    save_config(tmp_path / "r" / "pretrain_config.yaml", cell)  # as a finished run leaves it
-    (tmp_path / "r" / "pretrain_history.json").write_text("[]")
+    save_config(tmp_path / "r" / "config.yaml", cell)  # as a finished run leaves it
+    (tmp_path / "r" / "log_history.json").write_text("[]")  # published last, with the weights
+    (tmp_path / "r" / "model.safetensors").write_bytes(b"")
     stages.pretrain_stage(args, tmp_path / "r", 0.25, "rewind")
     assert len(trained) == 1  # skipped
     stages.pretrain_stage(args, tmp_path / "r", 0.5, "rewind")
@@ -351,6 +353,32 @@ def test_ablation_rows_come_in_groups_per_task(tmp_path, capsys):
     assert "rows: unknown group 'pretrian' on deps; use stages, pretrain" in err and len(err.splitlines()) == 1
     assert demo.main(["--rows", "stages", "--output_dir", str(out)]) == 2
     assert "add --ablate" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_retry_data_rows_give_accuracy_against_the_error_rate_per_semantics(tmp_path):
+    """``--rows pretrain`` plots accuracy against the error rate, one line per semantics, from the same rows the
+    table shows: rate 0 (the control) starts both lines, and a failed seed is left out of its point."""
+    from halluc_rl.agents.ablation import rate_curves, retry_row, rows, write_summary
+
+    args = demo.DemoArgs(task="deps", rows=["pretrain"], output_dir=str(tmp_path))
+    names = list(rows(args, tmp_path))
+    by_seed = {seed: {name: {"accuracy_greedy": 0.5 + 0.1 * seed + len(name) / 1000, "accuracy_sampled": 0.4}
+                      for name in names} for seed in (0, 1)}
+    by_seed[1][retry_row(0.25, "retry")] = {"error": "RuntimeError: boom"}
+    write_summary(args, by_seed, minutes=1.0)
+    assert (tmp_path / "accuracy_by_rate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves = rate_curves({n: [by_seed[0][n], by_seed[1][n]] for n in names})
+    assert list(curves) == ["rewind, greedy", "rewind, sampled", "retry, greedy", "retry, sampled"]
+    control = len("retry data, rate 0") / 1000
+    assert curves["rewind, greedy"][0.0] == curves["retry, greedy"][0.0] == [0.5 + control, 0.6 + control]
+    assert curves["retry, greedy"][0.25] == [0.5 + len("retry data, rate 0.25, retry") / 1000]  # seed 1 failed
+    assert curves["rewind, sampled"][0.5] == [0.4, 0.4]
+    assert rate_curves({"plain SFT": [{"accuracy_greedy": 0.5}]}) == {}  # no retry rows, no curve
+    stages_only = tmp_path / "stages"
+    stages_only.mkdir()
+    write_summary(demo.DemoArgs(task="deps", rows=["stages"], output_dir=str(stages_only)),
+                  {0: {}}, minutes=1.0)
+    assert not (stages_only / "accuracy_by_rate.png").exists()
 
 
 def test_demo_ablation_and_stages_import_one_way():

@@ -296,7 +296,7 @@ def test_pretraining_on_deps_runs_on_cpu_and_a_retry_run_saves_its_semantics(tmp
             "1", "--heads", "2", "--batch_size", "4", "--max_train_steps", "3", "--eval_every", "3",
             "--eval_problems", "4", "--warmup_steps", "1", "--vocab_size", "300"]
     assert pretrain.main([*args, "--output_dir", str(tmp_path / "base")]) == 0
-    history = json.loads((tmp_path / "base" / "pretrain_history.json").read_text())
+    history = json.loads((tmp_path / "base" / "log_history.json").read_text())
     assert history[-1]["step"] == 3 and "val_strict_greedy" in history[-1]
     assert "backtrack_semantics" not in json.loads((tmp_path / "base" / "config.json").read_text())
     assert pretrain.main([*args, "--output_dir", str(tmp_path / "retry"), "--error_rate", "1", "--error_kinds",
