@@ -41,6 +41,7 @@ from halluc_rl.agents.stages import (
     evaluate_stage,
     majority_stage,
     ppo_stage,
+    saved_evaluation,
     sft_stage,
 )
 from halluc_rl.atomic import atomic_write_json, atomic_write_text
@@ -85,9 +86,18 @@ def pipeline(args: DemoArgs, root: Path) -> dict[str, Callable[[], Path | str]]:
 
 
 def run_pipeline(args: DemoArgs, root: Path, stages: tuple[str, ...] = STAGES) -> dict[str, dict]:
+    """Train and evaluate ``stages`` in order. A stage left out that an earlier run (``--stages``) finished with
+    the same evaluation settings keeps its row, so runs of a few stages at a time add up to one report."""
     results, timings = {}, {}
+    if (root / "timings.json").exists():
+        timings = json.loads((root / "timings.json").read_text())
     for name, make in pipeline(args, root).items():
-        if name not in stages or (name == "dpo" and not args.dpo_steps):
+        if name == "dpo" and not args.dpo_steps:
+            continue
+        if name not in stages:
+            saved = saved_evaluation(args, root / name)
+            if saved is not None:
+                results[name] = saved
             continue
         start = time.time()
         print(f"\n=== {name} ===", flush=True)

@@ -255,12 +255,25 @@ def cached_metrics(cache: Path, settings: dict, policy: str | Path, measure) -> 
     return metrics
 
 
-def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
-    """The stage's evaluation, cached beside it (``eval.json``) for the same settings."""
+def eval_settings(args: DemoArgs) -> dict:
+    """What a stage's cached evaluation (``eval.json``) must match to be reused."""
     settings = {"problems": args.num_eval_problems, "samples": args.num_samples, "seed": args.seed,
                 "task": args.eval_task}
     if args.max_new_tokens:
         settings["max_new_tokens"] = args.max_new_tokens
+    return settings
+
+
+def saved_evaluation(args: DemoArgs, folder: Path) -> dict | None:
+    """The metrics an earlier run saved for the stage in ``folder`` with the same settings, or None."""
+    cache = folder / "eval.json"
+    saved = json.loads(cache.read_text()) if cache.exists() else {}
+    return saved["metrics"] if saved.get("settings") == eval_settings(args) else None
+
+
+def evaluate_stage(args: DemoArgs, policy: str | Path, folder: Path) -> dict:
+    """The stage's evaluation, cached beside it (``eval.json``) for the same settings."""
+    settings = eval_settings(args)
     return cached_metrics(folder / "eval.json", settings, policy, lambda model, tok, problems:
                           evaluate_policy(model, tok, problems, num_samples=args.num_samples, seed=args.seed,
                                           max_new_tokens=args.max_new_tokens or 128))

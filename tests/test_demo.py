@@ -83,7 +83,8 @@ def test_the_deps_demo_runs_from_tiny_deps_and_is_judged_beyond_its_training_len
 
 def test_demo_stages_runs_some_stages_and_a_later_run_reuses_them(tmp_path, monkeypatch):
     """``--stages base plain_sft`` trains and reports those two (no summary: it compares ppo with control_ppo); a
-    rerun asking for more finds them done and does not train them again."""
+    rerun asking for more finds them done and does not train them again, and its report keeps every finished
+    stage, the ones it was not asked for too."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "demo"
     small = ["--task", "deps", "--output_dir", str(out), "--num_train_problems", "32", "--num_eval_problems", "4",
@@ -95,7 +96,9 @@ def test_demo_stages_runs_some_stages_and_a_later_run_reuses_them(tmp_path, monk
     weights = (out / "plain_sft" / "adapter_model.safetensors").stat().st_mtime_ns
     assert demo.main([*small, "--stages", "plain_sft", "backtrack_sft"]) == 0
     assert (out / "plain_sft" / "adapter_model.safetensors").stat().st_mtime_ns == weights  # reused, not retrained
-    assert list(json.loads((out / "results.json").read_text())["results"]) == ["plain_sft", "backtrack_sft"]
+    again = json.loads((out / "results.json").read_text())["results"]
+    assert list(again) == ["base", "plain_sft", "backtrack_sft"] and again["base"] == saved["results"]["base"]
+    assert list(json.loads((out / "timings.json").read_text())) == ["base", "plain_sft", "backtrack_sft"]
 
 
 def test_the_base_stage_of_a_real_model_is_evaluated_with_an_untrained_backtrack_token(tmp_path, monkeypatch):
