@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from halluc_rl.backtrack import ActionKind, BacktrackState
 from halluc_rl.data.deps import parse_question
+from halluc_rl.data.deps_check import check_solution
 from halluc_rl.data.grading import majority_reward, reward
 from halluc_rl.data.tasks import Problem, encode_problem
 from halluc_rl.distributed import all_sum
@@ -74,6 +75,17 @@ class BacktrackCounts:
     """Deletions of a token after which the visible response was still a prefix of the reference."""
     num_correct_appends: int = 0
     """Appends after which the visible response was a prefix of the reference."""
+    num_classified: int = 0
+    """Precise deletions whose first mistake an oracle named (``deps``); the ``num_precise_*`` counts split them."""
+    num_precise_premature_target: int = 0
+    """... a premature line that names the asked-for variable: the trivially detectable case."""
+    num_precise_premature: int = 0
+    num_precise_unneeded: int = 0
+    num_precise_repeat: int = 0
+    num_precise_copy: int = 0
+    num_precise_slip: int = 0
+    num_precise_incomplete: int = 0
+    num_precise_malformed: int = 0
 
     def __add__(self, other: BacktrackCounts) -> BacktrackCounts:
         return BacktrackCounts(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
@@ -92,7 +104,21 @@ class BacktrackCounts:
             "false_backtrack_rate": ratio(self.num_false_deletions, self.num_correct_appends),
             "failed_backtracks": ratio(self.num_failed, self.num_episodes),
             "num_deletions": self.num_deletions,
+            **self.kind_metrics(),
         }
+
+    def kind_metrics(self) -> dict[str, float | int | None]:
+        """Where the precise deletions fell, by the kind of the first mistake in the text they cut
+        (:data:`~halluc_rl.data.deps_check.ERROR_KINDS`, with the premature line naming the asked-for variable
+        apart), and the precision without that trivially detectable case; no keys where no oracle named kinds."""
+        if not self.num_classified:
+            return {}
+        kinds = {k[len("num_precise_"):]: v for k, v in asdict(self).items() if k.startswith("num_precise_")
+                 and k != "num_precise_deletions"}
+        trivial = self.num_precise_premature_target
+        return {"backtrack_precision_nontrivial": ratio(self.num_precise_deletions - trivial,
+                                                        self.num_deletions - trivial),
+                **{f"precise_deletions_{k}": v for k, v in kinds.items()}}
 
 
 def ratio(num: float, den: float) -> float | None:
@@ -110,21 +136,38 @@ def _trace_backtrack_id(out: BacktrackGenerationOutput) -> int:
     return int(bt_actions[0])
 
 
-def oracle_judges(tokenizer, problems: Sequence[Problem]) -> list[Callable[[list[int]], bool] | None]:
-    """Per problem, a judge of visible response ids (on track or not) where its task has a checker that accepts more
-    than the reference (``deps``: every valid order), else None (the reference prefix decides). The judge is the
-    oracle reward's own rule (:meth:`~halluc_rl.rewards.OracleProcessReward.on_track`)."""
-    from halluc_rl.rewards import OracleProcessReward
+class OracleJudge:
+    """Judges a ``deps`` problem's visible response ids: on track or not (calling it: the oracle reward's own rule,
+    :meth:`~halluc_rl.rewards.OracleProcessReward.on_track`), and the kind of their first mistake."""
 
-    oracle, special = OracleProcessReward(tokenizer), set(tokenizer.all_special_ids)
+    def __init__(self, tokenizer, question: str) -> None:
+        from halluc_rl.rewards import OracleProcessReward
 
-    def judge(question: str) -> Callable[[list[int]], bool]:
-        def on_track(ids: list[int]) -> bool:
-            ended = bool(ids) and ids[-1] in special
-            return oracle.on_track(tokenizer.decode(ids, skip_special_tokens=True), "", ended, question)
-        return on_track
+        self.oracle, self.tokenizer, self.question = OracleProcessReward(tokenizer), tokenizer, question
+        self.parsed, self.special = parse_question(question), set(tokenizer.all_special_ids)
 
-    return [None if parse_question(p.question) is None else judge(p.question) for p in problems]
+    def _text(self, ids: list[int]) -> tuple[str, bool]:
+        return self.tokenizer.decode(ids, skip_special_tokens=True), bool(ids) and ids[-1] in self.special
+
+    def __call__(self, ids: list[int]) -> bool:
+        text, ended = self._text(ids)
+        return self.oracle.on_track(text, "", ended, self.question)
+
+    def mistake(self, ids: list[int]) -> str | None:
+        """The kind of the first mistake in ``ids`` (``premature_target``: a premature line naming the asked-for
+        variable, which a model can tell from the question alone); None when they are on track."""
+        text, ended = self._text(ids)
+        verdict = check_solution(self.parsed, text, ended)
+        if verdict.on_track:
+            return None
+        named_target = verdict.char is not None and text[verdict.char : verdict.char + 1] == self.parsed.target
+        return "premature_target" if verdict.kind == "premature" and named_target else verdict.kind
+
+
+def oracle_judges(tokenizer, problems: Sequence[Problem]) -> list[OracleJudge | None]:
+    """Per problem, an :class:`OracleJudge` where its task has a checker that accepts more than the reference
+    (``deps``: every valid order), else None (the reference prefix decides)."""
+    return [None if parse_question(p.question) is None else OracleJudge(tokenizer, p.question) for p in problems]
 
 
 def backtrack_counts(out: BacktrackGenerationOutput, references: Sequence[Sequence[int]],
@@ -151,6 +194,7 @@ def backtrack_counts(out: BacktrackGenerationOutput, references: Sequence[Sequen
             if kind < 0:
                 break
             pos = len(state)
+            before = state.visible_ids if action == bt and hasattr(judge, "mistake") else None
             outcome = state.push(action)
             if int(outcome.kind) != kind or (outcome.deleted if outcome.deleted is not None else -1) != gone:
                 raise ValueError(f"row {b}: the trace disagrees with the backtrack semantics at response index {pos}")
@@ -169,6 +213,10 @@ def backtrack_counts(out: BacktrackGenerationOutput, references: Sequence[Sequen
                     counts.num_false_deletions += 1
                 else:
                     counts.num_precise_deletions += 1
+                    kind = judge.mistake(before) if before is not None else None
+                    if kind is not None:
+                        counts.num_classified += 1
+                        setattr(counts, f"num_precise_{kind}", getattr(counts, f"num_precise_{kind}") + 1)
             else:
                 counts.num_backtracks += 1
                 counts.num_failed += 1
@@ -186,7 +234,11 @@ def backtrack_metrics(out: BacktrackGenerationOutput, references: Sequence[Seque
     * ``false_backtrack_rate`` - deletions of a correct token / appends of a correct token: the chance that a
       token on the reference gets deleted (None when no correct token was appended);
     * ``failed_backtracks`` - backtracks on an empty response, mean per episode;
-    * ``num_deletions`` - deletions in total.
+    * ``num_deletions`` - deletions in total;
+    * on ``deps`` (an oracle judges the text), ``precise_deletions_<kind>`` - the precise deletions by the kind of
+      the first mistake in the text they cut (``premature_target``: a premature line naming the asked-for variable,
+      kept apart from ``premature``), and ``backtrack_precision_nontrivial`` - the precision without those; absent
+      where no precise deletion was judged by an oracle.
 
     Raw counts are in :func:`backtrack_counts`; sum those to pool several batches.
     """
@@ -259,8 +311,9 @@ def evaluate_policy(
       ``accuracy_greedy_no_backtrack``, ``accuracy_sampled_no_backtrack`` (the same policy with the backtrack
       token masked, ``backtrack_bias=-inf``);
     * the :func:`backtrack_metrics` of the greedy run under their own names (``backtrack_rate``,
-      ``backtrack_precision``, ``false_backtrack_rate``, ``failed_backtracks``, ``num_deletions``) and of the
-      sampled run prefixed ``sampled_``;
+      ``backtrack_precision``, ``false_backtrack_rate``, ``failed_backtracks``, ``num_deletions``, and on ``deps``
+      the precise deletions by error kind and ``backtrack_precision_nontrivial``) and of the sampled run prefixed
+      ``sampled_``;
     * ``reference_nll`` - the mean negative log-likelihood per token of the reference solutions (EOS included),
       teacher-forced through the action-stream scorer with the policy's head (how sure the policy is of clean text);
     * ``tokens_per_solved`` - greedy actions spent in total (backtracks included) / problems solved greedily;

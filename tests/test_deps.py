@@ -171,6 +171,32 @@ def test_eval_counts_a_deletion_after_a_valid_reordering_as_false_not_precise(de
     by_checker = backtrack_counts(out, [reference], oracle_judges(deps_tok, [problem])).metrics()
     assert by_reference["backtrack_precision"] == 1.0  # off the reference text from the first token
     assert by_checker["backtrack_precision"] == 0.5  # the reordering is right; the premature 'c' was not
+    assert by_checker["precise_deletions_malformed"] == 1  # ' ac': the 'c' broke the line 'a = 3'
+    assert by_checker["backtrack_precision_nontrivial"] == 0.5  # no trivial case to leave out
+    assert "precise_deletions_malformed" not in by_reference  # no oracle, no kinds
+
+
+def test_eval_names_the_kind_of_each_mistake_a_backtrack_deletes(deps_tok):
+    """Precision by error kind: a copy mistake, a premature line and a premature line naming the asked-for
+    variable (the trivial case, kept apart from the nontrivial precision) are each deleted once."""
+    torch.manual_seed(0)
+    model = build_tiny_model(vocab_size=len(deps_tok), hidden_size=32, num_layers=1, heads=2)
+    problem = Problem(QUESTION, REFERENCE, "8")
+    prompt, reference = encode_problem(problem, deps_tok)
+    bt = deps_tok.convert_tokens_to_ids("<|BACKTRACK|>")
+
+    def ids(text: str) -> list[int]:
+        return deps_tok(text, add_special_tokens=False)["input_ids"]
+
+    forced = [*ids(" e = 5"), bt, *ids("4\nb"), bt, *ids("a = 3\nc"), bt, *ids("b")]
+    out = generate(model, deps_tok, [prompt], max_new_tokens=len(forced), backtrack_id=bt, eos_token_id=[],
+                   forced_actions=torch.tensor([forced]), loop_guard=None)
+    assert deps_tok.decode(out.sequences[0]) == " e = 4\na = 3\nb"  # the trace ran as written
+    m = backtrack_counts(out, [reference], oracle_judges(deps_tok, [problem])).metrics()
+    assert m["backtrack_precision"] == 1.0 and m["num_deletions"] == 3
+    assert {k: v for k, v in m.items() if k.startswith("precise_deletions_") and v} == {
+        "precise_deletions_copy": 1, "precise_deletions_premature": 1, "precise_deletions_premature_target": 1}
+    assert m["backtrack_precision_nontrivial"] == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ training errors
