@@ -57,6 +57,7 @@ from halluc_rl.config import (
     save_config,
 )
 from halluc_rl.data.deps_errors import check_error_kinds
+from halluc_rl.losses import BACKTRACK_HEADS
 from halluc_rl.reporting import (
     demo_summary,
     plot_rl,
@@ -171,8 +172,8 @@ summary = demo_summary  # the name it had here
 def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         (args,) = parse_cli([DemoArgs], argv, prog="halluc-rl demo")
-        if args.backtrack_head not in ("factorized", "softmax"):
-            raise UsageError(f"backtrack_head: unknown value {args.backtrack_head!r}; use factorized or softmax")
+        if args.backtrack_head is not None and args.backtrack_head not in BACKTRACK_HEADS:
+            raise UsageError(f"backtrack_head: unknown value {args.backtrack_head!r}; use one of {BACKTRACK_HEADS}")
         return demo(args)
 
     return cli("halluc-rl demo", run)

@@ -67,8 +67,8 @@ class SFTScriptArgs(RunArgs, SamplingArgs, SemanticsArgs, TaskArgs):
     train_errors: bool = field(default=False, metadata={
         "help": "retry: also train the error tokens (an ablation: it teaches the model to make them)."})
     backtrack_head: str = field(default="softmax", metadata={
-        "help": "softmax (the backtrack token is one more vocabulary entry) or factorized (a sigmoid delete-or-not "
-                "decision; see halluc_rl.losses)."})
+        "help": "softmax (the backtrack token is one more vocabulary entry) factorized (a sigmoid delete-or-not "
+                "decision) or calibrated (the factorized head started where the softmax starts; see halluc_rl.losses)."})
 
 
 @dataclass
@@ -91,11 +91,12 @@ class MaskedErrorSFTTrainer(SafeTrainerMixin, SFTTrainer):
         from transformers import Trainer
 
         backtrack_id, head = policy_backtrack(self.model)
-        if head == "factorized":
+        if head != "softmax":
             inputs = dict(inputs)
             labels = inputs.pop("labels")
             outputs = model(**inputs)
-            loss = factorized_backtrack_loss(outputs.logits, labels, backtrack_id, num_items_in_batch)
+            loss = factorized_backtrack_loss(outputs.logits, labels, backtrack_id, num_items_in_batch,
+                                             calibrated=head == "calibrated")
             if num_items_in_batch is not None and self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does, for DDP's mean
             return (loss, outputs) if return_outputs else loss

@@ -80,7 +80,7 @@ class DemoArgs:
         "help": "The plausible errors typed in SFT (None: digit, operator, step, check on arithmetic, where check "
                 "needs arithmetic:check=1 or 2; premature on deps, which also has unneeded and slip)."})
     backtrack_head: str | None = field(default=None, metadata={
-        "help": "factorized or softmax (None: factorized on arithmetic, softmax on deps)."})
+        "help": "factorized, softmax or calibrated (None: factorized on arithmetic, softmax on deps)."})
     semantics: str = field(default="rewind", metadata={
         "help": "rewind (a backspace forgets what it deleted) or retry (it stays in the context): the SFT stage "
                 "trains the policy in it, and every later stage and evaluation runs it there."})

@@ -1,6 +1,6 @@
 """Losses and the action distributions they imply: one home for the maths trainers and generation share.
 
-Two readings of the backtrack logit ``z`` (the ``backtrack_head`` of a policy):
+Three readings of the backtrack logit ``z`` (the ``backtrack_head`` of a policy):
 
 * ``softmax`` (the default): ``<|BACKTRACK|>`` is one more token of the vocabulary softmax, trained with the usual
   next-token cross-entropy.
@@ -9,6 +9,11 @@ Two readings of the backtrack logit ``z`` (the ``backtrack_head`` of a policy):
   labelled state, and next-token cross-entropy over the other logits only where the label is a token. A backtrack
   label then never pushes the vocabulary's logits down, which on the embedded tiny model removes the loss of
   confidence that softmax training causes on clean text (measured in docs/demo.md).
+* ``calibrated``: the factorized head on the shifted logit ``z - sg(logsumexp(others))`` (``sg``: stop-gradient).
+  In value it is the softmax head exactly (sigmoid(z - lse) = e^z / (e^z + sum e^others)), so a fresh backtrack
+  token starts as unlikely as under the softmax. In its gradients it is the factorized head: a backtrack label moves
+  ``z`` only, never the vocabulary's logits. A real model's raw ``z`` is large (SmolLM2 starts the factorized head
+  at P(backtrack) 0.77 on average, ``benchmarks/head_init.py``), which the calibrated head does not inherit.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-BACKTRACK_HEADS: tuple[str, ...] = ("softmax", "factorized")
+BACKTRACK_HEADS: tuple[str, ...] = ("softmax", "factorized", "calibrated")
 IGNORE_INDEX = -100
 
 
@@ -28,15 +33,18 @@ def check_head(head: str) -> str:
     return head
 
 
-def factorized_log_probs(logits: torch.Tensor, backtrack_id: int) -> torch.Tensor:
+def factorized_log_probs(logits: torch.Tensor, backtrack_id: int, calibrated: bool = False) -> torch.Tensor:
     """Log-probabilities [..., V] of the factorised action distribution from raw logits [..., V].
 
-    log P(bt) = logsigmoid(z); log P(tok) = logsigmoid(-z) + log_softmax(others)(tok).
+    log P(bt) = logsigmoid(z); log P(tok) = logsigmoid(-z) + log_softmax(others)(tok). ``calibrated`` shifts ``z`` by
+    the stop-gradient log-sum-exp of the other logits (the ``calibrated`` head).
     """
     logits = logits.float()
     z = logits[..., backtrack_id]  # [...]
     others = logits.clone()
     others[..., backtrack_id] = float("-inf")
+    if calibrated:
+        z = z - torch.logsumexp(others.detach(), dim=-1)  # [...]
     out = torch.log_softmax(others, dim=-1) + F.logsigmoid(-z).unsqueeze(-1)  # [..., V]
     out[..., backtrack_id] = F.logsigmoid(z)
     return out
@@ -44,23 +52,31 @@ def factorized_log_probs(logits: torch.Tensor, backtrack_id: int) -> torch.Tenso
 
 def action_log_probs(logits: torch.Tensor, backtrack_id: int, head: str = "softmax") -> torch.Tensor:
     """Log-probabilities [..., V] of every action under ``head`` (what generation samples from)."""
-    if check_head(head) == "factorized":
-        return factorized_log_probs(logits, backtrack_id)
+    if check_head(head) != "softmax":
+        return factorized_log_probs(logits, backtrack_id, calibrated=head == "calibrated")
     return torch.log_softmax(logits.float(), dim=-1)
 
 
 def factorized_backtrack_loss(logits: torch.Tensor, labels: torch.Tensor, backtrack_id: int,
-                              num_items: int | torch.Tensor | None = None) -> torch.Tensor:
+                              num_items: int | torch.Tensor | None = None, calibrated: bool = False) -> torch.Tensor:
     """Summed BCE on the backtrack logit plus token cross-entropy, divided by the number of labels.
 
     ``logits`` [B, L, V] and ``labels`` [B, L] are in the Hugging Face layout (``labels[:, i + 1]`` is the target of
     ``logits[:, i]``; ``-100`` is ignored). ``num_items`` overrides the divisor (gradient accumulation).
+    ``calibrated``: the BCE is on ``z - sg(logsumexp(others))`` (the ``calibrated`` head).
     """
     logits = logits[:, :-1].float()  # [B, L-1, V]
     labels = labels[:, 1:]  # [B, L-1]
     valid = labels != IGNORE_INDEX
     is_bt = (labels == backtrack_id) & valid
-    bce = F.binary_cross_entropy_with_logits(logits[..., backtrack_id][valid], is_bt[valid].float(), reduction="sum")
+    z = logits[..., backtrack_id][valid]  # [N]
+    if calibrated:
+        with torch.no_grad():
+            rest = logits[valid]  # [N, V] (a copy)
+            rest[:, backtrack_id] = float("-inf")
+            shift = torch.logsumexp(rest, dim=-1)  # [N]
+        z = z - shift
+    bce = F.binary_cross_entropy_with_logits(z, is_bt[valid].float(), reduction="sum")
     tokens = valid & ~is_bt
     others = logits[tokens]  # [N, V]
     others[:, backtrack_id] = float("-inf")

@@ -1,4 +1,4 @@
-"""The factorised backtrack head: its distribution, its loss, and generation/SFT using it consistently."""
+"""The factorised backtrack heads: their distributions, their losses, and generation/SFT using them consistently."""
 
 import importlib
 
@@ -49,6 +49,29 @@ def test_factorized_loss_by_hand():
     assert torch.count_nonzero(logits.grad[0, 1, [0, 1, 3, 4]]) == 0 and logits.grad[0, 1, BT] != 0
 
 
+def test_the_calibrated_head_is_the_softmax_in_value_and_the_factorized_head_in_its_gradient():
+    logits = torch.randn(2, 4, 7) * 3
+    logits[..., BT] += 12.0  # a raw backtrack logit far above the others: sigmoid(z) ~ 1, as SmolLM2's starts
+    logp = action_log_probs(logits, BT, "calibrated")
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1), atol=1e-5, rtol=0)  # the softmax, in value
+    assert float(factorized_log_probs(logits, BT)[..., BT].exp().min()) > 0.99  # the factorized head starts at ~1
+    torch.testing.assert_close(logp, factorized_log_probs(logits, BT, calibrated=True))
+
+    labels = torch.tensor([[-100, 3, BT, 4]] * 2)  # targets of positions 0, 1, 2: token 3, backtrack, token 4
+    leaf = logits.clone().requires_grad_(True)
+    loss = factorized_backtrack_loss(leaf, labels, BT, calibrated=True)
+    flat, targets = logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1)
+    softmax_ce = F.cross_entropy(flat, targets, ignore_index=-100)
+    torch.testing.assert_close(loss, softmax_ce)  # the loss's value is the softmax cross-entropy's
+    assert abs(float(factorized_backtrack_loss(logits, labels, BT)) - float(softmax_ce)) > 1.0  # not the factorized
+    loss.backward()
+    # the backtrack label at position 1 trains z only, as in the factorized head; the softmax would push the rest down
+    assert torch.count_nonzero(leaf.grad[:, 1, [0, 1, 3, 4, 5, 6]]) == 0 and bool((leaf.grad[:, 1, BT] != 0).all())
+    soft = logits.clone().requires_grad_(True)
+    F.cross_entropy(soft[:, :-1].reshape(-1, 7), targets, ignore_index=-100).backward()
+    assert torch.count_nonzero(soft.grad[:, 1, [0, 1, 3, 4, 5, 6]]) == 12
+
+
 def test_generation_samples_from_the_factorized_head(tokenizer):
     model = make_model("llama", tokenizer, seed=2)
     model.config.backtrack_head = "factorized"
@@ -67,7 +90,8 @@ def test_generation_samples_from_the_factorized_head(tokenizer):
         torch.testing.assert_close(out.logprobs[0, step], expected, atol=1e-5, rtol=0)
 
 
-def test_sft_with_the_factorized_head_trains_saves_and_reloads_it(tmp_path, tokenizer, monkeypatch):
+@pytest.mark.parametrize("head", ["factorized", "calibrated"])
+def test_sft_with_a_factorized_head_trains_saves_and_reloads_it(tmp_path, tokenizer, monkeypatch, head):
     sft = importlib.import_module("halluc_rl.agents.sft")
     from halluc_rl.args import LoraArgs, ModelArgs
     from halluc_rl.config import parse_config
@@ -79,14 +103,14 @@ def test_sft_with_the_factorized_head_trains_saves_and_reloads_it(tmp_path, toke
             "--per_device_train_batch_size", "4", "--max_steps", "3", "--learning_rate", "0.01",
             "--report_to", "none", "--use_cpu", "true", "--activation_checkpointing", "false",
             "--save_strategy", "no", "--disable_tqdm", "true", "--error_rate", "1.0",
-            "--backtrack_head", "factorized", "--logging_steps", "1"]
+            "--backtrack_head", head, "--logging_steps", "1"]
     calls: list[dict] = []
 
-    def spy(logits, labels, backtrack_id, num_items=None):
+    def spy(logits, labels, backtrack_id, num_items=None, calibrated=False):
         """The real factorised loss, recording what the trainer gave it and what it returned."""
-        loss = factorized_backtrack_loss(logits, labels, backtrack_id, num_items)
+        loss = factorized_backtrack_loss(logits, labels, backtrack_id, num_items, calibrated=calibrated)
         calls.append({"logits": logits.detach().float(), "labels": labels, "backtrack_id": backtrack_id,
-                      "num_items": num_items, "loss": float(loss.detach())})
+                      "num_items": num_items, "calibrated": calibrated, "loss": float(loss.detach())})
         return loss
 
     monkeypatch.setattr(sft, "factorized_backtrack_loss", spy)  # the name compute_loss calls
@@ -98,13 +122,18 @@ def test_sft_with_the_factorized_head_trains_saves_and_reloads_it(tmp_path, toke
     first = calls[0]
     bt = backtrack_token_id(tokenizer)
     assert first["backtrack_id"] == bt and int((first["labels"] == bt).sum()) > 0  # backtrack labels in the batch
-    # ...and on that first batch the softmax cross-entropy (what compute_loss gives without the head) differs
+    assert first["calibrated"] == (head == "calibrated")
+    # ...and on that first batch the softmax cross-entropy (what compute_loss gives without the head) differs from the
+    # factorized loss, and equals the calibrated one in value
     logits, labels = first["logits"][:, :-1], first["labels"][:, 1:]
     softmax = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                               reduction="sum") / first["num_items"]
-    assert abs(float(softmax) - first["loss"]) > 0.1
+    if head == "factorized":
+        assert abs(float(softmax) - first["loss"]) > 0.1
+    else:
+        assert first["loss"] == pytest.approx(float(softmax), rel=1e-4)
     model, tok, _ = load_policy(tmp_path / "run")
-    assert model.config.backtrack_head == "factorized"
+    assert model.config.backtrack_head == head
     plain, _, _ = load_policy(base)
     assert getattr(plain.config, "backtrack_head", "softmax") == "softmax"
 

@@ -161,6 +161,11 @@ def test_the_head_lives_on_the_config_and_is_read_in_the_same_process(tokenizer)
     fact = generate(model, tokenizer, ["A box"], max_new_tokens=2, forced_actions=forced, return_logprobs=True,
                     eos_token_id=[])
     assert fact.backtrack_head == "factorized" and not torch.allclose(soft.logprobs, fact.logprobs)
+    set_policy_backtrack(model, backtrack_token_id(tokenizer), "calibrated")
+    cal = generate(model, tokenizer, ["A box"], max_new_tokens=2, forced_actions=forced, return_logprobs=True,
+                   eos_token_id=[])
+    assert cal.backtrack_head == "calibrated"
+    torch.testing.assert_close(cal.logprobs, soft.logprobs, atol=1e-5, rtol=0)  # the softmax's values, other gradients
     bare = make_model("llama", tokenizer)
     del bare.config.backtrack_token_id
     with pytest.raises(ValueError, match="add_backtrack_token"):
