@@ -67,8 +67,9 @@ class SFTScriptArgs(RunArgs, SamplingArgs, SemanticsArgs, TaskArgs):
     train_errors: bool = field(default=False, metadata={
         "help": "retry: also train the error tokens (an ablation: it teaches the model to make them)."})
     backtrack_head: str = field(default="softmax", metadata={
-        "help": "softmax (the backtrack token is one more vocabulary entry) factorized (a sigmoid delete-or-not "
-                "decision) or calibrated (the factorized head started where the softmax starts; see halluc_rl.losses)."})
+        "help": "softmax (the backtrack token is one more vocabulary entry), factorized (a sigmoid delete-or-not "
+                "decision) or calibrated (the softmax in value, the factorized head in its gradient; see "
+                "halluc_rl.losses)."})
 
 
 @dataclass

@@ -68,19 +68,17 @@ def factorized_backtrack_loss(logits: torch.Tensor, labels: torch.Tensor, backtr
     logits = logits[:, :-1].float()  # [B, L-1, V]
     labels = labels[:, 1:]  # [B, L-1]
     valid = labels != IGNORE_INDEX
-    is_bt = (labels == backtrack_id) & valid
+    target = labels[valid]  # [N]
+    is_bt = target == backtrack_id  # [N]
     z = logits[..., backtrack_id][valid]  # [N]
+    rest = logits[valid]  # [N, V] (a copy)
+    rest[:, backtrack_id] = float("-inf")
+    lse = torch.logsumexp(rest, dim=-1)  # [N]: the normaliser of the token distribution
     if calibrated:
-        with torch.no_grad():
-            rest = logits[valid]  # [N, V] (a copy)
-            rest[:, backtrack_id] = float("-inf")
-            shift = torch.logsumexp(rest, dim=-1)  # [N]
-        z = z - shift
-    bce = F.binary_cross_entropy_with_logits(z, is_bt[valid].float(), reduction="sum")
-    tokens = valid & ~is_bt
-    others = logits[tokens]  # [N, V]
-    others[:, backtrack_id] = float("-inf")
-    ce = F.cross_entropy(others, labels[tokens], reduction="sum")
+        z = z - lse.detach()
+    bce = F.binary_cross_entropy_with_logits(z, is_bt.float(), reduction="sum")
+    picked = rest.gather(1, target.masked_fill(is_bt, 0)[:, None]).squeeze(1)  # [N]
+    ce = (lse - picked)[~is_bt].sum()  # token cross-entropy over the token labels only
     divisor = valid.sum() if num_items is None else num_items
     return (bce + ce) / torch.as_tensor(divisor, device=bce.device).clamp(min=1)
 
