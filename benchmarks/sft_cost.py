@@ -1,6 +1,6 @@
 """What masked-error SFT costs a model, run by run: the table and loss curves of docs/real_model.md (issue 21).
 
-    python benchmarks/sft_cost.py ROOT masked plain headonly errorsonly budget rate10 calibrated \
+    python benchmarks/sft_cost.py ROOT plain masked headonly errorsonly rate10 budget plain192 calibrated \
         --plot docs/smollm2_sft_cost.png
 
 Each NAME is an SFT run folder ``ROOT/NAME`` (``halluc-rl sft ... --output_dir ROOT/NAME``) whose evaluation lies in
