@@ -166,7 +166,7 @@ def parse_cli(types_: Sequence[type], argv: Sequence[str] | None, prog: str) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     known = {f.name for t in types_ if is_dataclass(t) for f in fields(t)}
     renames = {old: new for old, new in RENAMED.items() if new in known and old not in known}
-    argv = [_renamed_flag(arg, renames) for arg in argv]
+    argv = _glue_negative_values([_renamed_flag(arg, renames) for arg in argv])
     with tempfile.TemporaryDirectory() as tmp:
         if "--config" in argv:
             index = argv.index("--config")
@@ -197,6 +197,26 @@ def _unknown_options(message: str, known: Iterable[str], prog: str) -> str:
         parts.append(f"--{name}" + (f" (did you mean --{close[0]}?)" if close else ""))
     return (f"unknown option{'s' if len(parts) > 1 else ''} on the {source}: {', '.join(parts)}; "
             f"`{prog} --help` lists the options")
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--key -inf`` (or ``-1e-3``) as ``--key=-inf``: argparse reads a value that starts with ``-`` and is not a
+    plain decimal (``-1``, ``-0.5``) as the next option, so ``--backtrack_bias -inf`` would fail."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-") and _is_number(arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _renamed_flag(arg: str, renames: dict[str, str]) -> str:

@@ -172,6 +172,15 @@ def test_help_parses_nothing_differently(tmp_path):
     assert config.warmup_steps == 3
 
 
+@pytest.mark.parametrize("value", ["-inf", "-1e-3", "-2"])
+def test_a_negative_value_after_its_option_parses(value):
+    """``--backtrack_bias -inf`` reads as the value, not as an unknown option (argparse alone rejects ``-inf``)."""
+    from halluc_rl.config import parse_cli
+
+    (args,) = parse_cli([eval_cli.EvalArgs], ["--backtrack_bias", value, "--num_problems", "3"], prog="halluc-rl eval")
+    assert args.backtrack_bias == float(value) and args.num_problems == 3
+
+
 def test_backtrack_bias_minus_inf_is_documented_and_accepted():
     """-inf is the one infinity a field documents ("never backtrack"); +inf and NaN stay refused."""
     from halluc_rl.config import UsageError, check_types
